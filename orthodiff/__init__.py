@@ -1,0 +1,3 @@
+"""orthodiff: diffusion foundation models of musculoskeletal MRI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,235 @@
+"""The ``orthodiff`` command. Heavy libraries are imported inside the commands that use them,
+so ``orthodiff --help`` answers at once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import OrthodiffError
+
+app = typer.Typer(
+    name="orthodiff",
+    help="Diffusion foundation models of musculoskeletal MRI: archive -> scan -> prepare -> split -> "
+    "pretrain -> extract -> finetune -> evaluate -> predict.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+bench_app = typer.Typer(help="Benchmarks: label fraction, cross-joint transfer, robustness.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file or preset name (repeatable; later wins).")
+OverridesArgument = typer.Argument(None, help="key=value overrides, e.g. pretrain.max_steps=200 seed=1")
+
+
+def _config(files, overrides, section=None):
+    from .config import load_config
+
+    return load_config(files or [], overrides or [], section=section)
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Folder to write the synthetic archive into."),
+    joint: str = typer.Option("knee", help="knee, ankle or shoulder."),
+    studies: int = typer.Option(200, help="Number of studies (exams)."),
+    seed: int = typer.Option(0, help="Seed; the same seed writes the same archive."),
+    format: str = typer.Option("nifti", "--format", help="nifti or dicom."),
+):
+    """Write a synthetic archive: three planes per study, segmentations, labels and metadata."""
+    from .synth import synthesize_archive
+
+    summary = synthesize_archive(out, joint=joint, studies=studies, seed=seed, fmt=format)
+    typer.echo(summary.describe())
+
+
+@app.command()
+def scan(
+    archive: Path = typer.Argument(..., help="Folder tree of DICOM, NIfTI, NRRD/MHA or MRNet files."),
+    out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet or .csv)."),
+    labels: Optional[Path] = typer.Option(None, help="Labels CSV (default: labels.csv in the archive)."),
+    metadata: Optional[Path] = typer.Option(None, help="Metadata CSV (default: metadata.csv in the archive)."),
+):
+    """Find series, read their geometry, detect planes, group studies, write a manifest."""
+    from .data.scan import scan_archive
+
+    result = scan_archive(archive, out, labels=labels, metadata=metadata)
+    typer.echo(result.describe())
+
+
+@app.command()
+def prepare(
+    manifest: Path = typer.Argument(..., help="Manifest written by `orthodiff scan`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Cache folder for plane tensors."),
+    config: Optional[List[str]] = ConfigOption,
+    workers: int = typer.Option(0, help="Parallel processes (0: all cores)."),
+    overrides: Optional[List[str]] = OverridesArgument,
+):
+    """Turn each series into a plane tensor (1, D, H, W), cached and resumable."""
+    from .data.prepare import prepare_cache
+
+    cfg = _config(config, overrides, section="data")
+    result = prepare_cache(manifest, out, plane_size=cfg.data.plane_size, workers=workers)
+    typer.echo(result.describe())
+
+
+@app.command()
+def split(
+    manifest: Path = typer.Argument(..., help="Manifest written by `orthodiff scan`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Splits JSON to write (reused when present)."),
+    config: Optional[List[str]] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+):
+    """Patient-level train/val/test split and nested label-fraction subsets, written once."""
+    from .data.splits import make_splits
+
+    cfg = _config(config, overrides, section="data")
+    splits = make_splits(
+        manifest,
+        out,
+        seed=cfg.seed,
+        val_fraction=cfg.data.val_fraction,
+        test_fraction=cfg.data.test_fraction,
+        fractions=cfg.data.label_fractions,
+        labels=cfg.data.labels or None,
+    )
+    typer.echo(splits.describe())
+
+
+@app.command()
+def pretrain(
+    config: Optional[List[str]] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+):
+    """Pretrain one denoiser per plane (plane=sagittal|coronal|axial|all) through Accelerate."""
+    from .training.pretrain import run_pretraining
+
+    cfg = _config(config, overrides, section="pretrain")
+    outputs = run_pretraining(cfg)
+    for plane, path in outputs.items():
+        typer.echo(f"{plane}: {path}")
+
+
+@app.command()
+def extract(
+    config: Optional[List[str]] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+):
+    """Cache denoiser features at (timestep, block) for every prepared study, with seeded noise."""
+    from .features.store import run_extraction
+
+    cfg = _config(config, overrides, section="features")
+    path = run_extraction(cfg)
+    typer.echo(f"features: {path}")
+
+
+@app.command()
+def finetune(
+    task: str = typer.Argument(..., help="classify or segment."),
+    config: Optional[List[str]] = ConfigOption,
+    overrides: Optional[List[str]] = OverridesArgument,
+):
+    """Train diagnosis or segmentation heads on pretrained (or scratch) denoiser features."""
+    from .finetune.run import run_finetune
+
+    cfg = _config(config, list(overrides or []) + [f"finetune.task={task}"], section="finetune")
+    result = run_finetune(cfg)
+    typer.echo(result.describe())
+
+
+@app.command()
+def evaluate(
+    run_dir: Path = typer.Argument(..., help="A finetune run directory (holds predictions)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write metrics (default: RUN_DIR/eval)."),
+):
+    """Metrics with bootstrap intervals, by site and field strength; tables and plots."""
+    from .evaluation.report import run_evaluation
+
+    result = run_evaluation(run_dir, out)
+    typer.echo(result.describe())
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("orthodiff-demo"), "--out", "-o", help="Folder for the demo's run."),
+    quick: bool = typer.Option(False, "--quick", help="The smallest sizes: about two minutes."),
+    seed: int = typer.Option(0, help="Seed for the whole pipeline."),
+):
+    """The whole pipeline on built-in synthetic knee data, ending in a report."""
+    from .demo import run_demo
+
+    result = run_demo(out, quick=quick, seed=seed)
+    typer.echo(result.describe())
+
+
+@app.command()
+def predict(
+    pipeline: Path = typer.Argument(..., help="A pipeline directory saved by OrthoDiffusionPipeline."),
+    inputs: List[Path] = typer.Argument(..., help="DICOM exam folders, NIfTI files or a manifest."),
+    out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Output folder, one subfolder per study."),
+):
+    """Probabilities, decisions, segmentations and heat maps for new studies."""
+    from .pipeline.predict import run_prediction
+
+    result = run_prediction(pipeline, inputs, out)
+    typer.echo(result.describe())
+
+
+def _bench(name: str, preset: str, out: Path, overrides):
+    from .bench import run_bench
+
+    result = run_bench(name, preset=preset, out=out, overrides=overrides or [])
+    typer.echo(result.describe())
+
+
+@bench_app.command("label-fraction")
+def bench_label_fraction(
+    preset: str = typer.Option("small", help="small (CPU, 30 min) or paper (GPU, reference sizes)."),
+    out: Path = typer.Option(Path("bench/label-fraction"), "--out", "-o"),
+    overrides: Optional[List[str]] = OverridesArgument,
+):
+    """AUROC and Dice versus the fraction of training labels, against scratch baselines."""
+    _bench("label-fraction", preset, out, overrides)
+
+
+@bench_app.command("cross-joint")
+def bench_cross_joint(
+    preset: str = typer.Option("small"),
+    out: Path = typer.Option(Path("bench/cross-joint"), "--out", "-o"),
+    overrides: Optional[List[str]] = OverridesArgument,
+):
+    """Knee-pretrained denoisers fine-tuned on ankle and shoulder archives."""
+    _bench("cross-joint", preset, out, overrides)
+
+
+@bench_app.command("robustness")
+def bench_robustness(
+    preset: str = typer.Option("small"),
+    out: Path = typer.Option(Path("bench/robustness"), "--out", "-o"),
+    overrides: Optional[List[str]] = OverridesArgument,
+):
+    """Train on some sites and field strengths, test on the others."""
+    _bench("robustness", preset, out, overrides)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except OrthodiffError as exc:
+        typer.echo(f"orthodiff: error: {exc}", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("orthodiff: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,215 @@
+"""Experiment configuration: dataclasses, layered YAML files and ``key=value`` overrides.
+
+Every stage reads one ``ExperimentConfig``. Files are merged left to right, then overrides;
+a key that does not exist is an error that names it. The resolved config is saved with a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .errors import OrthodiffError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DataConfig:
+    joint: str = "knee"
+    archive: str = "runs/archive"
+    manifest: str = "runs/manifest.parquet"
+    cache: str = "runs/cache"
+    splits: str = "runs/splits.json"
+    # Plane tensor size (D, H, W) per plane: D slices along the normal, H x W in-plane.
+    plane_size: dict = field(
+        default_factory=lambda: {"sagittal": [16, 64, 64], "coronal": [16, 64, 64], "axial": [16, 64, 64]}
+    )
+    labels: list = field(default_factory=list)  # empty: every label column of the manifest
+    ehr_columns: list = field(default_factory=lambda: ["age", "sex", "height", "weight"])
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    label_fractions: list = field(default_factory=lambda: [1.0, 0.5, 0.25, 0.1, 0.05])
+    num_workers: int = 0
+
+
+@dataclass
+class DenoiserConfig:
+    """MONAI DiffusionModelUNet settings for one plane (the paper's reference by default)."""
+
+    in_channels: int = 1
+    base_channels: int = 64
+    channel_mult: list = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 1
+    attention_levels: list = field(default_factory=lambda: [False, False, False, False, True])
+    num_head_channels: int = 32
+    norm_num_groups: int = 32
+    sdpa: bool = True
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class DiffusionConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"  # or v_prediction
+    min_snr_gamma: Optional[float] = None
+    sample_steps: int = 25  # DDIM steps for the preview pictures
+
+
+@dataclass
+class PretrainConfig:
+    plane: str = "all"
+    output_dir: str = "runs/pretrain"
+    batch_size: int = 2
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 100
+    max_steps: int = 10000
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
+    ema_decay: float = 0.995
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    resume: bool = True
+    log_every: int = 10
+    preview_every: int = 1000
+    tracker: str = "wandb"  # wandb (offline unless configured), tensorboard or none
+    augment: bool = False
+
+
+@dataclass
+class FeatureConfig:
+    timesteps: list = field(default_factory=lambda: [100])
+    blocks: list = field(default_factory=lambda: ["mid"])
+    noise_draws: int = 1
+    batch_size: int = 4
+    output_dir: str = "runs/features"
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "classify"  # or segment
+    mode: str = "probe"  # probe, grid, partial, full
+    init: str = "pretrained"  # or scratch
+    labels_fraction: float = 1.0
+    pretrained: str = "runs/pretrain"
+    output_dir: str = "runs/finetune"
+    pooling: str = "attention"  # attention (self-attention + GAP) or latent (latent-query pool)
+    fusion: str = "concat"  # concat or gated
+    use_ehr: bool = False
+    batch_size: int = 8
+    epochs: int = 50
+    learning_rate: float = 1e-3
+    encoder_lr_scale: float = 0.1
+    weight_decay: float = 1e-4
+    pos_weight: bool = False
+    augment: bool = True
+    grid_learning_rates: list = field(default_factory=lambda: [1e-3, 3e-4, 1e-4])
+
+
+@dataclass
+class TrackingConfig:
+    project: str = "orthodiff"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class ExperimentConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: DenoiserConfig = field(default_factory=DenoiserConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def resolve_config_path(name: str | Path) -> Path:
+    """A path as given, or the name of a shipped preset in ``configs/`` (``tiny`` -> configs/tiny.yaml)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    preset = CONFIG_DIR / f"{name}.yaml"
+    if preset.exists():
+        return preset
+    raise OrthodiffError(f"config file {name}: not found; give a YAML path or a preset in {CONFIG_DIR}")
+
+
+def load_config(
+    files: Sequence[str | Path] = (),
+    overrides: Sequence[str] = (),
+    section: Optional[str] = None,
+) -> ExperimentConfig:
+    """Merge YAML files and ``key=value`` overrides onto the defaults.
+
+    With ``section`` (e.g. ``"pretrain"``), a dotless key that is not top-level is looked up in
+    that section, so ``plane=axial`` means ``pretrain.plane=axial`` for the pretrain command.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    merged = OmegaConf.structured(ExperimentConfig)
+    for file in files:
+        path = resolve_config_path(file)
+        try:
+            layer = OmegaConf.load(path)
+            merged = OmegaConf.merge(merged, layer)
+        except OmegaConfBaseException as exc:
+            raise OrthodiffError(f"config file {path}: {_describe(exc)}") from exc
+    for override in overrides:
+        if "=" not in override:
+            raise OrthodiffError(f"override {override!r}: expected key=value, e.g. pretrain.max_steps=100")
+        key, value = override.split("=", 1)
+        key = _qualify(key.strip(), section)
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+        except OmegaConfBaseException as exc:
+            raise OrthodiffError(f"override {override!r}: {_describe(exc)}") from exc
+    return OmegaConf.to_object(merged)
+
+
+def _qualify(key: str, section: Optional[str]) -> str:
+    if "." in key or section is None:
+        return key
+    top_level = ExperimentConfig.__dataclass_fields__
+    if key in top_level:
+        return key
+    section_fields = top_level[section].default_factory().__dataclass_fields__
+    if key in section_fields:
+        return f"{section}.{key}"
+    return key
+
+
+def _describe(exc: Exception) -> str:
+    message = str(exc).splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    if "not in struct" in message or "Key" in type(exc).__name__:
+        return f"key {key or message} does not exist; check the spelling against configs/reference.yaml"
+    return f"{message} (key {key})" if key else message
+
+
+def config_to_dict(config: ExperimentConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def config_from_dict(data: dict) -> ExperimentConfig:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig), data))
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML beside a run's outputs."""
+    from omegaconf import OmegaConf
+
+    from .fileio import write_text
+
+    write_text(path, OmegaConf.to_yaml(OmegaConf.structured(config)))

@@ -1,0 +1,1 @@
+"""From archive to plane tensors: scan, prepare, split, datasets."""
