@@ -70,9 +70,8 @@ def prepare(
     overrides: Optional[List[str]] = OverridesArgument,
 ):
     """Turn each series into a plane tensor (1, D, H, W), cached and resumable."""
-    from .data.prepare import prepare_cache
-
     cfg = _config(config, overrides, section="data")
+    from .data.prepare import prepare_cache
     result = prepare_cache(manifest, out, plane_size=cfg.data.plane_size, workers=workers)
     typer.echo(result.describe())
 
@@ -85,9 +84,8 @@ def split(
     overrides: Optional[List[str]] = OverridesArgument,
 ):
     """Patient-level train/val/test split and nested label-fraction subsets, written once."""
-    from .data.splits import make_splits
-
     cfg = _config(config, overrides, section="data")
+    from .data.splits import make_splits
     splits = make_splits(
         manifest,
         out,
@@ -106,9 +104,8 @@ def pretrain(
     overrides: Optional[List[str]] = OverridesArgument,
 ):
     """Pretrain one denoiser per plane (plane=sagittal|coronal|axial|all) through Accelerate."""
-    from .training.pretrain import run_pretraining
-
     cfg = _config(config, overrides, section="pretrain")
+    from .training.pretrain import run_pretraining
     outputs = run_pretraining(cfg)
     for plane, path in outputs.items():
         typer.echo(f"{plane}: {path}")
@@ -120,9 +117,8 @@ def extract(
     overrides: Optional[List[str]] = OverridesArgument,
 ):
     """Cache denoiser features at (timestep, block) for every prepared study, with seeded noise."""
-    from .features.store import run_extraction
-
     cfg = _config(config, overrides, section="features")
+    from .features.store import run_extraction
     path = run_extraction(cfg)
     typer.echo(f"features: {path}")
 
@@ -134,9 +130,8 @@ def finetune(
     overrides: Optional[List[str]] = OverridesArgument,
 ):
     """Train diagnosis or segmentation heads on pretrained (or scratch) denoiser features."""
-    from .finetune.run import run_finetune
-
     cfg = _config(config, list(overrides or []) + [f"finetune.task={task}"], section="finetune")
+    from .finetune.run import run_finetune
     result = run_finetune(cfg)
     typer.echo(result.describe())
 

@@ -1,0 +1,62 @@
+import pytest
+
+from orthodiff.config import CONFIG_DIR, config_from_dict, config_to_dict, load_config
+from orthodiff.errors import OrthodiffError
+
+
+def test_defaults_are_the_papers_reference_denoiser():
+    config = load_config()
+    assert config.model.base_channels == 64
+    assert config.model.channel_mult == [1, 1, 2, 2, 4]
+    assert config.diffusion.beta_schedule == "squaredcos_cap_v2"
+    assert config.diffusion.num_train_timesteps == 1000
+
+
+def test_files_layer_left_to_right_then_overrides():
+    config = load_config(["tiny"], ["model.base_channels=16", "seed=7"])
+    assert config.model.base_channels == 16  # override beats the file
+    assert config.model.channel_mult == [1, 2, 2]  # from the file
+    assert config.seed == 7
+
+
+def test_section_short_keys():
+    config = load_config([], ["plane=axial", "max_steps=3"], section="pretrain")
+    assert config.pretrain.plane == "axial"
+    assert config.pretrain.max_steps == 3
+
+
+def test_unknown_key_is_one_clear_line():
+    with pytest.raises(OrthodiffError) as info:
+        load_config([], ["pretrain.max_stepz=3"])
+    message = str(info.value)
+    assert "pretrain.max_stepz" in message and "does not exist" in message
+    assert "\n" not in message
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(OrthodiffError, match="pretrain.batch_size"):
+        load_config([], ["pretrain.batch_size=many"])
+
+
+def test_missing_file_and_malformed_override():
+    with pytest.raises(OrthodiffError, match="not found"):
+        load_config(["no-such-config.yaml"])
+    with pytest.raises(OrthodiffError, match="key=value"):
+        load_config([], ["seed"])
+
+
+def test_unknown_key_in_a_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  widths: [1, 2]\n")
+    with pytest.raises(OrthodiffError, match=str(path)):
+        load_config([path])
+
+
+def test_round_trip_through_dict():
+    config = load_config(["tiny"], ["seed=3"])
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+def test_shipped_presets_load():
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        load_config([path])
