@@ -53,11 +53,14 @@ def scan(
     out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet or .csv)."),
     labels: Optional[Path] = typer.Option(None, help="Labels CSV (default: labels.csv in the archive)."),
     metadata: Optional[Path] = typer.Option(None, help="Metadata CSV (default: metadata.csv in the archive)."),
+    check_voxels: bool = typer.Option(
+        True, "--check-voxels/--headers-only", help="Read every series once to catch NaN, constant or corrupt data."
+    ),
 ):
     """Find series, read their geometry, detect planes, group studies, write a manifest."""
     from .data.scan import scan_archive
 
-    result = scan_archive(archive, out, labels=labels, metadata=metadata)
+    result = scan_archive(archive, out, labels=labels, metadata=metadata, check_voxels=check_voxels)
     typer.echo(result.describe())
 
 
@@ -72,7 +75,9 @@ def prepare(
     """Turn each series into a plane tensor (1, D, H, W), cached and resumable."""
     cfg = _config(config, overrides, section="data")
     from .data.prepare import prepare_cache
-    result = prepare_cache(manifest, out, plane_size=cfg.data.plane_size, workers=workers)
+    result = prepare_cache(
+        manifest, out, plane_size=cfg.data.plane_size, workers=workers, slice_spacing=cfg.data.slice_spacing
+    )
     typer.echo(result.describe())
 
 

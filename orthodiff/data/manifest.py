@@ -28,8 +28,9 @@ def read_manifest(path: str | Path):
     missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
     if missing:
         raise OrthodiffError(f"{path}: manifest lacks columns {missing}; write it with `orthodiff scan`")
-    for column in ("patient_id", "study_id", "series_id"):
-        frame[column] = frame[column].astype(str)
+    for column in ("patient_id", "study_id", "series_id", "series_uid"):
+        if column in frame.columns:  # CSV round trips can turn ids into numbers
+            frame[column] = frame[column].fillna("").astype(str)
     if frame["series_id"].duplicated().any():
         duplicate = frame.loc[frame["series_id"].duplicated(), "series_id"].iloc[0]
         raise OrthodiffError(f"{path}: series_id {duplicate!r} appears twice; series ids must be unique")

@@ -78,3 +78,86 @@ def _read_itk(path: Path, dtype) -> Volume:
     affine[:3, :3] = lps_to_ras @ direction @ np.diag(spacing)
     affine[:3, 3] = lps_to_ras @ origin
     return Volume(array=array, affine=affine)
+
+
+@dataclass
+class VolumeHeader:
+    """Shape and voxel->RAS affine of an image file, read without its voxels."""
+
+    shape: tuple
+    affine: np.ndarray
+
+
+def read_volume_header(path: str | Path) -> VolumeHeader:
+    """Header of a NIfTI, NRRD or MetaImage file; ScanError for a corrupt or truncated file.
+
+    Truncation is checked without decoding: an uncompressed NIfTI must be as long as its header
+    says; a gzipped one must record that uncompressed length in its gzip trailer (when it does
+    not, the data is decompressed once to tell extra bytes from a truncated file).
+    """
+    path = Path(path)
+    suffix = suffix_of(path)
+    try:
+        if suffix in NIFTI_SUFFIXES:
+            header = _nifti_header(path)
+        elif suffix in ITK_SUFFIXES:
+            header = _itk_header(path)
+        else:
+            raise ScanError(f"{path}: unsupported file type {suffix!r}; use NIfTI, NRRD, MHA or a DICOM folder")
+    except ScanError:
+        raise
+    except Exception as exc:
+        raise ScanError(f"{path}: header cannot be read ({type(exc).__name__}: {exc}); the file is corrupt or truncated") from exc
+    return header
+
+
+def _nifti_header(path: Path) -> VolumeHeader:
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    shape = tuple(int(n) for n in image.shape)
+    # The array proxy knows where the voxels start (the header's vox_offset may read 0).
+    offset = int(getattr(image.dataobj, "offset", image.header["vox_offset"]))
+    data_end = offset + int(np.prod(shape)) * image.get_data_dtype().itemsize
+    if str(path).lower().endswith(".gz"):
+        if _gzip_length(path) != data_end % 2**32:
+            try:
+                np.asarray(image.dataobj)
+            except Exception as exc:
+                raise ScanError(f"{path}: gzipped NIfTI is truncated or corrupt ({type(exc).__name__}); copy the file again") from exc
+    elif path.stat().st_size < data_end:
+        raise ScanError(
+            f"{path}: NIfTI is truncated ({path.stat().st_size} of {data_end} bytes); copy the file again"
+        )
+    return VolumeHeader(shape=shape, affine=np.asarray(image.affine, float))
+
+
+def _gzip_length(path: Path) -> int:
+    """Uncompressed length modulo 2**32 that a gzip stream records in its last four bytes."""
+    with open(path, "rb") as handle:
+        handle.seek(-4, 2)
+        return int.from_bytes(handle.read(4), "little")
+
+
+def _itk_header(path: Path) -> VolumeHeader:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()
+    if reader.GetNumberOfComponents() != 1:
+        raise ScanError(f"{path}: has {reader.GetNumberOfComponents()} components per voxel; store one scalar image per file")
+    dimension = reader.GetDimension()
+    size = tuple(int(n) for n in reader.GetSize())
+    spacing = np.ones(3)
+    origin = np.zeros(3)
+    direction = np.eye(3)
+    n = min(dimension, 3)
+    spacing[:n] = reader.GetSpacing()[:n]
+    origin[:n] = reader.GetOrigin()[:n]
+    direction[:n, :n] = np.asarray(reader.GetDirection(), float).reshape(dimension, dimension)[:n, :n]
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    affine = np.eye(4)
+    affine[:3, :3] = lps_to_ras @ direction @ np.diag(spacing)
+    affine[:3, 3] = lps_to_ras @ origin
+    return VolumeHeader(shape=size, affine=affine)

@@ -1,0 +1,393 @@
+"""DICOM folders: index files into 3D volumes (one per series, echo and contrast) and read them.
+
+A folder may hold several series (grouped by SeriesInstanceUID), and one series may hold several
+echoes or contrasts (a multi-echo T2 map stores 8 echoes under one UID). Each of those becomes
+its own volume: split by EchoTime, else EchoNumbers, else by repeated slice positions.
+
+Geometry: voxel axis i runs along the DICOM row cosine (across columns, spacing PixelSpacing[1]),
+j along the column cosine (across rows, PixelSpacing[0]), k across slices, sorted by position
+along the slice normal ``row_cosine x column_cosine``. The affine maps (i, j, k) to RAS mm
+(DICOM patient coordinates are LPS; x and y flip sign), as dcm2niix writes NIfTI.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ScanError
+from .volume import Volume
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
+# Without the 'DICM' preamble, only files with these suffixes are tried as raw DICOM.
+DICOM_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
+_POSITION_DECIMALS = 3  # slice positions equal to 1 micrometre are the same position
+_SPACING_TOLERANCE = 0.1  # slice steps may differ by 10 % before the series counts as gapped
+
+
+@dataclass
+class SliceHeader:
+    """What one DICOM file says about its place in a volume (read without pixel data)."""
+
+    path: Path
+    series_uid: str
+    orientation: tuple  # six direction cosines, LPS
+    position: np.ndarray  # ImagePositionPatient, LPS mm
+    pixel_spacing: tuple  # (row spacing, column spacing) mm
+    rows: int
+    cols: int
+    echo_time: float
+    echo_number: int
+    instance_number: int
+    is_localizer: bool
+    tags: dict = field(default_factory=dict)  # patient / study / site tags for the manifest
+    damage: str = ""  # why the pixel data is unusable (truncated), "" when it looks whole
+
+
+@dataclass
+class DicomVolume:
+    """One 3D volume of a DICOM series: its files in slice order and its voxel->RAS affine."""
+
+    folder: Path
+    series_uid: str
+    echo_index: int  # 0-based rank among the series' volumes; -1 when the series is one volume
+    echo_time: float
+    files: list
+    affine: np.ndarray
+    rows: int
+    cols: int
+    tags: dict
+
+    @property
+    def shape(self) -> tuple:
+        return (self.cols, self.rows, len(self.files))
+
+    @property
+    def label(self) -> str:
+        echo = f" echo {self.echo_index + 1}" if self.echo_index >= 0 else ""
+        return f"{self.folder} (series {self.series_uid}{echo})"
+
+
+def has_dicom_preamble(path: str | Path) -> bool:
+    """True when the file carries the DICOM part-10 marker 'DICM' after its 128-byte preamble."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def looks_like_dicom(path: str | Path) -> bool:
+    """Preamble check, else (for suffix-less or .dcm files) a header parse without pixel data."""
+    path = Path(path)
+    if has_dicom_preamble(path):
+        return True
+    if path.suffix.lower() not in DICOM_SUFFIXES:
+        return False
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+    except Exception:
+        return False
+    # force=True parses almost anything; a real image header has these.
+    return "SOPClassUID" in dataset or ("Rows" in dataset and "Columns" in dataset)
+
+
+def read_slice_header(path: str | Path) -> SliceHeader | None:
+    """Header of one file, or None for a DICOM object that is not an image (reports, DICOMDIR).
+
+    Raises ScanError for a file that cannot be parsed. Pixel data cut short is caught without
+    decoding it (the bytes after the header are compared with Rows x Columns x bits) and noted in
+    ``damage``, so the volume it belongs to can be rejected while its siblings are kept.
+    """
+    import pydicom
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            dataset = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
+            pixel_offset = handle.tell()
+    except Exception as exc:
+        raise ScanError(f"{path.name}: not a readable DICOM file ({type(exc).__name__}: {exc}); re-export it or remove it") from exc
+    if "Rows" not in dataset or "Columns" not in dataset:
+        return None
+    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+        raise ScanError(
+            f"{path.name}: enhanced multi-frame DICOM is not supported; convert the series with dcm2niix to NIfTI"
+        )
+    damage = _pixel_bytes_problem(path, dataset, pixel_offset)
+    missing = [key for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing") if key not in dataset]
+    if missing:
+        raise ScanError(f"{path.name}: DICOM image lacks {', '.join(missing)}; it has no 3D geometry, convert or remove it")
+    image_type = [str(value).upper() for value in (dataset.get("ImageType") or [])]
+    return SliceHeader(
+        path=path,
+        series_uid=str(dataset.get("SeriesInstanceUID", "") or ""),
+        orientation=tuple(float(value) for value in dataset.ImageOrientationPatient),
+        position=np.asarray([float(value) for value in dataset.ImagePositionPatient]),
+        pixel_spacing=tuple(float(value) for value in dataset.PixelSpacing),
+        rows=int(dataset.Rows),
+        cols=int(dataset.Columns),
+        echo_time=_float(dataset.get("EchoTime")),
+        echo_number=int(_float(dataset.get("EchoNumbers"), default=0)),
+        instance_number=int(_float(dataset.get("InstanceNumber"), default=0)),
+        is_localizer="LOCALIZER" in image_type,
+        tags=_manifest_tags(dataset),
+        damage=damage,
+    )
+
+
+def _pixel_bytes_problem(path: Path, dataset, pixel_offset: int) -> str:
+    """A reason when an uncompressed file holds fewer pixel bytes than its header promises, else ""."""
+    meta = getattr(dataset, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is not None and syntax.is_compressed:
+        return ""  # encapsulated frames have no fixed size; decoding them catches damage
+    expected = (
+        int(dataset.Rows)
+        * int(dataset.Columns)
+        * int(dataset.get("SamplesPerPixel", 1) or 1)
+        * int(dataset.get("BitsAllocated", 16) or 16)
+        // 8
+    )
+    implicit = syntax is not None and syntax.is_implicit_VR
+    element_header = 8 if implicit else 12
+    available = os.path.getsize(path) - pixel_offset - element_header
+    if available < expected:
+        return (
+            f"{path.name}: DICOM pixel data is truncated ({max(available, 0)} of {expected} bytes); "
+            "copy the file again from the source"
+        )
+    return ""
+
+
+def _float(value, default: float = float("nan")) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def _manifest_tags(dataset) -> dict:
+    """Patient, study and acquisition tags the manifest can use (empty strings when absent)."""
+
+    def text(keyword: str) -> str:
+        return str(dataset.get(keyword, "") or "").strip()
+
+    return {
+        "patient_id": text("PatientID"),
+        "study_id": text("StudyID"),
+        "study_uid": text("StudyInstanceUID"),
+        "sex": text("PatientSex").upper(),
+        "age": text("PatientAge"),
+        "height_m": _float(dataset.get("PatientSize")),
+        "weight": _float(dataset.get("PatientWeight")),
+        "site": text("InstitutionName"),
+        "field_strength": _float(dataset.get("MagneticFieldStrength")),
+        "body_part": text("BodyPartExamined").lower(),
+        "series_number": text("SeriesNumber"),
+    }
+
+
+def index_dicom_files(paths) -> tuple[list[DicomVolume], list[tuple[Path, str]]]:
+    """Group DICOM files into volumes. Returns (volumes, problems as (path, reason)).
+
+    A damaged file is reported and removes only the volume it belongs to; a file whose header
+    cannot be read at all is reported alone (the volume it belonged to then shows a gap, also
+    reported).
+    """
+    problems: list[tuple[Path, str]] = []
+    by_series: dict[str, list[SliceHeader]] = defaultdict(list)
+    for path in sorted(Path(p) for p in paths):
+        try:
+            header = read_slice_header(path)
+        except ScanError as exc:
+            problems.append((path, str(exc)))
+            continue
+        if header is None:
+            continue
+        if header.damage:
+            problems.append((path, header.damage))
+        by_series[header.series_uid].append(header)
+
+    volumes: list[DicomVolume] = []
+    for series_uid in sorted(by_series):
+        headers = by_series[series_uid]
+        folder = headers[0].path.parent
+        if any(header.is_localizer for header in headers):
+            problems.append((folder, f"{folder.name}: series {series_uid} is a localizer (ImageType LOCALIZER); skipped, nothing to do"))
+            continue
+        groups = _split_volumes(headers)
+        for echo_index, group in enumerate(groups):
+            index = echo_index if len(groups) > 1 else -1
+            try:
+                volumes.append(_volume_from_headers(folder, series_uid, index, group))
+            except ScanError as exc:
+                problems.append((folder, str(exc)))
+    return volumes, problems
+
+
+def _split_volumes(headers: list[SliceHeader]) -> list[list[SliceHeader]]:
+    """Split one series into 3D volumes: by orientation, then echo time / number, then repeats.
+
+    Volumes come out ordered by echo time (then echo number, then acquisition order).
+    """
+    groups: dict[tuple, list[SliceHeader]] = defaultdict(list)
+    echo_times = {round(h.echo_time, 3) for h in headers if np.isfinite(h.echo_time)}
+    echo_numbers = {h.echo_number for h in headers}
+    for header in headers:
+        if len(echo_times) > 1:
+            echo_key = (round(header.echo_time, 3) if np.isfinite(header.echo_time) else np.inf, 0)
+        elif len(echo_numbers) > 1:
+            echo_key = (0.0, header.echo_number)
+        else:
+            echo_key = (0.0, 0)
+        orientation_key = tuple(round(value, 3) for value in header.orientation)
+        groups[(echo_key, orientation_key)].append(header)
+
+    volumes: list[list[SliceHeader]] = []
+    for key in sorted(groups, key=lambda k: (k[0], k[1])):
+        volumes.extend(_split_repeated_positions(groups[key]))
+    return volumes
+
+
+def _split_repeated_positions(headers: list[SliceHeader]) -> list[list[SliceHeader]]:
+    """Several contrasts under one echo key repeat each slice position: the n-th repeat in
+    instance order goes to volume n."""
+    by_position: dict[tuple, list[SliceHeader]] = defaultdict(list)
+    for header in sorted(headers, key=lambda h: (h.instance_number, str(h.path))):
+        by_position[tuple(np.round(header.position, _POSITION_DECIMALS))].append(header)
+    repeats = max(len(group) for group in by_position.values())
+    if repeats == 1:
+        return [headers]
+    return [[group[n] for group in by_position.values() if len(group) > n] for n in range(repeats)]
+
+
+def _volume_from_headers(folder: Path, series_uid: str, echo_index: int, headers) -> DicomVolume:
+    first = headers[0]
+    where = f"{folder.name} (series {series_uid}" + (f", echo {echo_index + 1})" if echo_index >= 0 else ")")
+    damaged = [h.path.name for h in headers if h.damage]
+    if damaged:
+        raise ScanError(f"{where}: skipped because file(s) {', '.join(damaged[:3])} are damaged; re-export the series")
+    if {(h.rows, h.cols) for h in headers} != {(first.rows, first.cols)}:
+        raise ScanError(f"{where}: slices differ in matrix size; the series is not one volume, split or remove it")
+    if len(headers) < 3:
+        raise ScanError(f"{where}: only {len(headers)} slice(s), a 2D image; a 3D series needs at least 3 slices")
+    row_cosine = np.asarray(first.orientation[:3], float)
+    column_cosine = np.asarray(first.orientation[3:], float)
+    if min(np.linalg.norm(row_cosine), np.linalg.norm(column_cosine)) < 1e-3:
+        raise ScanError(f"{where}: ImageOrientationPatient has a zero direction cosine; the geometry is broken")
+    row_cosine /= np.linalg.norm(row_cosine)
+    column_cosine /= np.linalg.norm(column_cosine)
+    normal = np.cross(row_cosine, column_cosine)
+    if np.linalg.norm(normal) < 1e-3:
+        raise ScanError(f"{where}: ImageOrientationPatient cosines are parallel; the geometry is broken")
+    normal /= np.linalg.norm(normal)
+    ordered = sorted(headers, key=lambda h: float(np.dot(normal, h.position)))
+    depths = np.array([float(np.dot(normal, h.position)) for h in ordered])
+    steps = np.diff(depths)
+    step = float(np.median(steps))
+    if step < 1e-3:
+        raise ScanError(f"{where}: several slices share one position; the series mixes volumes that could not be separated")
+    if np.max(np.abs(steps - step)) > _SPACING_TOLERANCE * step:
+        raise ScanError(
+            f"{where}: slice positions are unevenly spaced (steps {steps.min():.2f}-{steps.max():.2f} mm), "
+            "slices are missing; re-export the complete series"
+        )
+    # The slice vector from first to last position keeps any gantry-tilt shear exact.
+    slice_vector = (ordered[-1].position - ordered[0].position) / (len(ordered) - 1)
+    row_spacing, column_spacing = first.pixel_spacing
+    lps = np.eye(4)
+    lps[:3, 0] = row_cosine * column_spacing
+    lps[:3, 1] = column_cosine * row_spacing
+    lps[:3, 2] = slice_vector
+    lps[:3, 3] = ordered[0].position
+    affine = np.eye(4)
+    affine[:3, :] = LPS_TO_RAS @ lps[:3, :]
+    return DicomVolume(
+        folder=folder,
+        series_uid=series_uid,
+        echo_index=echo_index,
+        echo_time=first.echo_time,
+        files=[h.path for h in ordered],
+        affine=affine,
+        rows=first.rows,
+        cols=first.cols,
+        tags=dict(first.tags),
+    )
+
+
+def dicom_files_in(folder: str | Path) -> list[Path]:
+    """The DICOM files directly inside ``folder`` (not in subfolders)."""
+    folder = Path(folder)
+    return sorted(
+        entry for entry in folder.iterdir() if entry.is_file() and not entry.name.startswith(".") and looks_like_dicom(entry)
+    )
+
+
+def index_dicom_folder(folder: str | Path) -> tuple[list[DicomVolume], list[tuple[Path, str]]]:
+    """Volumes of the DICOM files directly inside ``folder``, and the problems found."""
+    return index_dicom_files(dicom_files_in(folder))
+
+
+def read_dicom_volume(volume: DicomVolume, dtype=np.float32) -> Volume:
+    """Pixel data of an indexed volume, RescaleSlope/Intercept applied, as (i, j, k) = (cols, rows, slices)."""
+    import pydicom
+
+    slices = []
+    for path in volume.files:
+        try:
+            dataset = pydicom.dcmread(str(path), force=True)
+            pixels = dataset.pixel_array.astype(np.float32)
+        except Exception as exc:
+            raise ScanError(
+                f"{path}: DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc}); "
+                "the file is damaged or needs a decoder (pip install pylibjpeg)"
+            ) from exc
+        slope = _float(dataset.get("RescaleSlope"), default=1.0)
+        intercept = _float(dataset.get("RescaleIntercept"), default=0.0)
+        if slope != 1.0 or intercept != 0.0:
+            pixels = pixels * np.float32(slope) + np.float32(intercept)
+        slices.append(pixels.T)  # (rows, cols) -> (i = col, j = row)
+    array = np.stack(slices, axis=-1).astype(dtype, copy=False)
+    meta = {"series_uid": volume.series_uid, "echo_index": volume.echo_index, "echo_time": volume.echo_time}
+    return Volume(array=array, affine=volume.affine.copy(), meta=meta)
+
+
+def read_dicom_series(folder: str | Path, series_uid: str | None = None, echo_index: int | None = None) -> Volume:
+    """Read one volume from a DICOM folder.
+
+    ``series_uid`` picks a series when the folder holds several; ``echo_index`` (0-based, in
+    ascending echo time) picks one echo of a multi-echo series. Either may be omitted when the
+    choice is unique. Raises ScanError naming the folder and the choices otherwise.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ScanError(f"{folder}: DICOM folder not found; check the manifest path")
+    volumes, problems = index_dicom_folder(folder)
+    series_uid = None if _is_blank(series_uid) else str(series_uid)
+    echo_index = None if _is_blank(echo_index) or int(echo_index) < 0 else int(echo_index)
+    matches = [v for v in volumes if series_uid is None or v.series_uid == series_uid]
+    if echo_index is not None:
+        matches = [v for v in matches if v.echo_index == echo_index]
+    if len(matches) == 1:
+        return read_dicom_volume(matches[0])
+    if not matches:
+        detail = problems[0][1] if problems else "no DICOM image volume matches"
+        raise ScanError(f"{folder}: cannot read series {series_uid or ''} echo {echo_index}: {detail}")
+    choices = ", ".join(f"{v.series_uid}:{v.echo_index}" for v in matches[:10])
+    raise ScanError(f"{folder}: holds {len(matches)} volumes ({choices}); pass series_uid and echo_index to pick one")
+
+
+def _is_blank(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float) and np.isnan(value):
+        return True
+    return isinstance(value, str) and value.strip() == ""
