@@ -26,6 +26,8 @@ class DataConfig:
     plane_size: dict = field(
         default_factory=lambda: {"sagittal": [16, 64, 64], "coronal": [16, 64, 64], "axial": [16, 64, 64]}
     )
+    # mm: resample slices to this thickness before cropping to D (thin-slice 3D scans); null keeps them
+    slice_spacing: Optional[float] = None
     labels: list = field(default_factory=list)  # empty: every label column of the manifest
     ehr_columns: list = field(default_factory=lambda: ["age", "sex", "height", "weight"])
     val_fraction: float = 0.15
@@ -67,7 +69,8 @@ class PretrainConfig:
     batch_size: int = 2
     gradient_accumulation_steps: int = 1
     learning_rate: float = 1e-4
-    lr_scheduler: str = "cosine"
+    weight_decay: float = 0.0  # AdamW; 0 is the paper's Adam
+    lr_scheduler: str = "cosine"  # diffusers get_scheduler name, with warmup_steps of warmup
     warmup_steps: int = 100
     max_steps: int = 10000
     max_grad_norm: float = 1.0
@@ -77,7 +80,8 @@ class PretrainConfig:
     keep_checkpoints: int = 3
     resume: bool = True
     log_every: int = 10
-    preview_every: int = 1000
+    preview_every: int = 1000  # 0: no preview pictures
+    preview_count: int = 4  # volumes per preview picture
     tracker: str = "wandb"  # wandb (offline unless configured), tensorboard or none
     augment: bool = False
 
@@ -86,9 +90,12 @@ class PretrainConfig:
 class FeatureConfig:
     timesteps: list = field(default_factory=lambda: [100])
     blocks: list = field(default_factory=lambda: ["mid"])
-    noise_draws: int = 1
+    noise_draws: int = 1  # average features over this many seeded noise draws
+    average_timesteps: bool = False  # one feature per block, averaged over `timesteps`
     batch_size: int = 4
+    dtype: str = "float16"  # float16 or float32 on disk
     output_dir: str = "runs/features"
+    overwrite: bool = False  # rebuild a store that was built with other settings
 
 
 @dataclass
@@ -108,8 +115,12 @@ class FinetuneConfig:
     encoder_lr_scale: float = 0.1
     weight_decay: float = 1e-4
     pos_weight: bool = False
-    augment: bool = True
+    augment: bool = True  # torchio augmentation in partial/full/segment runs (never on cached features)
     grid_learning_rates: list = field(default_factory=lambda: [1e-3, 3e-4, 1e-4])
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
+    decoder_width: int = 16  # least channels of a segmentation decoder level
+    classes: list = field(default_factory=list)  # segmentation class names; empty: <data.archive>/archive.json
 
 
 @dataclass

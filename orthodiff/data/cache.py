@@ -1,0 +1,96 @@
+"""Reading a prepared cache: its index, plane size and memory-mapped plane tensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OrthodiffError
+from ..fileio import read_json
+from ..planes import PLANES
+
+
+class PlaneCache:
+    """A folder written by ``orthodiff prepare`` (see ``orthodiff.data.prepare``)."""
+
+    def __init__(self, root):
+        self.root = Path(root)
+        meta_path = self.root / "cache.json"
+        if not meta_path.exists():
+            raise OrthodiffError(
+                f"{self.root}: not a prepared cache (no cache.json); run `orthodiff prepare MANIFEST --out {self.root}`"
+            )
+        self.meta = read_json(meta_path)
+        if self.meta.get("format_version") != 1:
+            raise OrthodiffError(
+                f"{meta_path}: cache format {self.meta.get('format_version')!r} is not 1; prepare it again"
+            )
+        index_path = self.root / "index.parquet"
+        if not index_path.exists():
+            raise OrthodiffError(f"{self.root}: no index.parquet; the prepare run did not finish, run it again")
+        import pandas as pd
+
+        self.index = pd.read_parquet(index_path)
+        self._by_series = {sid: i for i, sid in enumerate(self.index["series_id"])}
+
+    @property
+    def plane_size(self) -> dict:
+        """``{plane: (D, H, W)}`` the cache was prepared at."""
+        return {plane: tuple(int(v) for v in size) for plane, size in self.meta["plane_size"].items()}
+
+    @property
+    def slice_spacing(self):
+        return self.meta.get("slice_spacing")
+
+    def check_plane_size(self, plane_size: dict) -> None:
+        """Raise when ``plane_size`` (e.g. a model's) differs from the cache's for any plane it names."""
+        for plane, size in dict(plane_size).items():
+            have = self.plane_size.get(plane)
+            if have is not None and tuple(int(v) for v in size) != have:
+                raise OrthodiffError(
+                    f"{self.root}: prepared at plane size {list(have)} for {plane}, but {list(size)} was asked; "
+                    "prepare a new cache with that data.plane_size or use the matching config"
+                )
+
+    def series(self, plane: str | None = None, patient_ids=None):
+        """Index rows of one plane (all planes when None) and of the given patients (all when None)."""
+        rows = self.index
+        if plane is not None:
+            if plane not in PLANES:
+                raise OrthodiffError(f"plane {plane!r}: use one of {', '.join(PLANES)}")
+            rows = rows[rows["plane"] == plane]
+        if patient_ids is not None:
+            rows = rows[rows["patient_id"].isin(set(map(str, patient_ids)))]
+        return rows
+
+    def _row(self, series_id: str):
+        try:
+            return self.index.iloc[self._by_series[series_id]]
+        except KeyError:
+            raise OrthodiffError(f"{self.root}: series {series_id!r} is not in the cache index") from None
+
+    def image(self, series_id: str) -> np.ndarray:
+        """The plane tensor (1, D, H, W), float16, memory-mapped read-only."""
+        return np.load(self.root / self._row(series_id)["image"], mmap_mode="r")
+
+    def seg(self, series_id: str) -> np.ndarray | None:
+        """The segmentation (1, D, H, W), uint8, memory-mapped; None when the series has none."""
+        name = self._row(series_id)["seg"]
+        return np.load(self.root / name, mmap_mode="r") if isinstance(name, str) and name else None
+
+    def geometry(self, series_id: str) -> dict:
+        """Source shape and affine, and the plane tensor's affine, for ``to_source_geometry``."""
+        row = self._row(series_id)
+        return {
+            "source_shape": tuple(json.loads(row["source_shape"])),
+            "source_affine": np.asarray(json.loads(row["source_affine"])),
+            "tensor_affine": np.asarray(json.loads(row["tensor_affine"])),
+        }
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __repr__(self) -> str:
+        return f"PlaneCache({str(self.root)!r}, {len(self)} series, plane_size={self.plane_size})"

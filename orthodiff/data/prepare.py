@@ -1,0 +1,483 @@
+"""``orthodiff prepare``: every manifest series -> a plane tensor (1, D, H, W), cached on disk.
+
+Orientation convention of a plane tensor (d, h, w): d runs across slices, h down the rows and
+w along the columns of an image shown with ``imshow(tensor[0, d])``, as a radiologist reads it:
+
+=========  ==================  =================  ==================  ========
+plane      d (slices) toward   h (rows) toward    w (columns) toward  axcodes
+=========  ==================  =================  ==================  ========
+sagittal   patient right       inferior           posterior           RIP
+coronal    anterior            inferior           patient left        AIL
+axial      superior            posterior          patient left        SPL
+=========  ==================  =================  ==================  ========
+
+So the first row is superior (sagittal, coronal) or anterior (axial), the first column is
+anterior (sagittal) or the patient's right (coronal, axial). Reorientation only permutes and
+flips voxel axes (MONAI ``Orientation``); in-plane is then resized to H x W, slices are cropped
+or padded around the centre to D (optionally resampled first to ``slice_spacing`` mm), and image
+intensities are scaled from the 0.5th-99.5th percentiles to [-1, 1] and clipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from ..errors import OrthodiffError, ScanError
+from ..fileio import atomic_path, read_json, write_json, write_table
+from ..io.volume import Volume
+from ..planes import PLANES, check_plane
+
+CACHE_FORMAT_VERSION = 1
+PLANE_AXCODES = {"sagittal": "RIP", "coronal": "AIL", "axial": "SPL"}
+# The RAS world axis that the slice normal of each plane follows (x: L-R, y: P-A, z: I-S).
+_SLICE_WORLD_AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
+_WORLD_AXIS_NAME = ("left-right", "posterior-anterior", "inferior-superior")
+_RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # the affines are voxel -> RAS
+MIN_SLICES = 3
+MIN_IN_PLANE = 16
+INTENSITY_PERCENTILES = (0.5, 99.5)
+INDEX_FLUSH_EVERY = 200  # rewrite index.parquet this often, so an interrupted run keeps its progress
+ERROR_COLUMNS = ["series_id", "path", "reason"]
+
+
+# --------------------------------------------------------------------------- pure transforms
+
+
+def check_plane_size(plane_size: dict, planes=PLANES, source: str = "data.plane_size") -> dict:
+    """``{plane: (D, H, W)}`` with positive ints; every plane in ``planes`` must have one."""
+    if not hasattr(plane_size, "items"):
+        raise OrthodiffError(f"{source}: expected a mapping plane -> [D, H, W], got {plane_size!r}")
+    for plane in planes:
+        if plane not in plane_size:
+            raise OrthodiffError(f"{source}: no size for plane {plane!r}; give {source}.{plane}=[D,H,W]")
+    checked = {}
+    for plane, size in plane_size.items():
+        check_plane(plane, f"{source} key")
+        checked[plane] = _check_size(size, f"{source}.{plane}")
+    return checked
+
+
+def _check_size(size, source: str) -> tuple[int, int, int]:
+    try:
+        values = tuple(int(v) for v in size)
+    except (TypeError, ValueError):
+        raise OrthodiffError(f"{source}: expected three positive integers [D, H, W], got {size!r}") from None
+    if len(values) != 3 or min(values) < 1 or any(float(a) != b for a, b in zip(size, values)):
+        raise OrthodiffError(f"{source}: expected three positive integers [D, H, W], got {list(size)!r}")
+    return values
+
+
+def _check_volume(array: np.ndarray, affine: np.ndarray, plane: str, is_label: bool) -> None:
+    """Raise ScanError with one reason when the volume cannot make a meaningful plane tensor."""
+    if array.ndim != 3:
+        raise ScanError(f"volume has {array.ndim} dimensions {array.shape}; expected a 3D series")
+    rows, cols, slices = array.shape
+    if slices < MIN_SLICES:
+        raise ScanError(
+            f"only {slices} slice(s); a plane tensor needs at least {MIN_SLICES} (a 2D image or localizer?)"
+        )
+    if min(rows, cols) < MIN_IN_PLANE:
+        raise ScanError(
+            f"in-plane size {rows} x {cols} is below {MIN_IN_PLANE} x {MIN_IN_PLANE} pixels; not a usable series"
+        )
+    finite = np.isfinite(array)
+    if not finite.all():
+        raise ScanError(f"{int(array.size - finite.sum())} NaN/Inf voxels; the file is damaged or badly converted")
+    if is_label:
+        if array.min() < 0 or array.max() > 255 or not np.array_equal(array, np.rint(array)):
+            raise ScanError("segmentation holds values that are not integer labels 0..255")
+    elif array.min() == array.max():
+        raise ScanError(f"constant image (every voxel is {float(array.flat[0]):g}); nothing to learn from it")
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise ScanError("the affine (voxel -> RAS) is degenerate; the file carries no usable geometry")
+    import nibabel.orientations as nio
+
+    slice_axis = int(nio.io_orientation(affine)[2, 0])
+    if slice_axis != _SLICE_WORLD_AXIS[plane]:
+        raise ScanError(
+            f"slices run {_WORLD_AXIS_NAME[slice_axis]} by the file's geometry, which is not a {plane} series; "
+            "fix the manifest's plane column or the file's affine"
+        )
+
+
+def to_plane_tensor(
+    volume: Volume,
+    plane: str,
+    size,
+    is_label: bool = False,
+    slice_spacing: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A series as a plane tensor (1, D, H, W) and its affine (tensor voxel (d, h, w) -> RAS mm).
+
+    Images come back float32 in [-1, 1]; labels uint8 (nearest neighbour). ``slice_spacing`` (mm),
+    when given, first resamples the slice axis to that thickness (useful for thin-slice 3D scans);
+    without it the source slices are kept and cropped or padded around the centre to D.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import CenterSpatialCrop, Orientation, Resize, ScaleIntensityRange, SpatialPad
+
+    check_plane(plane)
+    depth, height, width = _check_size(size, "plane size")
+    array = np.asarray(volume.array)
+    if array.ndim == 4 and array.shape[3] == 1:  # NIfTI (x, y, z, 1)
+        array = array[..., 0]
+    affine = np.asarray(volume.affine, dtype=np.float64)
+    _check_volume(array, affine, plane, is_label)
+
+    tensor = MetaTensor(torch.as_tensor(array, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
+    # slice axis first, in-plane axes in the documented anatomical directions (permute and flip only)
+    tensor = Orientation(axcodes=PLANE_AXCODES[plane], labels=_RAS_LABELS)(tensor)
+    n_slices = tensor.shape[1]
+    if slice_spacing:
+        thickness = float(np.linalg.norm(np.asarray(tensor.affine)[:3, 0]))
+        n_slices = max(1, int(round(n_slices * thickness / float(slice_spacing))))
+    resize = Resize(
+        spatial_size=(n_slices, height, width),
+        mode="nearest-exact" if is_label else "trilinear",
+        anti_aliasing=not is_label,
+    )
+    crop = CenterSpatialCrop(roi_size=(depth, height, width))
+    oriented = tensor
+    tensor = crop(resize(tensor))
+    if is_label:
+        _restore_lost_labels(oriented, tensor, crop, Resize(spatial_size=resize.spatial_size, mode="area"))
+    else:
+        tensor = _normalise(tensor, ScaleIntensityRange)
+    tensor = SpatialPad(spatial_size=(depth, height, width), method="symmetric", value=0 if is_label else -1)(tensor)
+
+    tensor_affine = np.asarray(tensor.affine, dtype=np.float64)
+    out = tensor.as_tensor().numpy()
+    out = np.rint(out).astype(np.uint8) if is_label else out.astype(np.float32, copy=False)
+    return out, tensor_affine
+
+
+def _restore_lost_labels(oriented, resized, crop, area_resize) -> None:
+    """Put back, in place, labels that nearest neighbour dropped from the kept slices.
+
+    A structure thinner than the new pixel can fall between the sampled points; it returns where
+    its area-weighted fraction is at least half its peak. Labels outside the kept slices stay out.
+    """
+    lost = np.flatnonzero((_label_counts(oriented) > 0) & (_label_counts(resized) == 0))
+    for label in lost[lost > 0]:
+        fraction = crop(area_resize((oriented.as_tensor() == float(label)).float())).as_tensor()
+        peak = float(fraction.max())
+        if peak > 0:
+            resized.as_tensor()[fraction >= 0.5 * peak] = float(label)
+
+
+def _label_counts(tensor) -> np.ndarray:
+    """Voxels per label 0..255 (bincount is far faster than unique on big label maps)."""
+    return np.bincount(tensor.as_tensor().numpy().astype(np.uint8).ravel(), minlength=256)
+
+
+def _normalise(tensor, scale_intensity_range):
+    """Percentile window -> [-1, 1], clipped; min-max when the window is empty (sparse images)."""
+    values = tensor.as_tensor().numpy()
+    low, high = np.percentile(values, INTENSITY_PERCENTILES)
+    if high <= low:
+        low, high = float(values.min()), float(values.max())
+    if high <= low:
+        raise ScanError("constant image in the kept slices; nothing to learn from it")
+    return scale_intensity_range(a_min=float(low), a_max=float(high), b_min=-1.0, b_max=1.0, clip=True)(tensor)
+
+
+def to_source_geometry(
+    array: np.ndarray,
+    tensor_affine,
+    source_shape,
+    source_affine,
+    is_label: bool,
+    fill: float = 0.0,
+) -> np.ndarray:
+    """Map a plane-tensor array (D, H, W) back onto the series' original voxel grid.
+
+    Labels use nearest neighbour (uint8 kept), images linear; source voxels outside the plane
+    tensor get ``fill``.
+    """
+    from scipy.ndimage import affine_transform
+
+    array = np.asarray(array)
+    if array.ndim == 4 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 3:
+        raise OrthodiffError(f"to_source_geometry: expected an array (D, H, W), got shape {array.shape}")
+    source_shape = tuple(int(v) for v in source_shape)
+    # source voxel -> RAS -> plane-tensor voxel
+    to_tensor = np.linalg.inv(np.asarray(tensor_affine, float)) @ np.asarray(source_affine, float)
+    matrix, offset = to_tensor[:3, :3], to_tensor[:3, 3]
+    # A tensor voxel covers +-0.5 around its centre; source voxels beyond every one of them get
+    # ``fill``. For nearest neighbour, scipy's grid-constant mode draws exactly that border.
+    if is_label:
+        return affine_transform(
+            array, matrix, offset, output_shape=source_shape, order=0, mode="grid-constant", cval=fill
+        )
+    values = array.astype(np.float32, copy=False)
+    out = affine_transform(values, matrix, offset, output_shape=source_shape, order=1, mode="nearest")
+    extent = np.ones(array.shape, np.uint8)
+    inside = affine_transform(extent, matrix, offset, output_shape=source_shape, order=0, mode="grid-constant", cval=0)
+    out[inside == 0] = fill
+    return out
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def safe_name(series_id: str) -> str:
+    """A file name for a series id: reversible percent-encoding, so two ids never collide."""
+    name = quote(str(series_id), safe="")
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+@dataclass
+class PrepareResult:
+    out: Path
+    total: int
+    prepared: int
+    skipped: int
+    errors: list = field(default_factory=list)
+
+    def describe(self) -> str:
+        text = (
+            f"Prepared {self.prepared} of {self.total} series into {self.out}; "
+            f"{self.skipped} were already done and skipped; {len(self.errors)} failed"
+        )
+        if self.errors:
+            first = self.errors[0]
+            text += f" (listed in {self.out / 'errors.csv'}; first: {first['series_id']}: {first['reason']})"
+        return text + f". Index: {self.out / 'index.parquet'}."
+
+
+def prepare_cache(
+    manifest,
+    out,
+    plane_size: dict,
+    workers: int = 0,
+    slice_spacing: float | None = None,
+) -> PrepareResult:
+    """Prepare every series of ``manifest`` (path or DataFrame) into the cache folder ``out``.
+
+    Resumable: a series whose files are complete is skipped. One bad series becomes a row of
+    ``errors.csv``; the rest goes on.
+    """
+    import pandas as pd
+
+    from .manifest import REQUIRED_COLUMNS, read_manifest
+
+    out = Path(out)
+    if isinstance(manifest, pd.DataFrame):
+        frame, manifest_path = manifest.copy(), ""
+        missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
+        if missing:
+            raise OrthodiffError(f"manifest lacks columns {missing}; write it with `orthodiff scan`")
+        frame["series_id"] = frame["series_id"].astype(str)
+    else:
+        frame, manifest_path = read_manifest(manifest), str(Path(manifest).resolve())
+    unknown = sorted(set(frame["plane"]) - set(PLANES))
+    if unknown:
+        raise OrthodiffError(f"{manifest_path or 'manifest'}: unknown plane(s) {unknown}; use {', '.join(PLANES)}")
+    sizes = check_plane_size(plane_size, planes=sorted(set(frame["plane"])))
+    if slice_spacing is not None and not float(slice_spacing) > 0:
+        raise OrthodiffError(f"slice_spacing={slice_spacing!r}: must be a positive number of mm (or None)")
+    _write_cache_json(out, sizes, manifest_path, slice_spacing)
+
+    records, tasks = {}, []
+    for row in frame.to_dict("records"):
+        done = _finished_record(out, row)
+        if done is not None:
+            records[row["series_id"]] = done
+        else:
+            tasks.append({"row": row, "out": str(out), "size": sizes[row["plane"]], "slice_spacing": slice_spacing})
+    skipped = len(records)
+
+    errors = []
+    for count, result in enumerate(_run(tasks, workers), start=1):
+        if "reason" in result:
+            errors.append(result)
+        else:
+            records[result["series_id"]] = result
+        if count % INDEX_FLUSH_EVERY == 0:
+            _write_index(out, frame, records)
+    errors.sort(key=lambda e: e["series_id"])
+    write_table(out / "errors.csv", pd.DataFrame(errors, columns=ERROR_COLUMNS))
+    _write_index(out, frame, records)
+    return PrepareResult(out=out, total=len(frame), prepared=len(records) - skipped, skipped=skipped, errors=errors)
+
+
+def _write_cache_json(out: Path, sizes: dict, manifest_path: str, slice_spacing) -> None:
+    meta_path = out / "cache.json"
+    wanted = {plane: list(size) for plane, size in sizes.items()}
+    if meta_path.exists():
+        existing = read_json(meta_path)
+        if existing.get("plane_size") != wanted:
+            raise OrthodiffError(
+                f"{out}: this cache was prepared at plane_size {existing.get('plane_size')}, not {wanted}; "
+                "prepare into a new folder (--out NEW_CACHE) or delete this one"
+            )
+        if existing.get("slice_spacing") != slice_spacing:
+            raise OrthodiffError(
+                f"{out}: this cache was prepared with slice_spacing={existing.get('slice_spacing')}, not "
+                f"{slice_spacing}; prepare into a new folder (--out NEW_CACHE) or delete this one"
+            )
+    write_json(
+        meta_path,
+        {
+            "format_version": CACHE_FORMAT_VERSION,
+            "plane_size": wanted,
+            "slice_spacing": slice_spacing,
+            "orientation": PLANE_AXCODES,
+            "intensity_percentiles": list(INTENSITY_PERCENTILES),
+            "manifest": manifest_path,
+        },
+    )
+
+
+def _seg_path(row) -> str:
+    """The row's segmentation path, "" when none (a CSV manifest reads empty cells as NaN)."""
+    seg = row.get("seg_path")
+    return seg if isinstance(seg, str) else ""
+
+
+def _finished_record(out: Path, row) -> dict | None:
+    """The saved record of a series whose files are all written for this same source, else None."""
+    record_path = out / "records" / f"{safe_name(row['series_id'])}.json"
+    if not record_path.exists():
+        return None
+    try:
+        record = read_json(record_path)
+    except (OSError, ValueError):
+        return None
+    same_source = record.get("path") == str(row["path"]) and record.get("seg_path", "") == _seg_path(row)
+    files = [record["image"]] + ([record["seg"]] if record.get("seg") else [])
+    if same_source and all((out / name).exists() for name in files):
+        return record
+    return None
+
+
+def _run(tasks: list, workers: int):
+    """Yield one result per task, in completion order, on ``workers`` processes (0: every core)."""
+    workers = int(workers) or os.cpu_count() or 1
+    workers = min(workers, len(tasks))
+    progress = _progress(len(tasks))
+    if workers <= 1:
+        for task in tasks:
+            yield _prepare_series(task)
+            progress.update()
+    else:
+        import multiprocessing
+
+        import monai.transforms  # noqa: F401  imported once here, inherited by forked workers
+
+        # fork (as torch's DataLoader does on Linux) starts workers at once; spawn elsewhere
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        context = multiprocessing.get_context(method)
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread) as pool:
+            futures = [pool.submit(_prepare_series, task) for task in tasks]
+            for future in as_completed(futures):
+                yield future.result()
+                progress.update()
+    progress.close()
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="prepare", unit="series", disable=None, leave=False)
+
+
+def _one_thread() -> None:
+    """Each worker process uses one thread; the pool supplies the parallelism."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _prepare_series(task: dict) -> dict:
+    """Prepare one series; return its record, or ``{series_id, path, reason}`` when it fails."""
+    row, out = task["row"], Path(task["out"])
+    try:
+        return _prepare_series_or_raise(row, out, task["size"], task["slice_spacing"])
+    except OrthodiffError as exc:
+        return {"series_id": row["series_id"], "path": str(row["path"]), "reason": _one_line(exc)}
+    except Exception as exc:  # a reader or transform failing on odd data must not stop the run
+        reason = f"unexpected {type(exc).__name__} while preparing: {exc}"
+        return {"series_id": row["series_id"], "path": str(row["path"]), "reason": _one_line(reason)}
+
+
+def _prepare_series_or_raise(row: dict, out: Path, size, slice_spacing) -> dict:
+    from ..io.volume import read_volume
+    from .manifest import load_series
+
+    plane = row["plane"]
+    volume = load_series(row)
+    image, tensor_affine = to_plane_tensor(volume, plane, size, slice_spacing=slice_spacing)
+    name = safe_name(row["series_id"])
+    record = {
+        "series_id": row["series_id"],
+        "path": str(row["path"]),
+        "seg_path": _seg_path(row),
+        "image": f"images/{name}.npy",
+        "seg": "",
+        "source_shape": json.dumps([int(v) for v in volume.array.shape]),
+        "source_affine": json.dumps(np.round(volume.affine, 6).tolist()),
+        "tensor_affine": json.dumps(np.round(tensor_affine, 6).tolist()),
+        "tensor_spacing": json.dumps(np.round(np.linalg.norm(tensor_affine[:3, :3], axis=0), 6).tolist()),
+    }
+    seg = None
+    if _seg_path(row):
+        label_volume = read_volume(row["seg_path"])
+        if label_volume.array.shape != volume.array.shape:
+            raise ScanError(
+                f"segmentation {row['seg_path']} has shape {label_volume.array.shape}, "
+                f"the image {volume.array.shape}; they must share one voxel grid"
+            )
+        if not np.allclose(label_volume.affine, volume.affine, atol=1e-2):
+            raise ScanError(
+                f"segmentation {row['seg_path']} has another affine than its image; resample it onto the image"
+            )
+        try:
+            seg, _ = to_plane_tensor(
+                Volume(label_volume.array, volume.affine), plane, size, is_label=True, slice_spacing=slice_spacing
+            )
+        except ScanError as exc:
+            raise ScanError(f"segmentation {row['seg_path']}: {exc}") from exc
+        record["seg"] = f"segs/{name}.npy"
+    _save_npy(out / record["image"], image.astype(np.float16))
+    if seg is not None:
+        _save_npy(out / record["seg"], seg)
+    write_json(out / "records" / f"{name}.json", record)  # last: its presence marks the series done
+    return record
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, np.ascontiguousarray(array))
+
+
+def _one_line(exc) -> str:
+    return re.sub(r"\s+", " ", str(exc)).strip()
+
+
+def _write_index(out: Path, frame, records: dict) -> None:
+    """index.parquet: manifest columns of the prepared series joined with their cache records."""
+    import pandas as pd
+
+    geometry_columns = ["image", "seg", "source_shape", "source_affine", "tensor_affine", "tensor_spacing"]
+    done = frame[frame["series_id"].isin(records)].copy()
+    record_frame = pd.DataFrame(
+        [{key: records[sid][key] for key in ["series_id"] + geometry_columns} for sid in done["series_id"]],
+        columns=["series_id"] + geometry_columns,
+    )
+    index = done.merge(record_frame, on="series_id", how="left")
+    first = ["series_id", "study_id", "patient_id", "plane", "image", "seg"]
+    rest = [c for c in index.columns if c not in first and c not in geometry_columns]
+    index = index[first + rest + geometry_columns[2:]].sort_values("series_id").reset_index(drop=True)
+    write_table(out / "index.parquet", index)
