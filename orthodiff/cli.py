@@ -39,11 +39,13 @@ def synth(
     studies: int = typer.Option(200, help="Number of studies (exams)."),
     seed: int = typer.Option(0, help="Seed; the same seed writes the same archive."),
     format: str = typer.Option("nifti", "--format", help="nifti or dicom."),
+    matrix: int = typer.Option(128, help="In-plane matrix of the largest site (32 to 1024)."),
+    workers: int = typer.Option(0, help="Parallel processes (0: all cores)."),
 ):
     """Write a synthetic archive: three planes per study, segmentations, labels and metadata."""
     from .synth import synthesize_archive
 
-    summary = synthesize_archive(out, joint=joint, studies=studies, seed=seed, fmt=format)
+    summary = synthesize_archive(out, joint=joint, studies=studies, seed=seed, fmt=format, matrix=matrix, workers=workers)
     typer.echo(summary.describe())
 
 

@@ -1,0 +1,315 @@
+"""Procedural 3D anatomy of the knee, ankle and shoulder as tissue-label volumes.
+
+Each joint is drawn from a few dozen primitives in an anatomical frame (mm; x lateral,
+y anterior, z superior, origin at the joint centre), scaled by the subject's size and jittered per
+subject. A *tissue* is what the renderer gives an intensity (femur marrow, femur cortex, femur
+bone bruise ...); each tissue maps to one *segmentation class* (all three femur tissues are class
+"femur"; fat, muscle and fluid are background).
+
+Segmentation classes (index 0 is background):
+
+- knee: femur, tibia, patella, fibula, femoral_cartilage, tibial_cartilage, patellar_cartilage,
+  medial_meniscus, lateral_meniscus, cruciate_ligaments (ACL and PCL).
+- ankle: tibia, fibula, talus, calcaneus, navicular, talar_cartilage, tibial_cartilage, atfl, cfl,
+  achilles_tendon.
+- shoulder: humerus, scapula (glenoid, body, spine, coracoid), acromion, clavicle,
+  humeral_cartilage, labrum, supraspinatus_tendon, infraspinatus_tendon, subscapularis_tendon,
+  biceps_tendon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .shapes import Box, Canvas, Capsule, Ellipsoid, ZCylinder, rotation
+
+# Tissue kinds: what the renderer knows about a tissue (intensity and texture per site).
+KINDS = ("air", "fat", "muscle", "cortex", "marrow", "marrow_edema", "cartilage", "fibrocartilage",
+         "ligament", "tendon", "injured", "fluid", "edema")
+SOFT = ("air", "fat", "muscle", "fluid", "edema")  # what bones, cartilage and ligaments may overwrite
+
+JOINT_CLASSES = {
+    "knee": ("background", "femur", "tibia", "patella", "fibula", "femoral_cartilage", "tibial_cartilage",
+             "patellar_cartilage", "medial_meniscus", "lateral_meniscus", "cruciate_ligaments"),
+    "ankle": ("background", "tibia", "fibula", "talus", "calcaneus", "navicular", "talar_cartilage",
+              "tibial_cartilage", "atfl", "cfl", "achilles_tendon"),
+    "shoulder": ("background", "humerus", "scapula", "acromion", "clavicle", "humeral_cartilage", "labrum",
+                 "supraspinatus_tendon", "infraspinatus_tendon", "subscapularis_tendon", "biceps_tendon"),
+}
+
+# (tissue, kind, class); bones expand to marrow, cortex and bone-bruise tissues, ligaments and
+# tendons to a normal and an injured tissue.
+_BONES = {
+    "knee": ("femur", "tibia", "patella", "fibula"),
+    "ankle": ("tibia", "fibula", "talus", "calcaneus", "navicular"),
+    "shoulder": ("humerus", "scapula", "acromion", "clavicle"),
+}
+_OTHER = {
+    "knee": [("femoral_cartilage", "cartilage", "femoral_cartilage"),
+             ("tibial_cartilage", "cartilage", "tibial_cartilage"),
+             ("patellar_cartilage", "cartilage", "patellar_cartilage"),
+             ("medial_meniscus", "fibrocartilage", "medial_meniscus"),
+             ("lateral_meniscus", "fibrocartilage", "lateral_meniscus"),
+             ("acl", "ligament", "cruciate_ligaments"), ("pcl", "ligament", "cruciate_ligaments"),
+             ("mcl", "ligament", "background"), ("lcl", "ligament", "background"),
+             ("patellar_tendon", "tendon", "background"), ("quadriceps_tendon", "tendon", "background")],
+    "ankle": [("talar_cartilage", "cartilage", "talar_cartilage"),
+              ("tibial_cartilage", "cartilage", "tibial_cartilage"),
+              ("atfl", "ligament", "atfl"), ("cfl", "ligament", "cfl"),
+              ("achilles_tendon", "tendon", "achilles_tendon"),
+              ("peroneal_tendons", "tendon", "background"), ("tibialis_posterior", "tendon", "background")],
+    "shoulder": [("humeral_cartilage", "cartilage", "humeral_cartilage"),
+                 ("labrum", "fibrocartilage", "labrum"),
+                 ("supraspinatus_tendon", "tendon", "supraspinatus_tendon"),
+                 ("infraspinatus_tendon", "tendon", "infraspinatus_tendon"),
+                 ("subscapularis_tendon", "tendon", "subscapularis_tendon"),
+                 ("biceps_tendon", "tendon", "biceps_tendon")],
+}
+
+
+@dataclass(frozen=True)
+class TissueTable:
+    """Tissue names with their kind and segmentation class, indexed by tissue id."""
+
+    names: tuple[str, ...]
+    kinds: tuple[str, ...]
+    classes: tuple[int, ...]
+
+    @property
+    def ids(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.names)}
+
+    def class_lut(self) -> np.ndarray:
+        return np.asarray(self.classes, np.uint8)
+
+    def kind_index(self) -> np.ndarray:
+        return np.asarray([KINDS.index(kind) for kind in self.kinds], np.int64)
+
+
+def tissue_table(joint: str) -> TissueTable:
+    classes = JOINT_CLASSES[joint]
+    rows = [(name, name, "background") for name in SOFT]
+    for bone in _BONES[joint]:
+        rows += [(bone, "marrow", bone), (f"{bone}_cortex", "cortex", bone), (f"{bone}_edema", "marrow_edema", bone)]
+    for name, kind, cls in _OTHER[joint]:
+        rows.append((name, kind, cls))
+        if kind in ("ligament", "tendon"):
+            rows.append((f"{name}_injured", "injured", cls))
+    return TissueTable(tuple(r[0] for r in rows), tuple(r[1] for r in rows), tuple(classes.index(r[2]) for r in rows))
+
+
+@dataclass
+class Subject:
+    """What shapes one subject's anatomy: size, cartilage thickness and a jitter stream."""
+
+    scale: float
+    cartilage_mm: float
+    rng: np.random.Generator
+
+    def j(self, spread: float = 0.05) -> float:
+        """A per-subject multiplicative jitter around 1."""
+        return float(1.0 + np.clip(self.rng.normal(0.0, spread), -2.5 * spread, 2.5 * spread))
+
+
+@dataclass
+class Anatomy:
+    """The painted tissue volume plus the landmarks that abnormalities edit."""
+
+    joint: str
+    canvas: Canvas
+    table: TissueTable
+    landmarks: dict = field(default_factory=dict)
+
+
+def build_anatomy(joint: str, subject: Subject, grid_shape=(128, 128, 128), spacing: float = 1.2) -> Anatomy:
+    table = tissue_table(joint)
+    canvas = Canvas(grid_shape, spacing, table.ids)
+    landmarks = _BUILDERS[joint](canvas, subject)
+    return Anatomy(joint, canvas, table, landmarks)
+
+
+def _bone(canvas: Canvas, shape, name: str, cortex: float = 1.4, cartilage: list | None = None) -> None:
+    """Cortex, marrow and (optionally) cartilage layers of one bone, in one distance evaluation."""
+    layers = [(f"{name}_cortex", -np.inf, 0.0, SOFT, None), (name, -np.inf, -cortex, (f"{name}_cortex",), None)]
+    for tissue, thickness, where in cartilage or []:
+        layers.append((tissue, 0.0, thickness, SOFT, where))
+    canvas.paint_layers(shape, layers)
+
+
+def _cyl(x: float, y: float, rx: float, ry: float, z0: float = -400.0, z1: float = 400.0) -> ZCylinder:
+    return ZCylinder((x, y), (rx, ry), z0, z1)
+
+
+# --------------------------------------------------------------------------------------------- knee
+def _knee(canvas: Canvas, sub: Subject) -> dict:
+    s, j, t = sub.scale, sub.j, sub.cartilage_mm
+    limb = 60 * s * j()
+    canvas.paint(_cyl(0, -5 * s, limb, limb * 0.85), "fat")
+    canvas.paint(_cyl(0, -5 * s, 51 * s, 43 * s, z0=48 * s), "muscle", only=("fat",))
+    canvas.paint(_cyl(0, -20 * s, 44 * s, 33 * s, z1=-42 * s), "muscle", only=("fat",))
+
+    cz = 3 + 19 * s
+    condyle_w = 15 * s * j()
+    femur = (_cyl(0, -4 * s, 14 * s * j(), 14 * s, z0=30 * s)
+             | Ellipsoid((0, -6 * s, 32 * s), (34 * s * j(), 24 * s * j(), 26 * s))
+             | Ellipsoid((-20 * s, -8 * s, cz), (condyle_w, 27 * s * j(), 19 * s))
+             | Ellipsoid((20 * s, -8 * s, cz), (condyle_w, 26 * s * j(), 19 * s))
+             | Ellipsoid((0, 12 * s, 24 * s), (30 * s, 12 * s, 16 * s)))
+    femur = femur - Box((0, -20 * s, 10 * s), (7 * s, 16 * s, 9 * s)) - Capsule((0, 26 * s, 8 * s), (0, 26 * s, 45 * s), 6 * s)
+
+    def articular(x, y, z):  # condyles and trochlea, not the notch or the epicondyles
+        in_notch = (np.abs(x) < 8 * s) & (y < -2 * s)
+        return (z < 38 * s) & (np.abs(x) < 31 * s) & ~in_notch
+
+    _bone(canvas, femur, "femur", cartilage=[("femoral_cartilage", t, articular)])
+
+    plateau = -3 * s
+    tibia = ((Ellipsoid((0, -3 * s, -20 * s), (38 * s * j(), 27 * s * j(), 30 * s)) - Box((0, 0, plateau + 50), (100, 100, 50)))
+             | _cyl(0, -1 * s, 15 * s * j(), 15 * s, z1=-30 * s)
+             | Ellipsoid((0, 20 * s, -35 * s), (10 * s, 8 * s, 12 * s))
+             | Ellipsoid((5 * s, -3 * s, plateau), (3 * s, 6 * s, 4 * s))
+             | Ellipsoid((-5 * s, -3 * s, plateau), (3 * s, 6 * s, 4 * s)))
+    _bone(canvas, tibia, "tibia",
+          cartilage=[("tibial_cartilage", t * 0.9, lambda x, y, z: (z > plateau - 1) & (np.abs(x) > 8 * s))])
+
+    patella_c = np.array([0, 36 * s, 22 * s])
+    patella = Ellipsoid(tuple(patella_c), (21 * s * j(), 9 * s, 19 * s * j()))
+    _bone(canvas, patella, "patella", cartilage=[("patellar_cartilage", t * 1.1, lambda x, y, z: y < patella_c[1] - 3 * s)])
+    fibula = Ellipsoid((38 * s, -22 * s, -22 * s), (9 * s, 9 * s, 9 * s)) | Capsule((38 * s, -22 * s, -22 * s), (33 * s, -19 * s, -300), 6 * s)
+    _bone(canvas, fibula, "fibula")
+
+    canvas.paint(Capsule((0, 40 * s, 4 * s), (0, 24 * s, -34 * s), 3 * s, (3.0, 1.0, 1.0)), "patellar_tendon", only=SOFT)
+    canvas.paint(Capsule((0, 40 * s, 40 * s), (0, 30 * s, 90 * s), 3 * s, (4.0, 1.0, 1.0)), "quadriceps_tendon", only=SOFT)
+
+    menisci = {}
+    for name, side, gap in (("medial_meniscus", -1, 40.0), ("lateral_meniscus", 1, 22.0)):
+        centre = (side * 19 * s, -3 * s, plateau + 0.5 * t)
+        radii = (15 * s * j(0.03), 22 * s * j(0.03))
+        canvas.paint_mask(_meniscus_bbox(centre, radii, 6 * s), _meniscus_mask(centre, radii, 6 * s * j(), side, gap),
+                          name, only=SOFT)
+        menisci[name] = (centre, radii)
+
+    acl = Capsule((9 * s, -20 * s, 17 * s), (-3 * s, 9 * s, plateau), 3.5 * s * j())
+    pcl = Capsule((-8 * s, -2 * s, 15 * s), (-1 * s, -30 * s, -10 * s), 4.5 * s * j())
+    mcl = Capsule((-40 * s, -6 * s, 26 * s), (-24 * s, -6 * s, -48 * s), 1.4 * s, (1.0, 6.0, 1.0))
+    lcl = Capsule((38 * s, -10 * s, 24 * s), (44 * s, -22 * s, -16 * s), 2.2 * s)
+    for name, lig in (("acl", acl), ("pcl", pcl), ("mcl", mcl), ("lcl", lcl)):
+        canvas.paint(lig, name, only=SOFT)
+    # A thin normal fluid film in the suprapatellar recess.
+    canvas.paint(Ellipsoid((0, 24 * s, 48 * s), (20 * s, 1.5 * s, 12 * s)), "fluid", only=("fat", "muscle"))
+    return {"scale": s, "cartilage_mm": t, "plateau": plateau, "condyle_z": cz, "acl": acl, "pcl": pcl, "mcl": mcl,
+            "lcl": lcl, "menisci": menisci, "patella": patella_c}
+
+
+def _meniscus_bbox(centre, radii, height):
+    c = np.asarray(centre, float)
+    return np.stack([c - [radii[0], radii[1], 0], c + [radii[0], radii[1], height]])
+
+
+def _meniscus_mask(centre, radii, height, side, gap_degrees, inner=0.55):
+    """A C-shaped wedge: tall at the rim, thin towards the centre, open towards the notch."""
+    cx, cy, z0 = centre
+
+    def mask(x, y, z):
+        rho = np.sqrt(((x - cx) / radii[0]) ** 2 + ((y - cy) / radii[1]) ** 2)
+        top = z0 + height * (rho - inner) / (1 - inner)
+        angle = np.degrees(np.arctan2(y - cy, -side * (x - cx)))  # 0 deg points to the notch
+        return (rho >= inner) & (rho <= 1.0) & (z >= z0) & (z <= top) & (np.abs(angle) > gap_degrees / 2)
+
+    return mask
+
+
+# -------------------------------------------------------------------------------------------- ankle
+def _ankle(canvas: Canvas, sub: Subject) -> dict:
+    s, j, t = sub.scale, sub.j, sub.cartilage_mm * 0.7
+    canvas.paint(_cyl(0, -5 * s, 40 * s * j(), 44 * s, z0=-40 * s), "fat")
+    canvas.paint(Ellipsoid((0, 40 * s, -45 * s), (42 * s, 110 * s, 30 * s)), "fat")
+    canvas.paint(Ellipsoid((0, -28 * s, -45 * s), (30 * s, 30 * s, 28 * s)), "fat")
+    canvas.paint(_cyl(0, -16 * s, 27 * s, 22 * s, z0=45 * s), "muscle", only=("fat",))
+    canvas.paint(Ellipsoid((0, 35 * s, -66 * s), (28 * s, 60 * s, 7 * s)), "muscle", only=("fat",))
+
+    calcaneus = Ellipsoid((2 * s, -12 * s, -44 * s), (17 * s * j(), 34 * s * j(), 15 * s), rotation("x", -15))
+    _bone(canvas, calcaneus, "calcaneus")
+    talus = Ellipsoid((0, 4 * s, -14 * s), (16 * s * j(), 20 * s * j(), 14 * s)) | Ellipsoid((-4 * s, 28 * s, -20 * s), (12 * s, 12 * s, 10 * s))
+    _bone(canvas, talus, "talus", cartilage=[("talar_cartilage", t, lambda x, y, z: z > -9 * s)])
+    _bone(canvas, Ellipsoid((-6 * s, 44 * s, -22 * s), (14 * s, 6 * s, 10 * s)), "navicular")
+    plafond = 2.5 * s
+    tibia = ((Ellipsoid((0, 2 * s, 16 * s), (20 * s * j(), 17 * s * j(), 14 * s)) - Box((0, 0, plafond - 50), (100, 100, 50)))
+             | _cyl(0, 2 * s, 13 * s * j(), 13 * s, z0=10 * s)
+             | Ellipsoid((-18 * s, 3 * s, -4 * s), (5 * s, 9 * s, 11 * s)))
+    _bone(canvas, tibia, "tibia", cartilage=[("tibial_cartilage", t, lambda x, y, z: (z < plafond + 0.3) & (x > -13 * s) & (x < 17 * s))])
+    fibula = Capsule((24 * s, -8 * s, 5 * s), (20 * s, -8 * s, 300), 7 * s) | Ellipsoid((24 * s, -6 * s, -10 * s), (7 * s, 11 * s, 16 * s))
+    _bone(canvas, fibula, "fibula")
+
+    atfl = Capsule((25 * s, 4 * s, -16 * s), (12 * s, 24 * s, -18 * s), 1.8 * s * j(), (1.0, 1.0, 2.2))
+    cfl = Capsule((25 * s, -6 * s, -26 * s), (19 * s, -16 * s, -44 * s), 2.2 * s * j())
+    achilles = Capsule((0, -34 * s, 90 * s), (0, -44 * s, -38 * s), 3.5 * s * j(), (2.2, 1.0, 1.0))
+    for name, shape in (("atfl", atfl), ("cfl", cfl), ("achilles_tendon", achilles),
+                        ("peroneal_tendons", Capsule((28 * s, -16 * s, 80), (29 * s, -14 * s, -28 * s), 2.5 * s)),
+                        ("tibialis_posterior", Capsule((-17 * s, -10 * s, 80), (-23 * s, 4 * s, -20 * s), 2.5 * s))):
+        canvas.paint(shape, name, only=SOFT)
+    canvas.paint(Ellipsoid((0, 18 * s, 0), (12 * s, 2 * s, 3 * s)), "fluid", only=("fat", "muscle"))
+    return {"scale": s, "cartilage_mm": t, "atfl": atfl, "cfl": cfl, "achilles": achilles, "plafond": plafond}
+
+
+# ----------------------------------------------------------------------------------------- shoulder
+def _shoulder(canvas: Canvas, sub: Subject) -> dict:
+    s, j, t = sub.scale, sub.j, sub.cartilage_mm * 0.6
+    canvas.paint(Ellipsoid((-30 * s, 0, -10 * s), (85 * s * j(), 70 * s * j(), 130 * s)), "fat")
+    canvas.paint(Ellipsoid((2 * s, 0, -8 * s), (40 * s, 42 * s, 52 * s)), "muscle", only=("fat",))  # deltoid
+    canvas.paint(Capsule((-30 * s, -6 * s, 30 * s), (-90 * s, -12 * s, 34 * s), 11 * s), "muscle", only=("fat",))
+    canvas.paint(Ellipsoid((-58 * s, -32 * s, -12 * s), (30 * s, 9 * s, 38 * s), rotation("z", 30)), "muscle", only=("fat",))
+    canvas.paint(Ellipsoid((-58 * s, -2 * s, -12 * s), (30 * s, 9 * s, 38 * s), rotation("z", 30)), "muscle", only=("fat",))
+
+    humerus = (Ellipsoid((0, 0, 0), (24 * s * j(), 24 * s * j(), 26 * s))
+               | _cyl(8 * s, 0, 13 * s * j(), 13 * s, z1=-15 * s)
+               | Ellipsoid((18 * s, 4 * s, 8 * s), (8 * s, 10 * s, 9 * s))
+               | Ellipsoid((8 * s, 20 * s, -2 * s), (6 * s, 6 * s, 8 * s)))
+    humerus = humerus - Capsule((15 * s, 19 * s, 20 * s), (15 * s, 19 * s, -80 * s), 3.5 * s)
+    _bone(canvas, humerus, "humerus", cartilage=[("humeral_cartilage", t, lambda x, y, z: (x < 4 * s) & (z > -18 * s))])
+    scapula = (Ellipsoid((-34 * s, 0, 0), (6 * s, 13 * s * j(), 18 * s * j()))
+               | Box((-72 * s, -18 * s, -12 * s), (38 * s, 3 * s, 42 * s), rotation("z", 30))
+               | Capsule((-80 * s, -30 * s, 24 * s), (-22 * s, -20 * s, 33 * s), 5 * s)
+               | Capsule((-40 * s, 0, 14 * s), (-20 * s, 30 * s, 8 * s), 5 * s))
+    _bone(canvas, scapula, "scapula")
+    acromion = Ellipsoid((-2 * s, -6 * s, 38 * s), (20 * s * j(), 16 * s, 4.5 * s), rotation("y", -8))
+    _bone(canvas, acromion, "acromion")
+    clavicle = Capsule((-27 * s, 4 * s, 39 * s), (-140 * s, 25 * s, 44 * s), 7 * s * j())
+    _bone(canvas, clavicle, "clavicle")
+
+    rim_x = -28 * s
+    canvas.paint_mask(((rim_x - 4 * s, -17 * s, -22 * s), (rim_x + 4 * s, 17 * s, 22 * s)), _labrum_mask(rim_x, 13 * s, 18 * s),
+                      "labrum", only=SOFT)
+    cuff = {
+        "supraspinatus_tendon": [Capsule((-30 * s, -4 * s, 28 * s), (0, -2 * s, 29 * s), 3 * s, (1.0, 3.5, 1.0)),
+                                 Capsule((0, -2 * s, 29 * s), (20 * s, 2 * s, 17 * s), 3 * s, (1.0, 3.5, 1.0))],
+        "infraspinatus_tendon": [Capsule((-35 * s, -30 * s, 5 * s), (0, -27 * s, 8 * s), 3 * s, (1.0, 1.0, 3.0)),
+                                 Capsule((0, -27 * s, 8 * s), (20 * s, -10 * s, 8 * s), 3 * s, (1.0, 1.0, 3.0))],
+        "subscapularis_tendon": [Capsule((-35 * s, 24 * s, -5 * s), (0, 27 * s, -3 * s), 3 * s, (1.0, 1.0, 3.0)),
+                                 Capsule((0, 27 * s, -3 * s), (10 * s, 22 * s, -4 * s), 3 * s, (1.0, 1.0, 3.0))],
+        "biceps_tendon": [Capsule((15 * s, 19 * s, -80 * s), (15 * s, 19 * s, 15 * s), 2.5 * s),
+                          Capsule((15 * s, 19 * s, 15 * s), (4 * s, 10 * s, 27 * s), 2.5 * s),
+                          Capsule((4 * s, 10 * s, 27 * s), (-26 * s, 0, 20 * s), 2.5 * s)],
+    }
+    for name, parts in cuff.items():
+        for part in parts:
+            canvas.paint(part, name, only=SOFT)
+    canvas.paint(Ellipsoid((-12 * s, 0, -27 * s), (10 * s, 8 * s, 2 * s)), "fluid", only=("fat", "muscle"))
+    return {"scale": s, "cuff": cuff, "clavicle": clavicle, "acromion": acromion, "rim_x": rim_x}
+
+
+def _labrum_mask(rim_x, ry, rz):
+    """A triangular ring on the glenoid rim."""
+
+    def mask(x, y, z):
+        rho = np.sqrt((y / ry) ** 2 + (z / rz) ** 2)
+        depth = np.clip((x - (rim_x - 3.0)) / 6.0, 0, 1)  # thinner towards the joint
+        return (rho >= 0.85 + 0.2 * depth) & (rho <= 1.2 - 0.1 * depth) & (x > rim_x - 3.0) & (x < rim_x + 3.5)
+
+    return mask
+
+
+_BUILDERS = {"knee": _knee, "ankle": _ankle, "shoulder": _shoulder}
+JOINTS = tuple(_BUILDERS)

@@ -1,0 +1,217 @@
+"""The synthetic archive generator: layout, geometry, determinism, labels and what labels do."""
+
+import copy
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from orthodiff.errors import OrthodiffError
+from orthodiff.fileio import read_json
+from orthodiff.planes import plane_from_affine
+from orthodiff.synth import JOINT_CLASSES, JOINT_LABELS, render_study, sample_population, subject_anatomy, synthesize_archive
+from orthodiff.synth.abnormalities import apply_abnormalities
+
+SMALL = {"workers": 1, "matrix": 48, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def knee_archives(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    a = root / "a"
+    synthesize_archive(a, joint="knee", studies=3, seed=0, **SMALL)
+    b = root / "b"
+    synthesize_archive(b, joint="knee", studies=3, seed=0, **SMALL)
+    c = root / "c"
+    synthesize_archive(c, joint="knee", studies=1, seed=1, **SMALL)
+    return a, b, c
+
+
+def _series_files(archive):
+    return sorted(p for p in archive.glob("P*/*/*.nii.gz") if not p.name.endswith("_seg.nii.gz"))
+
+
+def test_archive_files_follow_the_contract(knee_archives):
+    archive = knee_archives[0]
+    labels = pd.read_csv(archive / "labels.csv")
+    metadata = pd.read_csv(archive / "metadata.csv")
+    info = read_json(archive / "archive.json")
+    assert list(labels.columns) == ["study_id", *JOINT_LABELS["knee"]]
+    assert set(labels[list(JOINT_LABELS["knee"])].to_numpy().ravel()) <= {0, 1}
+    assert list(metadata.columns) == ["patient_id", "study_id", "joint", "site", "field_strength", "age", "sex", "height", "weight"]
+    assert set(metadata["field_strength"]) <= {1.5, 3.0} and set(metadata["sex"]) <= {"F", "M"}
+    assert metadata["study_id"].str.match(r"knee-\d{4}$").all() and metadata["patient_id"].str.match(r"P\d{4}$").all()
+    assert {k: info[k] for k in ("joint", "seed", "studies", "format")} == {"joint": "knee", "seed": 0, "studies": 3, "format": "nifti"}
+    assert info["labels"] == list(JOINT_LABELS["knee"])
+    assert info["classes"][0] == "background" and len(info["classes"]) == 11
+    for row in metadata.itertuples():
+        assert (archive / row.patient_id / row.study_id).is_dir()
+
+
+def test_every_series_affine_gives_its_plane_and_segmentation_is_aligned(knee_archives):
+    files = _series_files(knee_archives[0])
+    assert len(files) >= 8
+    for path in files:
+        image = nib.load(path)
+        plane = path.name[: -len(".nii.gz")]
+        assert plane_from_affine(image.affine) == plane
+        assert 16 <= image.shape[2] <= 24 and 3.0 <= np.linalg.norm(image.affine[:3, 2]) <= 4.5
+        fov = np.linalg.norm(image.affine[:3, 1]) * image.shape[1]
+        assert 120 < fov < 200  # the site's field of view, whatever the matrix
+        seg = nib.load(path.with_name(f"{plane}_seg.nii.gz"))
+        assert seg.shape == image.shape
+        np.testing.assert_allclose(seg.affine, image.affine, atol=1e-5)
+        assert seg.get_data_dtype() == np.uint8
+
+
+def test_same_seed_same_arrays_and_tables_other_seed_differs(knee_archives):
+    a, b, c = knee_archives
+    for name in ("labels.csv", "metadata.csv"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    files_a, files_b = _series_files(a), _series_files(b)
+    assert [p.relative_to(a) for p in files_a] == [p.relative_to(b) for p in files_b]
+    for pa, pb in zip(files_a, files_b):
+        assert np.array_equal(np.asarray(nib.load(pa).dataobj), np.asarray(nib.load(pb).dataobj))
+    first_c = _series_files(c)[0]
+    first_a = a / first_c.relative_to(c)
+    assert not first_a.exists() or not np.array_equal(np.asarray(nib.load(first_a).dataobj), np.asarray(nib.load(first_c).dataobj))
+    assert (a / "metadata.csv").read_bytes() != (c / "metadata.csv").read_bytes()
+
+
+def test_all_eleven_knee_classes_appear(knee_archives):
+    present = set()
+    for path in knee_archives[0].glob("P*/*/*_seg.nii.gz"):
+        present |= set(np.unique(np.asarray(nib.load(path).dataobj)).tolist())
+    assert present == set(range(len(JOINT_CLASSES["knee"])))
+
+
+def test_population_prevalences_cooccurrence_and_ehr():
+    specs = sample_population("knee", 2000, seed=3)
+    labels = pd.DataFrame([s.labels for s in specs])
+    prevalence = labels.mean()
+    assert prevalence.between(0.04, 0.42).all(), prevalence
+    normal = (labels.sum(axis=1) == 0).mean()
+    assert 0.2 < normal < 0.7
+    # ACL tears bring lateral meniscal tears and effusion; cartilage defects come with age.
+    acl = labels["acl_tear"] == 1
+    assert labels.loc[acl, "joint_effusion"].mean() > 2 * labels.loc[~acl, "joint_effusion"].mean()
+    ages = np.array([s.age for s in specs])
+    assert ages[labels["cartilage_defect"] == 1].mean() > ages[labels["cartilage_defect"] == 0].mean() + 3
+    patients = pd.Series([s.patient_id for s in specs]).value_counts()
+    assert (patients == 2).sum() > 50 and patients.max() == 2
+    assert 0.01 < np.mean([len(s.planes) < 3 for s in specs]) < 0.1
+    small = pd.DataFrame([s.labels for s in sample_population("knee", 40, seed=0)]).mean()
+    assert small.max() <= 0.6 and 0.05 <= small.mean() <= 0.4
+    assert len({s.site for s in specs}) >= 3 and {s.field_strength for s in specs} == {1.5, 3.0}
+
+
+def _spec_without_labels(joint="knee"):
+    spec = sample_population(joint, 1, seed=5)[0]
+    return spec.with_labels(**{name: 0 for name in spec.labels})
+
+
+def test_effusion_brightens_the_suprapatellar_region_of_the_same_subject():
+    normal = _spec_without_labels()
+    effusion = normal.with_labels(joint_effusion=1)
+    fluid = subject_anatomy(normal).canvas.count("fluid"), subject_anatomy(effusion).canvas.count("fluid")
+    assert fluid[1] > 3 * fluid[0]
+    before, after = render_study(normal, 64)["sagittal"].image, render_study(effusion, 64)["sagittal"].image
+    changed = before != after
+    assert 0.001 < changed.mean() < 0.15  # a local change, not a different image
+    assert after[changed].mean() > 1.3 * before[changed].mean()
+
+
+def test_acl_tear_removes_part_of_the_cruciates_on_sagittal():
+    normal = _spec_without_labels()
+    torn = normal.with_labels(acl_tear=1)
+    cruciate = JOINT_CLASSES["knee"].index("cruciate_ligaments")
+    seg_before = render_study(normal, 64)["sagittal"].seg
+    seg_after = render_study(torn, 64)["sagittal"].seg
+    assert (seg_after == cruciate).sum() < (seg_before == cruciate).sum()
+
+
+def test_field_strength_changes_noise():
+    spec = _spec_without_labels()
+    from dataclasses import replace
+
+    noisy = render_study(replace(spec, field_strength=1.5), 48)["axial"].image.astype(float)
+    clean = render_study(replace(spec, field_strength=3.0), 48)["axial"].image.astype(float)
+    # Air (the image corners) holds only noise: its mean level is proportional to sigma.
+    corner = (slice(0, 6), slice(0, 6))
+    assert noisy[corner].mean() > 1.4 * clean[corner].mean()
+
+
+def test_dicom_series_geometry_matches_the_nifti_affine(tmp_path):
+    import SimpleITK as sitk
+
+    synthesize_archive(tmp_path / "dcm", joint="knee", studies=1, seed=0, fmt="dicom", **SMALL)
+    synthesize_archive(tmp_path / "nii", joint="knee", studies=1, seed=0, fmt="nifti", **SMALL)
+    folders = sorted(p for p in (tmp_path / "dcm").glob("P*/*/*") if p.is_dir())
+    assert folders, "no DICOM series written"
+    for folder in folders:
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(folder)))
+        image = reader.Execute()
+        lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+        affine = np.eye(4)
+        affine[:3, :3] = lps_to_ras @ np.asarray(image.GetDirection()).reshape(3, 3) @ np.diag(image.GetSpacing())
+        affine[:3, 3] = lps_to_ras @ np.asarray(image.GetOrigin())
+        seg = nib.load(folder.with_name(f"{folder.name}_seg.nii.gz"))
+        np.testing.assert_allclose(affine, seg.affine, atol=1e-3)
+        assert plane_from_affine(affine) == folder.name
+        nifti = nib.load(tmp_path / "nii" / folder.relative_to(tmp_path / "dcm").with_suffix(".nii.gz"))
+        voxels = sitk.GetArrayFromImage(image).transpose(2, 1, 0)
+        assert np.array_equal(voxels, np.asarray(nifti.dataobj))
+
+
+@pytest.mark.parametrize("joint", ["ankle", "shoulder"])
+def test_other_joints_write_their_own_labels_and_classes(tmp_path, joint):
+    summary = synthesize_archive(tmp_path / joint, joint=joint, studies=2, seed=0, **SMALL)
+    assert joint in summary.describe()
+    labels = pd.read_csv(tmp_path / joint / "labels.csv")
+    assert list(labels.columns) == ["study_id", *JOINT_LABELS[joint]]
+    assert read_json(tmp_path / joint / "archive.json")["classes"] == list(JOINT_CLASSES[joint])
+    assert labels["study_id"].str.startswith(f"{joint}-").all()
+    present = set()
+    for path in (tmp_path / joint).glob("P*/*/*_seg.nii.gz"):
+        present |= set(np.unique(np.asarray(nib.load(path).dataobj)).tolist())
+    assert len(present) >= 8
+    spec = _spec_without_labels(joint)
+    normal = subject_anatomy(spec)
+    for name in JOINT_LABELS[joint]:  # every label changes that joint's anatomy, locally
+        edited = copy.deepcopy(normal)
+        apply_abnormalities(edited, {name: 1}, spec.study_seed)
+        changed = (edited.canvas.labels != normal.canvas.labels).sum()
+        assert 0 < changed < 0.02 * normal.canvas.labels.size, name
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path):
+    with pytest.raises(OrthodiffError, match="--joint 'hip'"):
+        synthesize_archive(tmp_path / "x", joint="hip", studies=1)
+    with pytest.raises(OrthodiffError, match="--studies"):
+        synthesize_archive(tmp_path / "x", studies=0)
+    with pytest.raises(OrthodiffError, match="--format"):
+        synthesize_archive(tmp_path / "x", studies=1, fmt="png")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(OrthodiffError, match="not empty"):
+        synthesize_archive(tmp_path / "busy", studies=1, **SMALL)
+    assert (tmp_path / "busy" / "notes.txt").exists()
+
+
+def test_rerun_replaces_an_existing_archive(tmp_path):
+    synthesize_archive(tmp_path / "arc", studies=3, seed=0, **SMALL)
+    synthesize_archive(tmp_path / "arc", studies=1, seed=0, **SMALL)
+    assert len(pd.read_csv(tmp_path / "arc" / "labels.csv")) == 1
+    assert len([p for p in (tmp_path / "arc").glob("P*/*") if p.is_dir()]) == 1
+
+
+def test_cli_reports_a_bad_joint_on_one_line():
+    result = subprocess.run([sys.executable, "-m", "orthodiff", "synth", "/tmp/never-written", "--joint", "elbow"],
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "elbow" in lines[0]
