@@ -121,6 +121,7 @@ class FinetuneConfig:
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
     decoder_width: int = 16  # least channels of a segmentation decoder level
     classes: list = field(default_factory=list)  # segmentation class names; empty: <data.archive>/archive.json
+    source_geometry: bool = False  # segment: also write each prediction on the series' original voxel grid
 
 
 @dataclass

@@ -1,0 +1,250 @@
+"""`orthodiff pretrain`: two-process training, exact resume, learning, tracking and bad input.
+
+Every run is a tiny denoiser (base 8, multipliers 1,2) on 8 x 16 x 16 volumes of a cache written
+to the prepare contract by tests/pretrain_fixtures.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from orthodiff.cli import main as cli_main
+from orthodiff.errors import OrthodiffError
+from orthodiff.models.denoiser import Denoiser
+from orthodiff.models.diffusion import denoising_loss, make_noise_scheduler
+from orthodiff.training import pretrain
+from orthodiff.training.checkpoints import list_checkpoints
+from orthodiff.training.pretrain import initial_denoiser, run_pretraining
+from orthodiff.training.sampling import StepSeededBatchSampler, derived_seed
+from orthodiff.training.tracking import read_metrics
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pretrain_fixtures import one_thread, read_wandb_history, tiny_config, write_fixture_cache, write_splits  # noqa: E402
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return write_fixture_cache(tmp_path_factory.mktemp("cache"), patients=6)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _weights(path: Path) -> dict:
+    return load_file(str(path))
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-7, msg=name)
+
+
+def _differ(a: dict, b: dict) -> bool:
+    return any(not torch.allclose(a[n], b[n], rtol=0, atol=1e-7) for n in a)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_in_sync(cache, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        str(SCRIPTS / "pretrain_two_ranks.py"), str(cache), str(tmp_path),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):
+        info = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert info == {"distributed_type": "DistributedType.MULTI_CPU", "num_processes": 2}
+
+    rank0, rank1 = _weights(tmp_path / "rank-0.safetensors"), _weights(tmp_path / "rank-1.safetensors")
+    _assert_same(rank0, rank1)
+
+    # One checkpoint per saved step, written by the main process only (RNG state from both ranks).
+    checkpoints = list_checkpoints(tmp_path / "sagittal" / "checkpoints")
+    assert [step for step, _ in checkpoints] == [2, 4]
+    for _, path in checkpoints:
+        assert len(list(path.glob("model*.safetensors"))) == 1
+        assert sorted(p.name for p in path.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert not list((tmp_path / "sagittal" / "checkpoints").glob(".*"))
+    assert [r["step"] for r in read_metrics(tmp_path / "sagittal" / "metrics.jsonl")] == [1, 2, 3, 4]
+    _assert_same(_weights(checkpoints[-1][1] / "model.safetensors"), rank0)
+
+    ema = _weights(tmp_path / "denoisers" / "sagittal" / "model.safetensors")
+    cfg = tiny_config(cache, tmp_path)
+    initial = {k: v.detach() for k, v in initial_denoiser(cfg, "sagittal").state_dict().items()}
+    assert _differ(ema, rank0), "EMA weights equal the raw weights"
+    assert _differ(ema, initial), "EMA weights equal the initial weights"
+    assert _differ(rank0, initial), "training did not change the weights"
+
+
+def test_resume_continues_exactly(cache, tmp_path, monkeypatch):
+    overrides = ("pretrain.max_steps=3", "pretrain.checkpoint_every=2", "pretrain.gradient_accumulation_steps=2")
+    run_pretraining(tiny_config(cache, tmp_path / "straight", *overrides))
+
+    # Interrupt the second run right after its step-2 checkpoint, then start it again.
+    original = pretrain.save_checkpoint
+
+    def save_then_crash(accelerator, directory, step, *args, **kwargs):
+        path = original(accelerator, directory, step, *args, **kwargs)
+        if step == 2:
+            raise KeyboardInterrupt("simulated preemption")
+        return path
+
+    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_crash)
+    resumed_cfg = tiny_config(cache, tmp_path / "resumed", *overrides)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining(resumed_cfg)
+    monkeypatch.setattr(pretrain, "save_checkpoint", original)
+    assert not (tmp_path / "resumed" / "denoisers").exists()
+    run_pretraining(resumed_cfg)
+
+    for run in ("straight", "resumed"):
+        assert [s for s, _ in list_checkpoints(tmp_path / run / "sagittal" / "checkpoints")] == [2, 3]
+    straight_metrics = read_metrics(tmp_path / "straight" / "sagittal" / "metrics.jsonl")
+    resumed_metrics = read_metrics(tmp_path / "resumed" / "sagittal" / "metrics.jsonl")
+    assert [m["step"] for m in resumed_metrics] == [1, 2, 3]
+    assert [m["loss"] for m in resumed_metrics] == [m["loss"] for m in straight_metrics]
+    for relative in ("sagittal/checkpoints/step-000003/model.safetensors", "denoisers/sagittal/model.safetensors"):
+        _assert_same(_weights(tmp_path / "resumed" / relative), _weights(tmp_path / "straight" / relative))
+
+
+@pytest.mark.slow
+def test_loss_falls_on_held_out_synthetic_knees(tmp_path):
+    """The real path: orthodiff synth -> scan -> prepare, then pretraining on train+val patients."""
+    from orthodiff.data.cache import PlaneCache
+    from orthodiff.data.prepare import prepare_cache
+    from orthodiff.data.scan import scan_archive
+    from orthodiff.synth import synthesize_archive
+
+    synthesize_archive(tmp_path / "archive", studies=12, seed=0, matrix=32, workers=1, progress=False)
+    scan_archive(tmp_path / "archive", tmp_path / "manifest.parquet")
+    size = {plane: [8, 16, 16] for plane in ("sagittal", "coronal", "axial")}
+    prepare_cache(tmp_path / "manifest.parquet", tmp_path / "cache", plane_size=size, workers=1)
+    cache = PlaneCache(tmp_path / "cache")
+    patients = sorted(cache.index["patient_id"].unique())
+    held_out = patients[-2:]
+    splits = write_splits(tmp_path / "splits.json", patients[:-3], patients[-3:-2], held_out)
+    cfg = tiny_config(
+        cache.root, tmp_path / "run", f"data.splits={splits}", "pretrain.max_steps=16", "pretrain.batch_size=4",
+        "pretrain.learning_rate=4e-3", "pretrain.warmup_steps=2", "pretrain.checkpoint_every=16", "pretrain.log_every=8",
+    )
+    outputs = run_pretraining(cfg)
+
+    series = cache.series("sagittal", held_out)["series_id"]
+    assert len(series) >= 1
+    volumes = torch.stack([torch.from_numpy(cache.image(s).astype("float32")) for s in series])
+    clean = volumes.repeat_interleave(4, dim=0)
+    timesteps = torch.tensor([100, 300, 500, 700] * len(series))
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(123))
+    scheduler = make_noise_scheduler(cfg.diffusion)
+    with torch.no_grad():
+        before = denoising_loss(initial_denoiser(cfg, "sagittal").eval(), scheduler, clean, timesteps, noise).item()
+        after = denoising_loss(Denoiser.from_pretrained(outputs["sagittal"], plane="sagittal"), scheduler, clean, timesteps, noise).item()
+    assert after < 0.5 * before, (before, after)
+
+
+@pytest.mark.slow
+def test_cli_writes_offline_wandb_run_with_metrics(cache, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # the run dir must still land in output_dir
+    cfg = tiny_config(cache, tmp_path)
+    cli_main([
+        "pretrain", "-c", "tiny", f"data.cache={cache}", f"data.splits={cfg.data.splits}",
+        *(f"data.plane_size.{p}=[8,16,16]" for p in ("sagittal", "coronal", "axial")),
+        "model.base_channels=8", "model.channel_mult=[1,2]", "model.attention_levels=[false,true]",
+        "model.num_head_channels=8", "model.norm_num_groups=8", f"pretrain.output_dir={tmp_path}",
+        "plane=sagittal", "max_steps=2", "log_every=1", "preview_every=2", "preview_count=2", "tracker=wandb",
+        "diffusion.sample_steps=3",
+    ])
+    assert os.environ["WANDB_MODE"] == "offline"
+    runs = list((tmp_path / "sagittal" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    history = read_wandb_history(next(runs[0].glob("run-*.wandb")))
+    logged = read_metrics(tmp_path / "sagittal" / "metrics.jsonl")
+    assert [row["_step"] for row in history] == [1, 2]
+    for row, record in zip(history, logged):
+        assert row["train/loss"] == pytest.approx(record["loss"])
+        assert row["train/lr"] == pytest.approx(record["lr"])
+        assert {"train/grad_norm", "train/volumes_per_s"} <= set(row)
+    assert history[-1]["preview/_type"] == "image-file"
+    assert (runs[0] / "files" / history[-1]["preview/path"]).stat().st_size > 1000
+    assert (tmp_path / "sagittal" / "previews" / "step-000002.png").stat().st_size > 1000
+    assert (tmp_path / "config.yaml").exists()
+    assert Denoiser.from_pretrained(tmp_path / "denoisers" / "sagittal").plane == "sagittal"
+
+
+def test_bad_input_fails_before_training(cache, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["pretrain", "-c", "tiny", "pretrain.nope=1"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert "key pretrain.nope does not exist" in message and message.count("\n") == 1
+    with pytest.raises(OrthodiffError, match="pretrain.plane='oblique'"):
+        run_pretraining(tiny_config(cache, tmp_path, "pretrain.plane=oblique"))
+    with pytest.raises(OrthodiffError, match=r"prepared at plane size \[8, 16, 16\] for sagittal, but \[8, 32, 32\]"):
+        run_pretraining(tiny_config(cache, tmp_path, "data.plane_size.sagittal=[8,32,32]"))
+    sagittal_only = write_fixture_cache(tmp_path / "sagittal-only", patients=2, planes=["sagittal"])
+    with pytest.raises(OrthodiffError, match="no prepared coronal series"):
+        run_pretraining(tiny_config(sagittal_only, tmp_path, "pretrain.plane=all"))
+    with pytest.raises(OrthodiffError, match="pretrain.tracker='mlflow'"):
+        run_pretraining(tiny_config(cache, tmp_path, "pretrain.tracker=mlflow"))
+    assert not (tmp_path / "sagittal").exists() and not (tmp_path / "config.yaml").exists()
+
+    # A checkpoint of another model configuration is refused before any step.
+    run_pretraining(tiny_config(cache, tmp_path, "pretrain.max_steps=1", "pretrain.checkpoint_every=1"))
+    with pytest.raises(OrthodiffError, match="another model .*base_channels 8 in the checkpoint vs 16 now"):
+        run_pretraining(tiny_config(cache, tmp_path, "model.base_channels=16", "model.norm_num_groups=8"))
+    assert [s for s, _ in list_checkpoints(tmp_path / "sagittal" / "checkpoints")] == [1]
+
+
+def test_nan_loss_stops_with_intact_checkpoint(tmp_path):
+    cache = write_fixture_cache(tmp_path / "cache", patients=6, planes=["sagittal"], nan_patient="P0004")
+    cfg = tiny_config(cache, tmp_path / "run", "pretrain.max_steps=6", "pretrain.checkpoint_every=1")
+    # Which step first draws the NaN volume (series sorted by id, so P0004 is item 3).
+    sampler = StepSeededBatchSampler(6, cfg.pretrain.batch_size, seed=derived_seed(cfg.seed, 0))
+    bad_step = next(m for m in range(100) if 3 in sampler.batch(m)) + 1
+    assert 1 < bad_step <= 6, "fixture seed no longer puts the NaN volume after step 1"
+
+    with pytest.raises(OrthodiffError, match=rf"pretrain sagittal: loss is nan at step {bad_step}; stopped without saving"):
+        run_pretraining(cfg)
+    checkpoints = list_checkpoints(tmp_path / "run" / "sagittal" / "checkpoints")
+    assert [s for s, _ in checkpoints] == list(range(max(1, bad_step - cfg.pretrain.keep_checkpoints), bad_step))
+    for _, path in checkpoints:
+        assert all(torch.isfinite(t).all() for t in _weights(path / "model.safetensors").values())
+    assert not (tmp_path / "run" / "denoisers").exists()
+
+
+def test_all_planes_train_in_turn_and_load_together(cache, tmp_path):
+    from orthodiff.models.denoiser import load_denoisers
+
+    overrides = ("pretrain.plane=all", "pretrain.max_steps=1", "diffusion.prediction_type=v_prediction", "diffusion.min_snr_gamma=5")
+    outputs = run_pretraining(tiny_config(cache, tmp_path, *overrides))
+    assert list(outputs) == ["sagittal", "coronal", "axial"]
+    for plane in outputs:
+        assert 0 < read_metrics(tmp_path / plane / "metrics.jsonl")[-1]["loss"] < 10
+    denoisers = load_denoisers(tmp_path / "denoisers")
+    assert all(d.diffusion.prediction_type == "v_prediction" and d.diffusion.min_snr_gamma == 5 for d in denoisers.values())
+    assert {plane: d.plane for plane, d in denoisers.items()} == {p: p for p in outputs}
+    first = {p: next(iter(d.state_dict().values())) for p, d in denoisers.items()}
+    assert not torch.equal(first["sagittal"], first["coronal"])  # each plane has its own start
