@@ -1,0 +1,1 @@
+"""Denoiser features: seeded extraction (``extractor``) and the on-disk feature store (``store``)."""

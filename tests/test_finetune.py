@@ -1,0 +1,157 @@
+"""Fine-tuning runs on a tiny prepared project: probes, grid, partial fine-tuning, segmentation,
+the run directory contract, reproducibility and the bad-input messages."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from tiny_archive import one_torch_thread, shared_tiny_project, tiny_config  # noqa: F401 (autouse fixture)
+
+from orthodiff.errors import OrthodiffError
+from orthodiff.finetune.run import run_finetune
+from orthodiff.finetune.scoring import auroc_scores
+
+PROBE = ["finetune.pooling=mean", "finetune.epochs=8", "finetune.learning_rate=3e-3"]
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory):
+    return shared_tiny_project(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def probe_run(project, tmp_path_factory):
+    out = tmp_path_factory.mktemp("probe")
+    return out, run_finetune(tiny_config(project, out, *PROBE))
+
+
+def _split_patients(project):
+    splits = json.loads(project["splits"].read_text())
+    return splits
+
+
+def test_probe_learns_a_visible_signal_on_held_out_patients(probe_run):
+    _, result = probe_run
+    predictions = pd.read_csv(result.run_dir / "predictions.csv")
+    test = predictions[predictions["split"] == "test"]
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(test["label_blob"], test["prob_blob"]) > 0.8
+    assert result.metrics["test"]["auroc"]["blob"] > 0.8
+    assert "test macro auroc" in result.describe()
+
+
+def test_run_directory_follows_the_contract(probe_run, project):
+    _, result = probe_run
+    run = result.run_dir
+    info = json.loads((run / "run.json").read_text())
+    for key in ("task", "labels", "classes", "cache", "splits", "labels_fraction", "init", "mode"):
+        assert key in info
+    assert info["task"] == "classify" and info["labels"] == ["blob", "rim"] and info["mode"] == "probe"
+    assert (run / "config.yaml").exists()
+    predictions = pd.read_csv(run / "predictions.csv", dtype={"study_id": str, "patient_id": str})
+    assert list(predictions.columns) == [
+        "study_id", "patient_id", "split", "site", "field_strength",
+        "prob_blob", "prob_rim", "label_blob", "label_rim",
+    ]
+    splits = _split_patients(project)
+    assert set(predictions["split"]) == {"val", "test"}
+    for split in ("val", "test"):
+        assert set(predictions.loc[predictions["split"] == split, "patient_id"]) == set(splits[split])
+    assert predictions[["prob_blob", "prob_rim"]].apply(lambda c: c.between(0, 1)).all().all()
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 8 and {"epoch", "train_loss", "val_macro_auroc"} <= set(log[0])
+    per_patient = pd.read_csv(run / "predictions_patient.csv")
+    assert len(per_patient) == len(splits["val"]) + len(splits["test"])
+    # The evaluation stage's reader accepts it.
+    from orthodiff.evaluation.rundir import read_run
+
+    assert read_run(run).labels == ["blob", "rim"]
+
+
+def test_same_seed_gives_the_same_predictions(probe_run, project, tmp_path):
+    out, result = probe_run
+    again = run_finetune(tiny_config(project, out, *PROBE, f"finetune.output_dir={tmp_path / 'again'}"))
+    first = pd.read_csv(result.run_dir / "predictions.csv")
+    second = pd.read_csv(again.run_dir / "predictions.csv")
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_grid_picks_the_best_validation_cell_and_records_it(project, tmp_path):
+    cfg = tiny_config(project, tmp_path, *PROBE, "finetune.mode=grid", "finetune.epochs=3",
+                      "finetune.grid_learning_rates=[3e-3,1e-7]", "features.blocks=[mid,down1]")
+    result = run_finetune(cfg)
+    grid = json.loads((result.run_dir / "run.json").read_text())["grid"]
+    cells = grid["cells"]
+    assert len(cells) == 4 and {(c["block"], c["learning_rate"]) for c in cells} == {
+        ("mid", 3e-3), ("mid", 1e-7), ("down1", 3e-3), ("down1", 1e-7)}
+    best = max(cells, key=lambda c: c["val_macro_auroc"])
+    assert grid["best"]["val_macro_auroc"] == best["val_macro_auroc"] == result.choice["val_macro_auroc"]
+    log = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 4 * 3  # every cell logged every epoch
+
+
+def test_partial_finetuning_trains_and_predicts_studies_missing_a_plane(project, tmp_path):
+    cfg = tiny_config(project, tmp_path, "finetune.mode=partial", "finetune.epochs=1", "finetune.augment=true",
+                      "finetune.fusion=gated", "finetune.use_ehr=true", "finetune.labels_fraction=0.5")
+    result = run_finetune(cfg)
+    run = result.run_dir
+    info = json.loads((run / "run.json").read_text())
+    predictions = pd.read_csv(run / "predictions.csv", dtype={"study_id": str})
+    from orthodiff.data.cache import PlaneCache
+
+    index = PlaneCache(project["cache"]).index
+    lacking = set(index["study_id"]) - set(index.loc[index["plane"] == "axial", "study_id"])
+    assert lacking & set(predictions["study_id"])  # studies without an axial plane are predicted
+    assert np.isfinite(predictions[["prob_blob", "prob_rim"]].to_numpy()).all()
+    assert info["patients"]["train"] == len(json.loads(project["splits"].read_text())["subsets"]["0.5"])
+    assert info["augment"] is True
+    weights = info["explain"]["plane_weights"]["blob"]
+    assert abs(sum(weights.values()) - 1) < 1e-5
+    assert 0 < info["explain"]["ehr_image_weight"]["blob"] < 1
+    assert (run / "denoisers" / "sagittal" / "model.safetensors").exists()
+
+
+def test_segmentation_run_writes_the_contract(project, tmp_path):
+    cfg = tiny_config(project, tmp_path, "finetune.task=segment", "finetune.mode=probe", "finetune.epochs=1",
+                      "finetune.learning_rate=1e-2", "finetune.source_geometry=true")
+    result = run_finetune(cfg)
+    run = result.run_dir
+    info = json.loads((run / "run.json").read_text())
+    assert info["task"] == "segment" and info["classes"] == ["background", "blob", "rim"]
+    index = pd.read_csv(run / "segmentations" / "index.csv")
+    assert list(index.columns) == ["series_id", "study_id", "patient_id", "split", "site", "field_strength",
+                                   "plane", "pred", "target", "spacing", "pred_source"]
+    assert set(index["split"]) == {"val", "test"}
+    row = index.iloc[0]
+    pred, target = np.load(run / row["pred"]), np.load(run / row["target"])
+    assert pred.dtype == target.dtype == np.uint8 and pred.shape == target.shape == (8, 16, 16)
+    assert len(json.loads(row["spacing"])) == 3
+    from tiny_archive import SHAPE
+
+    assert np.load(run / row["pred_source"]).shape == SHAPE  # back on the series' own voxel grid
+    assert result.metrics["test"]["mean_dice"] is not None
+    from orthodiff.evaluation.rundir import read_run
+
+    assert read_run(run).task == "segment"
+
+
+def test_unknown_labels_and_modes_are_refused(project, tmp_path):
+    with pytest.raises(OrthodiffError, match=r"labels \['acl'\] are not in the manifest"):
+        run_finetune(tiny_config(project, tmp_path, "data.labels=[acl]"))
+    with pytest.raises(OrthodiffError, match="finetune.mode"):
+        run_finetune(tiny_config(project, tmp_path, "finetune.mode=linear"))
+    with pytest.raises(OrthodiffError, match="labels fraction 0.3"):
+        run_finetune(tiny_config(project, tmp_path, "finetune.labels_fraction=0.3"))
+
+
+def test_undefined_auroc_is_a_named_warning_not_a_nan():
+    frame = pd.DataFrame({
+        "split": ["val"] * 4, "patient_id": list("abcd"),
+        "prob_x": [0.1, 0.2, 0.8, 0.9], "label_x": [0, 0, 1, 1],
+        "prob_y": [0.5, 0.4, 0.3, 0.2], "label_y": [0, 0, 0, 0],
+    })
+    scores, macro, warnings = auroc_scores(frame, ["x", "y"], "val")
+    assert scores == {"x": 1.0, "y": None} and macro == 1.0
+    assert warnings == ["label 'y' has no positive patient in val: AUROC undefined, left out of the val macro AUROC"]
