@@ -168,6 +168,20 @@ def demo(
     typer.echo(result.describe())
 
 
+@app.command("export")
+def export_pipeline(
+    classify_run: Path = typer.Argument(..., help="A `finetune classify` run directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Pipeline directory to write."),
+    segment: Optional[Path] = typer.Option(None, "--segment", help="A `finetune segment` run directory."),
+):
+    """Assemble one pipeline directory (denoisers, heads, preprocessing, thresholds) for `predict`."""
+    from .pipeline.pipeline import OrthoDiffusionPipeline
+
+    pipeline = OrthoDiffusionPipeline.from_runs(classify_run, segment_run=segment)
+    pipeline.save_pretrained(out)
+    typer.echo(f"pipeline: {out}\n{pipeline.describe()}")
+
+
 @app.command()
 def predict(
     pipeline: Path = typer.Argument(..., help="A pipeline directory saved by OrthoDiffusionPipeline."),

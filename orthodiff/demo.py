@@ -25,7 +25,7 @@ class DemoSize:
     segment_epochs: int
 
 
-FULL = DemoSize(studies=120, matrix=96, config_files=("demo",), segment_mode="partial", segment_epochs=12)
+FULL = DemoSize(studies=120, matrix=96, config_files=("demo",), segment_mode="partial", segment_epochs=5)
 QUICK = DemoSize(
     studies=36, matrix=64, config_files=("demo", "demo-quick"), segment_mode="probe", segment_epochs=4
 )
@@ -93,6 +93,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> DemoResult:
         run_config = _run_config(config, out, run)
         evaluation = stage(f"finetune {run.name}", lambda: _finetune_and_evaluate(run_config))
         result.rows.append(_summarise(run, evaluation))
+    stage("export pipeline", lambda: _export_pipeline(out))
     _write_report(result)
     return result
 
@@ -186,6 +187,17 @@ def _finetune_and_evaluate(config: ExperimentConfig):
     return run_evaluation(run_dir, run_dir / "eval")
 
 
+def _export_pipeline(out: Path) -> None:
+    """The 100% runs as one pipeline directory, ready for ``orthodiff predict``."""
+    from .pipeline.pipeline import OrthoDiffusionPipeline
+
+    if (out / "pipeline" / "pipeline.json").exists():
+        return
+    runs = out / "runs"
+    pipeline = OrthoDiffusionPipeline.from_runs(runs / "classify-probe-100", segment_run=runs / "segment-100")
+    pipeline.save_pretrained(out / "pipeline")
+
+
 def _summarise(run: DemoRun, evaluation) -> dict:
     metrics = evaluation.metrics
     row = {
@@ -261,6 +273,8 @@ def _write_report(result: DemoResult) -> None:
         *_results_table(result.rows),
         "",
         _pretraining_effect(result.rows),
+        "",
+        f"The 100% runs are exported as one pipeline: `orthodiff predict {out / 'pipeline'} EXAM_FOLDER`.",
         "",
         "## Stage timings (seconds; a resumed stage counts only the time spent in this run)",
         "",

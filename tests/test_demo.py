@@ -40,6 +40,8 @@ def test_quick_demo_runs_every_stage_and_writes_its_report(tmp_path):
     # Three plane denoisers, each loadable on its own.
     for plane in ("sagittal", "coronal", "axial"):
         assert (out / "pretrain" / "denoisers" / plane / "model.safetensors").exists()
+    # The 100% runs exported as one pipeline directory for `orthodiff predict`.
+    assert (out / "pipeline" / "pipeline.json").exists()
 
     # A second run resumes: every artifact exists, so nothing is retrained.
     again = subprocess.run(

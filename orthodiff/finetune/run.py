@@ -280,9 +280,12 @@ def _save_head(head, out: Path, info: dict) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
     with atomic_path(out / "head.safetensors") as tmp:
         save_file(tensors, str(tmp))
-    write_json(out / "head.json", {"task": info["task"], "labels": info["labels"], "classes": info["classes"],
-                                   "pooling": info["pooling"], "fusion": info["fusion"], "use_ehr": info["use_ehr"],
-                                   "planes": list(head.planes), "features": info.get("features", {})})
+    spec = {"task": info["task"], "labels": info["labels"], "classes": info["classes"],
+            "pooling": info["pooling"], "fusion": info["fusion"], "use_ehr": info["use_ehr"],
+            "planes": list(head.planes), "features": info.get("features", {})}
+    if hasattr(head, "image_channels"):  # segmentation decoders also read the plane tensor
+        spec["image_channels"] = int(head.image_channels)
+    write_json(out / "head.json", spec)
 
 
 def _save_denoisers(denoisers, out: Path) -> None:

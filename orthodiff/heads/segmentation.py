@@ -114,6 +114,7 @@ class SegmentationModel(nn.Module):
         self.planes = tuple(plane for plane in PLANES if plane in shapes)
         if not self.planes:
             raise OrthodiffError("segmentation: shapes names no plane")
+        self.image_channels = int(image_channels)
         self.pools = nn.ModuleDict(
             {plane: make_pool(pooling, int(shapes[plane][bottleneck][0])) for plane in self.planes}
         )

@@ -1,0 +1,547 @@
+"""``OrthoDiffusionPipeline``: the three denoisers, the heads, preprocessing, labels and thresholds
+in one directory that predicts a new study.
+
+Directory layout (safetensors and JSON only; nothing is unpickled when it is loaded)::
+
+    pipeline.json                 format, version, labels, classes, thresholds, preprocessing,
+                                  head specs, provenance (written last: it marks the folder complete)
+    denoisers/<plane>/            config.json + model.safetensors (the classifier's denoisers)
+    segment_denoisers/<plane>/    only when the segmentation run fine-tuned its own denoisers
+    classifier.safetensors        the diagnosis head
+    segmenter.safetensors         the segmentation head (when a segment run was given)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import OrthodiffError, ScanError
+from ..fileio import atomic_path, read_json, write_json
+from ..io.volume import Volume
+from ..planes import PLANES
+
+FORMAT = "orthodiff-pipeline"
+VERSION = 1
+CONFIG_NAME = "pipeline.json"
+CLASSIFIER_WEIGHTS = "classifier.safetensors"
+SEGMENTER_WEIGHTS = "segmenter.safetensors"
+
+
+# ------------------------------------------------------------------------------- results
+@dataclass
+class SeriesPrediction:
+    """What the pipeline made of one plane's series: plane tensor, segmentation and heat maps,
+    each both on the plane-tensor grid (``*_tensor``) and on the series' own voxel grid."""
+
+    plane: str
+    source_shape: tuple
+    source_affine: np.ndarray
+    tensor_affine: np.ndarray
+    image_tensor: np.ndarray  # (D, H, W) float32 in [-1, 1]
+    segmentation_tensor: np.ndarray | None = None  # (D, H, W) uint8
+    segmentation: np.ndarray | None = None  # source_shape uint8
+    heatmaps_tensor: dict = field(default_factory=dict)  # {label: (D, H, W) float32 in [0, 1]}
+    heatmaps: dict = field(default_factory=dict)  # {label: source_shape float32}
+
+
+@dataclass
+class StudyPrediction:
+    study_id: str
+    probabilities: dict  # {label: float}
+    thresholds: dict  # {label: float}
+    decisions: dict  # {label: bool}
+    planes_used: list
+    planes_missing: dict  # {plane: why}
+    series: dict = field(default_factory=dict)  # {plane: SeriesPrediction}
+    classes: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "study_id": self.study_id,
+            "labels": {
+                label: {
+                    "probability": round(float(p), 6),
+                    "threshold": round(float(self.thresholds[label]), 6),
+                    "decision": bool(self.decisions[label]),
+                }
+                for label, p in self.probabilities.items()
+            },
+            "planes_used": list(self.planes_used),
+            "planes_missing": dict(self.planes_missing),
+        }
+
+
+# ------------------------------------------------------------------------------- pipeline
+class OrthoDiffusionPipeline:
+    """Denoisers + heads + preprocessing + thresholds. Build with :meth:`from_runs`, ship with
+    :meth:`save_pretrained`, reload with :meth:`from_pretrained`, predict with :meth:`predict_study`."""
+
+    def __init__(
+        self,
+        config: dict,
+        denoisers: Mapping[str, torch.nn.Module],
+        classifier: torch.nn.Module,
+        segment_denoisers: Mapping[str, torch.nn.Module] | None = None,
+        segmenter: torch.nn.Module | None = None,
+    ):
+        if (segmenter is None) != (config.get("segmenter") is None):
+            raise OrthodiffError("OrthoDiffusionPipeline: give a segmenter exactly when config['segmenter'] is set")
+        self.config = config
+        self.denoisers = dict(denoisers)
+        self.classifier = classifier.eval()
+        self.segment_denoisers = dict(segment_denoisers) if segment_denoisers is not None else None
+        self.segmenter = segmenter.eval() if segmenter is not None else None
+        self.device = torch.device("cpu")
+
+    # ---------------------------------------------------------------------------- facts
+    @property
+    def labels(self) -> list[str]:
+        return list(self.config["labels"])
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.config.get("classes") or [])
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        return {label: float(entry["value"]) for label, entry in self.config["thresholds"].items()}
+
+    @property
+    def plane_size(self) -> dict[str, tuple]:
+        return {p: tuple(int(v) for v in s) for p, s in self.config["preprocessing"]["plane_size"].items()}
+
+    @property
+    def planes(self) -> list[str]:
+        wanted = set(self.config["classifier"]["planes"])
+        if self.config.get("segmenter"):
+            wanted |= set(self.config["segmenter"]["planes"])
+        return [p for p in PLANES if p in wanted]
+
+    def describe(self) -> str:
+        seg = f"; segments {len(self.classes)} classes" if self.segmenter is not None else ""
+        sizes = ", ".join(f"{p} {'x'.join(map(str, s))}" for p, s in self.plane_size.items() if p in self.planes)
+        return (f"OrthoDiffusionPipeline v{VERSION}: {len(self.labels)} labels ({', '.join(self.labels)}){seg}; "
+                f"planes {sizes}")
+
+    def to(self, device) -> OrthoDiffusionPipeline:
+        self.device = torch.device(device)
+        modules = [*self.denoisers.values(), *(self.segment_denoisers or {}).values(), self.classifier, self.segmenter]
+        for module in modules:
+            if module is not None:
+                module.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------------- assembling
+    @classmethod
+    def from_runs(cls, classify_run, segment_run=None, pretrained=None) -> OrthoDiffusionPipeline:
+        """Assemble from ``orthodiff finetune classify`` (and optionally ``segment``) run directories.
+
+        ``pretrained``: the ``orthodiff pretrain`` output a probe run read its denoisers from
+        (default: the path recorded in the run). A run that saved its own ``denoisers/`` uses those.
+        """
+        from ..data.prepare import INTENSITY_PERCENTILES, PLANE_AXCODES
+        from . import runs
+
+        classify_run = Path(classify_run)
+        info, head = runs.read_run_json(classify_run, "classify")
+        cfg = runs.run_config(classify_run)
+        labels = list(head.get("labels") or info.get("labels") or [])
+        spec = runs.classifier_spec(classify_run, info, head, cfg)
+        denoisers, where = runs.run_denoisers(classify_run, info, cfg, spec["planes"], pretrained)
+        runs.check_fingerprints(denoisers, head, classify_run, where)
+        classifier = build_classifier(spec, labels, denoisers)
+        _load_weights(classifier, classify_run / "head.safetensors")
+        config = {
+            "format": FORMAT,
+            "version": VERSION,
+            "labels": labels,
+            "classes": [],
+            "thresholds": runs.run_thresholds(classify_run, labels),
+            "preprocessing": {
+                "plane_size": {p: list(d.plane_size) for p, d in denoisers.items()},
+                "slice_spacing": cfg.data.slice_spacing,
+                "orientation": dict(PLANE_AXCODES),
+                "intensity_percentiles": list(INTENSITY_PERCENTILES),
+            },
+            "classifier": spec,
+            "segmenter": None,
+            "sources": {"classify_run": str(classify_run.resolve()), "classify_denoisers": where},
+        }
+        segment_denoisers = segmenter = None
+        if segment_run is not None:
+            segment_run = Path(segment_run)
+            seg_info, seg_head = runs.read_run_json(segment_run, "segment")
+            seg_cfg = runs.run_config(segment_run)
+            seg_spec = runs.segmenter_spec(segment_run, seg_info, seg_head, seg_cfg)
+            segment_denoisers, seg_where = runs.run_denoisers(segment_run, seg_info, seg_cfg, seg_spec["planes"], pretrained)
+            _check_sizes(config["preprocessing"]["plane_size"], segment_denoisers, segment_run)
+            for plane, denoiser in segment_denoisers.items():
+                config["preprocessing"]["plane_size"].setdefault(plane, list(denoiser.plane_size))
+            if _same_weights(denoisers, segment_denoisers):
+                segment_denoisers = {p: denoisers[p] for p in segment_denoisers}
+                seg_spec["denoisers"] = "denoisers"
+            else:
+                seg_spec["denoisers"] = "segment_denoisers"
+            config["classes"] = list(seg_head.get("classes") or seg_info.get("classes") or [])
+            seg_spec.setdefault("image_channels", _image_channels(seg_spec, seg_head, segment_run, segment_denoisers))
+            segmenter = build_segmenter(seg_spec, len(config["classes"]), segment_denoisers)
+            _load_weights(segmenter, segment_run / "head.safetensors")
+            config["segmenter"] = seg_spec
+            config["sources"].update(segment_run=str(segment_run.resolve()), segment_denoisers=seg_where)
+        return cls(config, denoisers, classifier, segment_denoisers, segmenter)
+
+    # ----------------------------------------------------------------------- save / load
+    def save_pretrained(self, directory) -> Path:
+        """Write the pipeline directory atomically: built in a temporary folder beside it, then renamed."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+        try:
+            for plane, denoiser in self.denoisers.items():
+                denoiser.save_pretrained(staging / "denoisers" / plane)
+            _save_module(self.classifier, staging / CLASSIFIER_WEIGHTS, save_file)
+            if self.segmenter is not None:
+                if self.config["segmenter"]["denoisers"] == "segment_denoisers":
+                    for plane, denoiser in self.segment_denoisers.items():
+                        denoiser.save_pretrained(staging / "segment_denoisers" / plane)
+                _save_module(self.segmenter, staging / SEGMENTER_WEIGHTS, save_file)
+            write_json(staging / CONFIG_NAME, self.config)
+            _readable(staging)
+            _replace_directory(staging, directory)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory, device="cpu") -> OrthoDiffusionPipeline:
+        """Load a pipeline directory; a directory of another format version is refused in one line."""
+        from ..models.denoiser import load_denoisers
+
+        directory = Path(directory)
+        config = read_pipeline_config(directory)
+        classifier_spec = config["classifier"]
+        denoisers = load_denoisers(directory / "denoisers", planes=_denoiser_planes(config))
+        classifier = build_classifier(classifier_spec, config["labels"], denoisers)
+        _load_weights(classifier, directory / CLASSIFIER_WEIGHTS)
+        segment_denoisers = segmenter = None
+        seg_spec = config.get("segmenter")
+        if seg_spec:
+            if seg_spec["denoisers"] == "denoisers":
+                segment_denoisers = {p: denoisers[p] for p in seg_spec["planes"]}
+            else:
+                segment_denoisers = load_denoisers(directory / "segment_denoisers", planes=seg_spec["planes"])
+            segmenter = build_segmenter(seg_spec, len(config["classes"]), segment_denoisers)
+            _load_weights(segmenter, directory / SEGMENTER_WEIGHTS)
+        return cls(config, denoisers, classifier, segment_denoisers, segmenter).to(device)
+
+    # --------------------------------------------------------------------------- predict
+    def predict_study(
+        self,
+        series: Mapping[str, Volume],
+        study_id: str = "study",
+        metadata: Mapping | None = None,
+        explain: bool = True,
+        segment: bool = True,
+        notes: Mapping[str, str] | None = None,
+    ) -> StudyPrediction:
+        """Probabilities, decisions, segmentations and Grad-CAM heat maps for one study.
+
+        ``series``: {plane: Volume} of the planes the study has (a plane it lacks is predicted
+        from the others and listed in ``planes_missing``). ``metadata`` gives age/sex/height/weight
+        when the head uses EHR. ``notes`` explains planes the caller could not read.
+        ``study_id`` seeds the feature noise, so a study gives the same numbers every time.
+        """
+        from ..data.prepare import to_plane_tensor
+
+        missing = dict(notes or {})
+        tensors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        spacing = self.config["preprocessing"].get("slice_spacing")
+        for plane in self.planes:
+            if plane in missing:
+                continue
+            volume = series.get(plane)
+            if volume is None:
+                missing[plane] = f"no {plane} series in the study"
+                continue
+            try:
+                tensors[plane] = to_plane_tensor(volume, plane, self.plane_size[plane], slice_spacing=spacing)
+            except ScanError as exc:
+                missing[plane] = f"{plane} series unusable: {exc}"
+        if not tensors:
+            reasons = "; ".join(missing.values()) or "no series given"
+            raise OrthodiffError(f"study {study_id}: no usable series of {', '.join(self.planes)} ({reasons})")
+        images = {p: torch.from_numpy(np.ascontiguousarray(t[0]))[None].float().to(self.device) for p, t in tensors.items()}
+        present = torch.tensor([[p in tensors for p in PLANES]], device=self.device)
+        features = self._features(images, study_id)
+
+        cls_spec = self.config["classifier"]
+        maps = self._plane_maps(self.denoisers, cls_spec, features["classifier"], [cls_spec["block"]])
+        maps = {p: blocks[cls_spec["block"]] for p, blocks in maps.items()}
+        ehr = self._ehr(metadata) if cls_spec.get("use_ehr") else None
+        with torch.no_grad():
+            probs = torch.sigmoid(self.classifier(maps, present, ehr).float())[0].cpu().numpy()
+        thresholds = self.thresholds
+        result = StudyPrediction(
+            study_id=study_id,
+            probabilities={label: float(probs[i]) for i, label in enumerate(self.labels)},
+            thresholds=thresholds,
+            decisions={label: bool(probs[i] >= thresholds[label]) for i, label in enumerate(self.labels)},
+            planes_used=[p for p in PLANES if p in tensors],
+            planes_missing={p: missing[p] for p in PLANES if p in missing},
+            classes=self.classes,
+        )
+        for plane, (tensor, tensor_affine) in tensors.items():
+            volume = series[plane]
+            result.series[plane] = SeriesPrediction(
+                plane=plane,
+                source_shape=tuple(int(v) for v in np.asarray(volume.array).shape[:3]),
+                source_affine=np.asarray(volume.affine, float),
+                tensor_affine=tensor_affine,
+                image_tensor=np.asarray(tensor[0], np.float32),
+            )
+        if explain:
+            self._explain(result, maps, present, ehr)
+        if segment and self.segmenter is not None:
+            self._segment(result, features["segmenter"], present, images)
+        return result
+
+    def _features(self, images: dict, study_id: str) -> dict:
+        """Denoiser features for the classifier and the segmenter; one pass when they share the
+        denoisers, timestep and noise (the usual case), else one pass each."""
+        from ..features.extractor import FeatureExtractor
+
+        cls_spec, seg_spec = self.config["classifier"], self.config.get("segmenter")
+        jobs = {"classifier": (self.denoisers, cls_spec, [cls_spec["block"]])}
+        if seg_spec and self.segmenter is not None:
+            jobs["segmenter"] = (self.segment_denoisers, seg_spec, [seg_spec["bottleneck"], *seg_spec["skips"]])
+        shared = "segmenter" in jobs and _same_sampling(cls_spec, seg_spec) and seg_spec["denoisers"] == "denoisers"
+        if shared:
+            blocks = list(dict.fromkeys(jobs["classifier"][2] + jobs["segmenter"][2]))
+            jobs = {"classifier": (self.denoisers, cls_spec, blocks)}
+        found: dict = {}
+        with torch.no_grad():
+            for name, (denoisers, spec, blocks) in jobs.items():
+                found[name] = {}
+                for plane, image in images.items():
+                    if plane not in spec["planes"]:
+                        continue
+                    extractor = FeatureExtractor(
+                        denoisers[plane], spec["timesteps"], blocks, seed=spec["seed"],
+                        noise_draws=spec["noise_draws"], average_timesteps=spec["average_timesteps"],
+                    )
+                    found[name][plane] = {block: value.float() for (block, _), value in extractor(image, [study_id]).items()}
+        if shared:
+            found["segmenter"] = found["classifier"]
+        return found
+
+    def _plane_maps(self, denoisers, spec, found: dict, blocks) -> dict:
+        """{plane: {block: map}} for every plane of the head; zeros for a plane the study lacks
+        (the head replaces that plane by its learned missing-plane embedding)."""
+        maps = {}
+        for plane in spec["planes"]:
+            if plane in found:
+                maps[plane] = found[plane]
+            else:
+                maps[plane] = {b: torch.zeros((1, *denoisers[plane].feature_shape(b)), device=self.device) for b in blocks}
+        return maps
+
+    def _explain(self, result: StudyPrediction, maps: dict, present, ehr) -> None:
+        from .gradcam import gradcam_maps, maps_to_source
+
+        decisions = [result.decisions[label] for label in self.labels]
+        for plane in result.planes_used:
+            if plane not in maps or plane not in self.config["classifier"]["planes"]:
+                continue
+            item = result.series[plane]
+            heat = gradcam_maps(self.classifier, maps, present, ehr, plane, self.plane_size[plane], decisions).numpy()
+            on_source = maps_to_source(heat, item.tensor_affine, item.source_shape, item.source_affine)
+            for index, label in enumerate(self.labels):
+                item.heatmaps_tensor[label] = heat[index].astype(np.float32)
+                item.heatmaps[label] = on_source[index]
+
+    def _segment(self, result: StudyPrediction, found: dict, present, images: dict) -> None:
+        from ..data.prepare import to_source_geometry
+
+        spec = self.config["segmenter"]
+        blocks = [spec["bottleneck"], *spec["skips"]]
+        features = self._plane_maps(self.segment_denoisers, spec, found, blocks)
+        features = {p: {b: maps[b] for b in blocks} for p, maps in features.items()}
+        images = {p: images[p] if p in images else torch.zeros((1, 1, *self.plane_size[p]), device=self.device)
+                  for p in spec["planes"]}
+        with torch.no_grad():
+            logits = self.segmenter(features, present, images)
+        for plane in result.planes_used:
+            if plane not in logits:
+                continue
+            item = result.series[plane]
+            labels = logits[plane].float().argmax(1)[0].to(torch.uint8).cpu().numpy()
+            item.segmentation_tensor = labels
+            item.segmentation = to_source_geometry(labels, item.tensor_affine, item.source_shape, item.source_affine,
+                                                   is_label=True)
+
+    def _ehr(self, metadata: Mapping | None) -> torch.Tensor:
+        """Standardised age/height/weight, sex 0/1, then one missing flag per column (as in training)."""
+        import math
+
+        spec = self.config["classifier"]
+        metadata = metadata or {}
+        values, flags = [], []
+        for column in spec["ehr_columns"]:
+            raw = metadata.get(column)
+            if column == "sex":
+                value = {"m": 1.0, "male": 1.0, "f": 0.0, "female": 0.0}.get(str(raw).strip().lower(), math.nan)
+            else:
+                mean, std = spec["ehr_stats"].get(column, (0.0, 1.0))
+                try:
+                    value = (float(raw) - mean) / std
+                except (TypeError, ValueError):
+                    value = math.nan
+            missing = not math.isfinite(value)
+            values.append(0.0 if missing else value)
+            flags.append(1.0 if missing else 0.0)
+        return torch.tensor([values + flags], dtype=torch.float32, device=self.device)
+
+
+# ------------------------------------------------------------------------------- builders
+def build_classifier(spec: dict, labels: list[str], denoisers: Mapping) -> torch.nn.Module:
+    """The diagnosis head of ``spec`` on these denoisers' feature widths (weights not loaded)."""
+    from ..heads import MultiLabelClassifier
+
+    missing = [p for p in spec["planes"] if p not in denoisers]
+    if missing:
+        raise OrthodiffError(f"classifier: no denoiser for planes {missing}; the pipeline is incomplete")
+    channels = {p: denoisers[p].feature_channels(spec["block"]) for p in spec["planes"]}
+    num_ehr = 2 * len(spec.get("ehr_columns") or [])
+    return MultiLabelClassifier(channels, labels, spec["pooling"], spec["fusion"], num_ehr=num_ehr,
+                                use_ehr=bool(spec.get("use_ehr")), heads=int(spec.get("attention_heads", 4)))
+
+
+def build_segmenter(spec: dict, num_classes: int, denoisers: Mapping) -> torch.nn.Module:
+    from ..heads import SegmentationModel
+
+    blocks = [spec["bottleneck"], *spec["skips"]]
+    shapes = {p: {b: denoisers[p].feature_shape(b) for b in blocks} for p in spec["planes"]}
+    size = {p: tuple(denoisers[p].plane_size) for p in spec["planes"]}
+    return SegmentationModel(shapes, size, spec["bottleneck"], spec["skips"], num_classes,
+                             pooling=spec["pooling"], width=int(spec["width"]),
+                             image_channels=int(spec.get("image_channels", 0)))
+
+
+def _image_channels(spec: dict, head: dict, run_dir: Path, denoisers: Mapping) -> int:
+    """How many plane-tensor channels join the decoders' last block: head.json's
+    ``image_channels`` when it records it, else read off the saved weights' shapes."""
+    from safetensors import safe_open
+
+    if "image_channels" in head:
+        return int(head["image_channels"])
+    plane = spec["planes"][0]
+    built = build_segmenter({**spec, "image_channels": 0}, 2, denoisers)
+    key = f"decoders.{plane}.final.0.0.weight"
+    with safe_open(str(Path(run_dir) / "head.safetensors"), framework="pt") as saved:
+        if key not in saved.keys():  # noqa: SIM118  safe_open has no __contains__
+            return 0
+        saved_inputs = int(saved.get_slice(key).get_shape()[1])
+    return max(0, saved_inputs - int(built.state_dict()[key].shape[1]))
+
+
+def read_pipeline_config(directory: Path) -> dict:
+    path = Path(directory) / CONFIG_NAME
+    if not Path(directory).is_dir():
+        raise OrthodiffError(f"{directory}: pipeline directory not found; save one with OrthoDiffusionPipeline.save_pretrained")
+    if not path.exists():
+        raise OrthodiffError(f"{directory}: not an orthodiff pipeline ({CONFIG_NAME} missing); give a folder written by save_pretrained")
+    try:
+        config = read_json(path)
+    except ValueError as exc:
+        raise OrthodiffError(f"{path}: not valid JSON ({exc}); the pipeline is damaged, save it again") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise OrthodiffError(f"{path}: not an orthodiff pipeline (format {config.get('format') if isinstance(config, dict) else None!r})")
+    if config.get("version") != VERSION:
+        raise OrthodiffError(
+            f"{path}: pipeline format version {config.get('version')!r}, but this orthodiff reads version {VERSION}; "
+            "use the orthodiff release that wrote it, or assemble it again with OrthoDiffusionPipeline.from_runs"
+        )
+    for key in ("labels", "thresholds", "preprocessing", "classifier"):
+        if key not in config:
+            raise OrthodiffError(f"{path}: field {key!r} missing; the pipeline is damaged, save it again")
+    return config
+
+
+def _denoiser_planes(config: dict) -> list[str]:
+    planes = set(config["classifier"]["planes"])
+    seg = config.get("segmenter")
+    if seg and seg.get("denoisers") == "denoisers":
+        planes |= set(seg["planes"])
+    return [p for p in PLANES if p in planes]
+
+
+def _same_sampling(a: dict, b: dict) -> bool:
+    keys = ("timesteps", "average_timesteps", "noise_draws", "seed")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _same_weights(first: Mapping, second: Mapping) -> bool:
+    """True when every plane of ``second`` has exactly the weights of ``first``'s denoiser."""
+    from ..features.backbones import denoiser_fingerprint
+
+    return all(p in first and denoiser_fingerprint(first[p]) == denoiser_fingerprint(second[p]) for p in second)
+
+
+def _check_sizes(plane_size: dict, denoisers: Mapping, run_dir: Path) -> None:
+    for plane, denoiser in denoisers.items():
+        if plane in plane_size and list(plane_size[plane]) != list(denoiser.plane_size):
+            raise OrthodiffError(
+                f"{run_dir}: the {plane} segmentation denoiser works at {list(denoiser.plane_size)}, the classifier at "
+                f"{plane_size[plane]}; train both at one data.plane_size"
+            )
+
+
+def _load_weights(module: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise OrthodiffError(f"{path}: weights file missing; the directory is incomplete")
+    try:
+        module.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc).splitlines()[0])
+        raise OrthodiffError(f"{path}: weights do not fit the head its JSON describes ({first}); the directory is damaged or mixed") from None
+    module.eval()
+
+
+def _save_module(module: torch.nn.Module, path: Path, save_file) -> None:
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "orthodiff": FORMAT})
+
+
+def _readable(root: Path) -> None:
+    """Temporary files and folders are private (0600/0700); a shipped pipeline is readable as the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _replace_directory(staging: Path, directory: Path) -> None:
+    """Rename ``staging`` onto ``directory``; an existing one is moved aside first, then removed."""
+    if directory.exists():
+        if not (directory / CONFIG_NAME).exists() and any(directory.iterdir()):
+            raise OrthodiffError(f"{directory}: exists and is not a pipeline directory; choose a new folder")
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.replace(directory, old)
+        os.replace(staging, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, directory)

@@ -1,0 +1,219 @@
+"""``orthodiff predict PIPELINE INPUT... --out OUT``: predict new studies and explain the answers.
+
+Per study, OUT/<study_id>/ holds::
+
+    prediction.json                        probability, threshold and decision per label; planes used,
+                                           planes missing (with why); files per series
+    segmentation_<plane>.nii.gz            uint8 labels on the series' own voxel grid and affine
+    segmentation_<plane>.png               overlay on three central slices
+    heatmap_<label>_<plane>.nii.gz / .png  Grad-CAM in [0, 1] (uint8 x 1/255), series grid / overlay
+    report.html                            one page with all of the above
+
+OUT/predictions.csv has one row per predicted study, OUT/errors.csv one row per input or study
+that could not be predicted (the others go on). A study folder is written under a temporary name
+and renamed when complete, so a folder that exists is whole.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import OrthodiffError, ScanError
+from ..fileio import write_json, write_table
+from .inputs import StudyInput, collect_studies
+
+PREDICTION_FORMAT = "orthodiff-prediction"
+ERROR_COLUMNS = ["input", "study_id", "reason"]
+
+
+@dataclass
+class PredictionResult:
+    out: Path
+    studies: list = field(default_factory=list)  # study ids written
+    errors: list = field(default_factory=list)  # {input, study_id, reason}
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        text = f"Predicted {len(self.studies)} stud{'y' if len(self.studies) == 1 else 'ies'} into {self.out} in {self.seconds:.1f} s"
+        if self.studies:
+            text += f" (one folder each, summary in {self.out / 'predictions.csv'})"
+        if self.errors:
+            first = self.errors[0]
+            text += f"; {len(self.errors)} problem(s) in {self.out / 'errors.csv'} (first: {first['reason']})"
+        return text + "."
+
+
+def run_prediction(pipeline_dir, inputs: Sequence, out, explain: bool = True, progress: bool = True) -> PredictionResult:
+    """Predict every study found in ``inputs`` with the pipeline at ``pipeline_dir``; write ``out``."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    from .pipeline import OrthoDiffusionPipeline
+
+    start = time.perf_counter()
+    if not inputs:
+        raise OrthodiffError("predict: no input given; pass DICOM exam folders, NIfTI files or a manifest")
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline = OrthoDiffusionPipeline.from_pretrained(pipeline_dir, device=device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    studies, errors = collect_studies(inputs)
+    written, summary_rows = [], []
+    for study in tqdm(studies, desc="predict", unit="study", disable=not progress or None, leave=False):
+        try:
+            summary = predict_one(pipeline, study, out, explain=explain, pipeline_dir=Path(pipeline_dir))
+        except OrthodiffError as exc:
+            errors.append({"input": _study_source(study), "study_id": study.study_id, "reason": _one_line(exc)})
+            continue
+        except Exception as exc:  # noqa: BLE001  odd data must not stop the other studies
+            reason = f"unexpected {type(exc).__name__} while predicting: {_one_line(exc)}"
+            errors.append({"input": _study_source(study), "study_id": study.study_id, "reason": reason})
+            continue
+        written.append(study.study_id)
+        summary_rows.append(_summary_row(summary))
+    write_table(out / "errors.csv", pd.DataFrame(errors, columns=ERROR_COLUMNS))
+    if summary_rows:
+        write_table(out / "predictions.csv", pd.DataFrame(summary_rows))
+    result = PredictionResult(out=out, studies=written, errors=errors, seconds=time.perf_counter() - start)
+    if not written:
+        first = errors[0]["reason"] if errors else "no study found in the inputs"
+        raise OrthodiffError(f"no study could be predicted: {first} (every problem is listed in {out / 'errors.csv'})")
+    return result
+
+
+def predict_one(pipeline, study: StudyInput, out: Path, explain: bool = True, pipeline_dir: Path | None = None) -> dict:
+    """Predict one study and write its folder atomically; returns the prediction.json content."""
+    from ..data.manifest import load_series
+
+    volumes, notes, paths = {}, {}, {}
+    for plane in pipeline.planes:
+        row = study.chosen(plane)
+        if row is None:
+            continue
+        try:
+            volumes[plane] = load_series(row)
+            paths[plane] = row
+        except ScanError as exc:
+            notes[plane] = f"{plane} series {row['series_id']} unreadable: {_one_line(exc)}"
+    prediction = pipeline.predict_study(volumes, study.study_id, metadata=study.metadata, explain=explain, notes=notes)
+    folder = out / safe_name(study.study_id)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=out))
+    try:
+        summary = _write_study(pipeline, prediction, paths, study, staging, pipeline_dir)
+        _replace(staging, folder)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _write_study(pipeline, prediction, rows: dict, study: StudyInput, folder: Path, pipeline_dir) -> dict:
+    from .gradcam import TARGET_DESCRIPTION
+    from .report import heatmap_png, segmentation_png, write_report
+
+    summary = {"format": PREDICTION_FORMAT, "version": 1, **prediction.to_json(),
+               "patient_id": str(study.metadata.get("patient_id", "")),
+               "pipeline": str(Path(pipeline_dir).resolve()) if pipeline_dir else "",
+               "gradcam_target": TARGET_DESCRIPTION, "series": {}, "notes": []}
+    if prediction.planes_missing:
+        summary["notes"].append(
+            f"predicted without {', '.join(prediction.planes_missing)}: the head used its learned stand-in for "
+            "a missing plane, so these probabilities rest on fewer views"
+        )
+    ignored = study.ignored()
+    if ignored:
+        summary["notes"].append(f"several series for one plane; used the first of each, ignored {', '.join(ignored)}")
+    pictures: dict = {}
+    segmentation_pictures: dict = {}
+    for plane, item in prediction.series.items():
+        row = rows[plane]
+        entry = {"series_id": str(row["series_id"]), "source": str(row["path"]), "shape": list(item.source_shape),
+                 "heatmaps": {}}
+        if item.segmentation is not None:
+            name = f"segmentation_{plane}.nii.gz"
+            _save_nifti(folder / name, item.segmentation.astype(np.uint8), item.source_affine)
+            segmentation_pictures[plane] = segmentation_png(folder / f"segmentation_{plane}.png", item.image_tensor,
+                                                            item.segmentation_tensor).name
+            entry["segmentation"] = {"nifti": name, "png": segmentation_pictures[plane], "classes": prediction.classes}
+        for label, heat in item.heatmaps.items():
+            stem = f"heatmap_{safe_name(label)}_{plane}"
+            _save_nifti(folder / f"{stem}.nii.gz", heat, item.source_affine, unit_interval=True)
+            heatmap_png(folder / f"{stem}.png", item.image_tensor, item.heatmaps_tensor[label])
+            pictures.setdefault(label, {})[plane] = f"{stem}.png"
+            entry["heatmaps"][label] = {"nifti": f"{stem}.nii.gz", "png": f"{stem}.png",
+                                        "shows": "evidence for" if prediction.decisions[label] else "evidence against",
+                                        "empty": bool(float(np.max(heat)) <= 0.0)}
+        summary["series"][plane] = entry
+    write_report(folder / "report.html", summary, pictures, segmentation_pictures, TARGET_DESCRIPTION)
+    summary["report"] = "report.html"
+    write_json(folder / "prediction.json", summary)
+    return summary
+
+
+def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, unit_interval: bool = False) -> None:
+    """A NIfTI on the series grid; ``unit_interval`` maps in [0, 1] are stored as uint8 with a
+    1/255 scale slope (readers return floats; a quarter of the bytes to compress and write)."""
+    import nibabel as nib
+
+    from ..fileio import atomic_path
+
+    if unit_interval:
+        array = np.rint(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
+    image = nib.Nifti1Image(array, affine)
+    if unit_interval:
+        image.header.set_slope_inter(1.0 / 255.0, 0.0)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    with atomic_path(path) as tmp:
+        nib.save(image, str(tmp))
+
+
+def _replace(staging: Path, folder: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [staging, *staging.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        os.replace(folder, old)
+        os.replace(staging, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, folder)
+
+
+def _summary_row(summary: dict) -> dict:
+    row = {"study_id": summary["study_id"], "planes_used": "+".join(summary["planes_used"]),
+           "planes_missing": "+".join(summary["planes_missing"])}
+    for label, entry in summary["labels"].items():
+        row[f"prob_{label}"] = entry["probability"]
+        row[f"decision_{label}"] = int(entry["decision"])
+    return row
+
+
+def _study_source(study: StudyInput) -> str:
+    for rows in study.rows.values():
+        if rows:
+            return str(Path(str(rows[0]["path"])).parent)
+    return ""
+
+
+def safe_name(name: str) -> str:
+    """A folder or file name for a study id or label (other characters become '_')."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")
+    return cleaned or "study"
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())

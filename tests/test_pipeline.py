@@ -1,0 +1,146 @@
+"""OrthoDiffusionPipeline: assembled from real fine-tuning runs, saved, reloaded, refused when foreign."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from pipeline_fixtures import tiny_pipeline
+
+from orthodiff.errors import OrthodiffError
+from orthodiff.io.volume import read_volume
+from orthodiff.pipeline.pipeline import CONFIG_NAME, OrthoDiffusionPipeline
+from orthodiff.planes import PLANES
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def study_volumes(built):
+    folder = built["archive"] / "P0001" / "knee-0001"
+    return {plane: read_volume(folder / f"{plane}.nii.gz") for plane in PLANES}
+
+
+def test_save_then_load_gives_identical_predictions(built, study_volumes, tmp_path):
+    assembled = OrthoDiffusionPipeline.from_runs(built["classify"], built["segment"])
+    assembled.save_pretrained(tmp_path / "copy")
+    loaded = OrthoDiffusionPipeline.from_pretrained(tmp_path / "copy")
+    first = assembled.predict_study(study_volumes, "knee-0001")
+    second = loaded.predict_study(study_volumes, "knee-0001")
+    assert first.probabilities == second.probabilities
+    assert first.decisions == second.decisions
+    for plane in PLANES:
+        assert np.array_equal(first.series[plane].segmentation, second.series[plane].segmentation)
+        for label in loaded.labels:
+            assert np.array_equal(first.series[plane].heatmaps[label], second.series[plane].heatmaps[label])
+    # Only JSON and safetensors: nothing that would be unpickled.
+    suffixes = {path.suffix for path in (tmp_path / "copy").rglob("*") if path.is_file()}
+    assert suffixes == {".json", ".safetensors"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "staging folder left behind"
+
+
+def test_pipeline_carries_labels_classes_thresholds_and_preprocessing(built):
+    config = json.loads((built["pipeline"] / CONFIG_NAME).read_text())
+    assert config["format"] == "orthodiff-pipeline" and config["version"] == 1
+    assert config["labels"] == ["blob", "rim"]
+    assert config["classes"] == ["background", "blob", "rim"]
+    assert config["preprocessing"]["plane_size"] == {p: [8, 16, 16] for p in PLANES}
+    # The segment probe read the same frozen pretrained denoisers: stored once.
+    assert config["segmenter"]["denoisers"] == "denoisers"
+    assert not (built["pipeline"] / "segment_denoisers").exists()
+    # Thresholds are chosen on the classify run's validation predictions (Youden's J).
+    import pandas as pd
+
+    from orthodiff.evaluation.classification import choose_thresholds
+
+    frame = pd.read_csv(built["classify"] / "predictions.csv", dtype={"patient_id": str})
+    expected = choose_thresholds(frame[frame["split"] == "val"], ["blob", "rim"])
+    assert {k: v["value"] for k, v in config["thresholds"].items()} == {k: v["value"] for k, v in expected.items()}
+
+
+def test_thresholds_come_from_the_evaluation_when_it_exists(built, tmp_path):
+    from orthodiff.pipeline.runs import run_thresholds
+
+    run = tmp_path / "run"
+    shutil.copytree(built["classify"], run)
+    (run / "eval").mkdir()
+    saved = {"blob": {"value": 0.3, "source": "val Youden J"}, "rim": {"value": 0.7, "source": "val Youden J"}}
+    (run / "eval" / "metrics.json").write_text(json.dumps({"thresholds": saved}))
+    chosen = run_thresholds(run, ["blob", "rim"])
+    assert chosen["blob"]["value"] == 0.3 and chosen["rim"]["value"] == 0.7
+
+
+def test_another_format_version_is_refused_in_one_line(built, tmp_path):
+    copy = tmp_path / "future"
+    shutil.copytree(built["pipeline"], copy)
+    config = json.loads((copy / CONFIG_NAME).read_text())
+    config["version"] = 2
+    (copy / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(OrthodiffError, match="version 2") as info:
+        OrthoDiffusionPipeline.from_pretrained(copy)
+    assert "\n" not in str(info.value)
+    with pytest.raises(OrthodiffError, match="not an orthodiff pipeline"):
+        OrthoDiffusionPipeline.from_pretrained(built["root"] / "cache")
+
+
+def test_a_study_without_its_axial_series_predicts_from_the_others(built, study_volumes):
+    pipeline = OrthoDiffusionPipeline.from_pretrained(built["pipeline"])
+    partial = {p: v for p, v in study_volumes.items() if p != "axial"}
+    result = pipeline.predict_study(partial, "knee-0001")
+    assert result.planes_used == ["sagittal", "coronal"]
+    assert "axial" in result.planes_missing and "no axial series" in result.planes_missing["axial"]
+    assert set(result.series) == {"sagittal", "coronal"}
+    assert all(0 < p < 1 for p in result.probabilities.values())
+    with pytest.raises(OrthodiffError, match="no usable series"):
+        pipeline.predict_study({}, "empty")
+
+
+def test_predictions_learned_the_visible_label(built):
+    """The blob label is plainly visible; even this tiny pipeline ranks blob studies higher."""
+    pipeline = OrthoDiffusionPipeline.from_pretrained(built["pipeline"])
+    labels = __import__("pandas").read_csv(built["archive"] / "labels.csv").set_index("study_id")["blob"]
+    probs = {}
+    for folder in sorted(built["archive"].glob("P*/knee-*"))[:8]:
+        volumes = {p: read_volume(folder / f"{p}.nii.gz") for p in PLANES if (folder / f"{p}.nii.gz").exists()}
+        probs[folder.name] = pipeline.predict_study(volumes, folder.name, explain=False, segment=False).probabilities["blob"]
+    positives = [probs[s] for s in probs if labels[s] == 1]
+    negatives = [probs[s] for s in probs if labels[s] == 0]
+    assert np.mean(positives) > np.mean(negatives)
+
+
+def test_gradcam_maps_explain_both_decisions():
+    """Evidence for and against a label are the two signs of one map: disjoint, and not both empty."""
+    from orthodiff.heads import MultiLabelClassifier
+    from orthodiff.pipeline.gradcam import gradcam_maps
+
+    torch.manual_seed(0)
+    classifier = MultiLabelClassifier({p: 8 for p in PLANES}, ["a", "b"]).eval()
+    maps = {p: torch.randn(1, 8, 2, 4, 4) for p in PLANES}
+    present = torch.ones(1, 3, dtype=torch.bool)
+    positive = gradcam_maps(classifier, maps, present, None, "coronal", (8, 16, 16), [True, True])
+    negative = gradcam_maps(classifier, maps, present, None, "coronal", (8, 16, 16), [False, False])
+    assert positive.shape == (2, 8, 16, 16)
+    for label in range(2):
+        both = positive[label] + negative[label]
+        assert max(float(positive[label].max()), float(negative[label].max())) == pytest.approx(1.0)
+        assert float(both.min()) < float(both.max())  # not constant
+        # Where one shows evidence the other does not: the two maps are anti-correlated.
+        assert np.corrcoef(positive[label].flatten(), negative[label].flatten())[0, 1] < 0
+
+
+def test_heat_maps_reach_the_series_grid_as_to_source_geometry_does(built):
+    from orthodiff.data.prepare import to_plane_tensor, to_source_geometry
+    from orthodiff.pipeline.gradcam import maps_to_source
+
+    volume = read_volume(built["archive"] / "P0001" / "knee-0001" / "coronal.nii.gz")
+    _, tensor_affine = to_plane_tensor(volume, "coronal", (8, 16, 16))
+    maps = np.random.default_rng(0).random((2, 8, 16, 16)).astype(np.float32)
+    batched = maps_to_source(maps, tensor_affine, volume.array.shape, volume.affine)
+    for index in range(2):
+        one = to_source_geometry(maps[index], tensor_affine, volume.array.shape, volume.affine, is_label=False)
+        np.testing.assert_allclose(batched[index], one, atol=1e-5)
+    assert batched.shape == (2, *volume.array.shape) and batched.max() > 0

@@ -1,0 +1,137 @@
+"""``orthodiff predict``: DICOM exam folders, NIfTI files and manifests in; JSON, segmentations,
+heat maps and a report out; bad input reported, never half written."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from pipeline_fixtures import dicom_exams, tiny_pipeline
+
+from orthodiff.cli import main
+from orthodiff.errors import OrthodiffError
+from orthodiff.pipeline.predict import run_prediction
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    return tiny_pipeline(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def exams(tmp_path_factory):
+    """Study folders of two DICOM exams; the second one without its axial series."""
+    archive = dicom_exams(tmp_path_factory)
+    folders = sorted(archive.glob("P*/knee-*"))
+    assert len(folders) == 2
+    shutil.rmtree(folders[1] / "axial")
+    (folders[1] / "axial_seg.nii.gz").unlink()
+    return folders
+
+
+@pytest.fixture(scope="session")
+def predicted(built, exams, tmp_path_factory):
+    out = tmp_path_factory.mktemp("predicted") / "out"
+    notes = exams[0].parent.parent / "notes.txt"
+    notes.write_text("not an image\n")
+    result = run_prediction(built["pipeline"], [exams[0], exams[1], notes], out)
+    return {"result": result, "out": out, "notes": notes}
+
+
+def test_dicom_exam_folder_gives_every_output(predicted, exams, built):
+    out, result = predicted["out"], predicted["result"]
+    study = exams[0].name
+    assert result.studies == sorted(f.name for f in exams)
+    folder = out / study
+    summary = json.loads((folder / "prediction.json").read_text())
+    assert summary["study_id"] == study
+    assert set(summary["labels"]) == {"blob", "rim"}
+    for entry in summary["labels"].values():
+        assert 0 <= entry["probability"] <= 1
+        assert entry["decision"] == (entry["probability"] >= entry["threshold"])
+    assert summary["planes_used"] == ["sagittal", "coronal", "axial"] and summary["planes_missing"] == {}
+    for plane in summary["planes_used"]:
+        # Segmentation on the series' own grid: same shape and affine as the synthetic reference.
+        reference = nib.load(exams[0] / f"{plane}_seg.nii.gz")
+        segmentation = nib.load(folder / f"segmentation_{plane}.nii.gz")
+        assert segmentation.shape == reference.shape
+        np.testing.assert_allclose(segmentation.affine, reference.affine, atol=1e-3)
+        assert segmentation.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(segmentation.dataobj))) <= {0, 1, 2}
+        maps = []
+        for label in ("blob", "rim"):
+            heat = nib.load(folder / f"heatmap_{label}_{plane}.nii.gz")
+            assert heat.shape == reference.shape
+            np.testing.assert_allclose(heat.affine, reference.affine, atol=1e-3)
+            values = np.asarray(heat.dataobj)
+            assert values.min() >= 0 and values.max() <= 1 + 1e-6
+            maps.append(values)
+            assert (folder / f"heatmap_{label}_{plane}.png").read_bytes()[:8] == PNG_MAGIC
+            assert summary["series"][plane]["heatmaps"][label]["empty"] == (values.max() == 0)
+        assert any(m.max() > m.min() for m in maps), f"every {plane} heat map is constant"
+        assert (folder / f"segmentation_{plane}.png").read_bytes()[:8] == PNG_MAGIC
+    report = (folder / "report.html").read_text()
+    assert "heatmap_blob_sagittal.png" in report and "segmentation_axial.png" in report
+    table = pd.read_csv(out / "predictions.csv")
+    assert list(table["study_id"]) == result.studies
+
+
+def test_study_without_axial_still_predicts_and_says_so(predicted, exams):
+    folder = predicted["out"] / exams[1].name
+    summary = json.loads((folder / "prediction.json").read_text())
+    assert summary["planes_used"] == ["sagittal", "coronal"]
+    assert "axial" in summary["planes_missing"]
+    assert any("without axial" in note for note in summary["notes"])
+    assert not (folder / "segmentation_axial.nii.gz").exists()
+    assert "axial" in (folder / "report.html").read_text()
+
+
+def test_a_non_image_file_is_reported_and_the_rest_go_on(predicted):
+    errors = pd.read_csv(predicted["out"] / "errors.csv")
+    assert len(errors) == 1
+    assert errors.loc[0, "input"] == str(predicted["notes"])
+    assert "not an image" in errors.loc[0, "reason"]
+    # Nothing half written: no staging folders or temporary files left behind.
+    assert not [p for p in predicted["out"].rglob("*") if p.name.startswith(".")]
+
+
+def test_nifti_files_and_a_manifest_are_accepted(built, tmp_path):
+    study = built["archive"] / "P0001" / "knee-0001"
+    out = run_prediction(built["pipeline"], sorted(study.glob("*al.nii.gz")), tmp_path / "nifti", explain=False)
+    assert out.studies == ["knee-0001"]
+    assert not out.errors
+    manifest = pd.read_parquet(built["manifest"])
+    manifest[manifest["study_id"] == "knee-0002"].to_csv(tmp_path / "one-study.csv", index=False)
+    out = run_prediction(built["pipeline"], [tmp_path / "one-study.csv"], tmp_path / "manifest", explain=False)
+    assert out.studies == ["knee-0002"]
+    summary = json.loads((tmp_path / "manifest" / "knee-0002" / "prediction.json").read_text())
+    assert not list((tmp_path / "manifest" / "knee-0002").glob("heatmap_*"))
+    assert summary["series"]["sagittal"]["segmentation"]["nifti"] == "segmentation_sagittal.nii.gz"
+
+
+def test_a_folder_without_usable_series_is_one_clear_line(built, tmp_path):
+    empty = tmp_path / "exam"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here\n")
+    with pytest.raises(OrthodiffError, match="no usable image series") as info:
+        run_prediction(built["pipeline"], [empty], tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["errors.csv"]
+
+
+def test_command_refuses_another_pipeline_version(built, exams, tmp_path, capsys):
+    future = tmp_path / "future"
+    shutil.copytree(built["pipeline"], future)
+    config = json.loads((future / "pipeline.json").read_text())
+    config["version"] = 99
+    (future / "pipeline.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(future), str(exams[0]), "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("orthodiff: error:") and "version 99" in message and "\n" not in message
+    assert not (tmp_path / "out").exists()
