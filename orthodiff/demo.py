@@ -25,7 +25,7 @@ class DemoSize:
     segment_epochs: int
 
 
-FULL = DemoSize(studies=120, matrix=96, config_files=("demo",), segment_mode="partial", segment_epochs=5)
+FULL = DemoSize(studies=120, matrix=96, config_files=("demo",), segment_mode="partial", segment_epochs=4)
 QUICK = DemoSize(
     studies=36, matrix=64, config_files=("demo", "demo-quick"), segment_mode="probe", segment_epochs=4
 )
