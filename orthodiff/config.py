@@ -165,6 +165,7 @@ def load_config(
     """
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
 
     merged = OmegaConf.structured(ExperimentConfig)
     for file in files:
@@ -172,7 +173,7 @@ def load_config(
         try:
             layer = OmegaConf.load(path)
             merged = OmegaConf.merge(merged, layer)
-        except OmegaConfBaseException as exc:
+        except (OmegaConfBaseException, YAMLError) as exc:
             raise OrthodiffError(f"config file {path}: {_describe(exc)}") from exc
     for override in overrides:
         if "=" not in override:
@@ -181,6 +182,10 @@ def load_config(
         key = _qualify(key.strip(), section)
         try:
             merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+        except YAMLError:
+            raise OrthodiffError(
+                f"override {override!r}: the value is not valid YAML; quote it or write lists as [a, b]"
+            ) from None
         except OmegaConfBaseException as exc:
             raise OrthodiffError(f"override {override!r}: {_describe(exc)}") from exc
     return OmegaConf.to_object(merged)

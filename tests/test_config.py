@@ -60,3 +60,8 @@ def test_round_trip_through_dict():
 def test_shipped_presets_load():
     for path in sorted(CONFIG_DIR.glob("*.yaml")):
         load_config([path])
+
+
+def test_unparsable_override_value_is_one_clear_line():
+    with pytest.raises(OrthodiffError, match="not valid YAML"):
+        load_config([], ["data.plane_size={sagittal:[4,16,16]}"])

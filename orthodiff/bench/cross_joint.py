@@ -1,0 +1,113 @@
+"""``orthodiff bench cross-joint``: knee-pretrained denoisers fine-tuned on other joints (ankle,
+shoulder) for diagnosis and segmentation, against the same networks trained from scratch and the
+supervised baselines, at 100% and 10% of the new joint's training labels.
+
+The knee denoisers are pretrained once on the knee archive's training and validation patients;
+the target joints' scans are never seen in pretraining.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import OrthodiffError
+from ..fileio import write_text
+from . import plots
+from .cells import Cell, CellInputs
+from .grid import run_grid, stage
+from .presets import PRETRAINED_METHODS, BenchPreset
+from .results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
+from .workspace import prepare_joint, pretrain
+
+BENCH = "cross-joint"
+SCENARIO = "knee-pretrained"
+SCRATCH = ("scratch-unet", "resnet3d", "mrnet2d")
+
+
+def cross_joint_cells(preset: BenchPreset) -> list[Cell]:
+    cells = []
+    for seed in preset.seeds:
+        for joint in preset.cross_joint_targets:
+            for fraction in sorted(preset.cross_joint_fractions, reverse=True):
+                cells += [Cell(joint, SCENARIO, "classify", m, float(fraction), int(seed)) for m in preset.methods]
+                cells += [Cell(joint, SCENARIO, "segment", m, float(fraction), int(seed)) for m in preset.segment_methods]
+    return cells
+
+
+def run_cross_joint(preset: BenchPreset, out: Path, header: dict):
+    from . import BenchResult
+
+    if preset.knee_pretrained:
+        pretrained = _existing_denoisers(Path(preset.knee_pretrained))
+    else:
+        knee = stage(BENCH, "knee data", lambda: prepare_joint(preset, out, "knee"))
+        pretrained = stage(BENCH, "knee pretraining",
+                           lambda: pretrain(knee.config, knee.splits, knee.root / "pretrain"))
+    targets = {joint: stage(BENCH, f"{joint} data", lambda j=joint: prepare_joint(preset, out, j))
+               for joint in preset.cross_joint_targets}
+    results = ResultsFile.open(out / "results.json", {**header, "pretrained_on": "knee",
+                                                      "knee_denoisers": str(Path(pretrained).resolve())})
+
+    def inputs_for(cell: Cell) -> CellInputs:
+        data = targets[cell.joint]
+        return CellInputs(config=data.config, splits=data.splits_for_seed(cell.seed), pretrained=pretrained,
+                          features=data.root / "features" / f"seed{cell.seed}", runs=data.root / "runs")
+
+    computed = run_grid(cross_joint_cells(preset), inputs_for, preset, results, BENCH)
+    report, files, headline = write_cross_joint_report(results, preset, out)
+    return BenchResult(name=BENCH, out=out, rows=results.rows, computed=computed, headline=headline,
+                       files=[results.path, report, *files])
+
+
+def _existing_denoisers(folder: Path) -> Path:
+    from ..planes import PLANES
+
+    missing = [p for p in PLANES if not (folder / "denoisers" / p / "config.json").exists()]
+    if missing:
+        raise OrthodiffError(f"knee_pretrained={folder}: no denoisers/{missing[0]}/config.json there; give the "
+                             "pretraining folder of a knee bench (e.g. <label-fraction out>/knee/pretrain)")
+    return folder
+
+
+def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Path):
+    rows = [r for r in results.rows if r["seed"] in preset.seeds]  # the seeds asked for
+    pooler = Pooler(rows, preset.n_bootstrap, root=results.path.parent)
+    lines = ["# Cross-joint bench (knee-pretrained denoisers on new joints)", "",
+             f"Command: `{results.header.get('command', '')}`", "",
+             f"Preset `{preset.name}`: knee pretraining on {preset.studies['knee']} synthetic knee studies' "
+             "training scans; targets " + ", ".join(f"{j} ({preset.studies[j]} studies)" for j in preset.cross_joint_targets)
+             + f"; seeds {preset.seeds}. Mean over seeds [95% patient-bootstrap interval of the mean] ± seed SD.", ""]
+    files, headline = [], []
+    for joint in preset.cross_joint_targets:
+        for task, metric in (("classify", "macro AUROC"), ("segment", "mean Dice")):
+            chosen = select(rows, joint=joint, task=task)
+            if not chosen:
+                continue
+            fractions = sorted({r["fraction"] for r in chosen}, reverse=True)
+            methods = list(dict.fromkeys(r["method"] for r in chosen))
+            lines += [f"## {joint}: {metric} ({task})", "",
+                      "| method | " + " | ".join(f"{f:.0%}" for f in fractions) + " |", "|---|" + "---|" * len(fractions)]
+            groups = {f"{f:.0%}": {} for f in fractions}
+            for method in methods:
+                pooled = [pooler.pooled(select(chosen, method=method, fraction=f)) for f in fractions]
+                lines.append(f"| {method} | " + " | ".join(fmt_pooled(p) for p in pooled) + " |")
+                for f, p in zip(fractions, pooled):
+                    groups[f"{f:.0%}"][method] = (p.value, p.ci_low, p.ci_high)
+            mine = [m for m in methods if m in PRETRAINED_METHODS]
+            others = [m for m in methods if m in SCRATCH]
+            if mine and others:
+                lines += ["", "Paired differences (orthodiff minus baseline):", ""]
+                for method in mine:
+                    for fraction in fractions:
+                        diffs = ", ".join(
+                            f"{base} {fmt_diff(pooler.difference(select(chosen, method=method, fraction=fraction), select(chosen, method=base, fraction=fraction)))}"
+                            for base in others)
+                        text = f"{joint} {task} {method} at {fraction:.0%}: {diffs}"
+                        lines.append(f"- {text}")
+                        headline.append(text)
+            lines.append("")
+            files.append(plots.grouped_bars(groups, metric, f"{joint}: {metric} by label fraction",
+                                            out / f"{joint}_{task}.png"))
+    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files]
+    write_text(out / "report.md", "\n".join(lines) + "\n")
+    return out / "report.md", files, headline

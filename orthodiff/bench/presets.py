@@ -1,0 +1,227 @@
+"""Bench presets: how big each benchmark runs. ``test`` (seconds, for the test suite), ``small``
+(2 CPU cores, under 30 minutes per bench) and ``paper`` (GPUs, the reference sizes).
+
+A preset says how many synthetic studies, the plane size and networks (as ``ExperimentConfig``
+overrides), the grid (fractions x seeds x methods) and the training lengths. Presets shrink sizes
+and epochs, never the design: every preset runs the same methods on the same kind of splits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+
+from ..errors import OrthodiffError
+
+# Classification methods, in report order. The first two use the pretrained denoisers.
+CLASSIFY_METHODS = ("orthodiff-probe", "orthodiff-finetune", "scratch-unet", "resnet3d", "mrnet2d")
+# Segmentation methods: the pretrained denoiser with a decoder, against the same network from scratch.
+SEGMENT_METHODS = ("orthodiff-finetune", "scratch-unet")
+PRETRAINED_METHODS = ("orthodiff-probe", "orthodiff-finetune")
+
+
+@dataclass
+class BenchPreset:
+    name: str
+    studies: dict  # joint -> synthetic studies
+    matrix: int  # synthetic in-plane matrix
+    config: list  # ExperimentConfig overrides ("key=value"), on top of the defaults
+    fractions: list
+    seeds: list
+    methods: list = field(default_factory=lambda: list(CLASSIFY_METHODS))
+    segment_methods: list = field(default_factory=lambda: list(SEGMENT_METHODS))
+    segment_fractions: list = field(default_factory=lambda: [1.0, 0.1])
+    baseline_epochs: int = 20
+    baseline_learning_rate: float = 1e-3
+    baseline_batch_size: int = 8
+    resnet3d: dict = field(default_factory=dict)  # build_baseline("resnet3d", ...) options
+    mrnet2d: dict = field(default_factory=dict)  # build_baseline("mrnet2d", ...) options
+    segment_epochs: int = 10
+    # small label subsets give few batches per epoch: every cell trains at least this many optimizer steps
+    min_steps: int = 0
+    n_bootstrap: int = 1000
+    cross_joint_targets: list = field(default_factory=lambda: ["ankle", "shoulder"])
+    cross_joint_fractions: list = field(default_factory=lambda: [1.0, 0.1])
+    # cross-joint: a folder holding knee denoisers/<plane> (e.g. <label-fraction out>/knee/pretrain) to
+    # reuse instead of pretraining on the knee again; empty: pretrain here
+    knee_pretrained: str = ""
+    # robustness scenarios: name -> {"column": site | field_strength, "held_out": value}
+    robustness: dict = field(default_factory=dict)
+    # torch CPU threads (0: torch's default). One thread per process is fastest on a shared 2-core machine.
+    threads: int = 0
+    # false: run no cell, only rewrite report.md and plots from the rows already in results.json
+    run_cells: bool = True
+
+    def baseline_options(self, name: str) -> dict:
+        return dict(getattr(self, name.replace("-", "_"), {}) or {})
+
+
+_SHARED_SCENARIOS = {
+    "unseen-site": {"column": "site", "held_out": "Lakeside Imaging Centre"},
+    "unseen-field-strength": {"column": "field_strength", "held_out": 1.5},
+}
+
+_TINY_NETWORK = [
+    "model.base_channels=8",
+    "model.channel_mult=[1,2,2]",
+    "model.attention_levels=[false,false,true]",
+    "model.num_head_channels=8",
+    "model.norm_num_groups=8",
+]
+
+PRESETS = {
+    "test": BenchPreset(
+        name="test",
+        studies={"knee": 24, "ankle": 16, "shoulder": 16},
+        matrix=32,
+        config=[
+            "data.plane_size.sagittal=[4,16,16]",
+            "data.plane_size.coronal=[4,16,16]",
+            "data.plane_size.axial=[4,16,16]",
+            "data.val_fraction=0.25",
+            "data.test_fraction=0.3",
+            *_TINY_NETWORK,
+            "pretrain.max_steps=2",
+            "pretrain.warmup_steps=1",
+            "pretrain.batch_size=4",
+            "pretrain.checkpoint_every=2",
+            "pretrain.preview_every=0",
+            "pretrain.log_every=1",
+            "pretrain.tracker=none",
+            "features.timesteps=[100]",
+            "features.blocks=[mid]",
+            "finetune.epochs=1",
+            "finetune.batch_size=8",
+            "finetune.decoder_width=4",
+        ],
+        fractions=[1.0, 0.5],
+        seeds=[0, 1],
+        segment_fractions=[1.0],
+        baseline_epochs=1,
+        resnet3d={"widen_factor": 0.125},
+        mrnet2d={"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8}},
+        segment_epochs=1,
+        n_bootstrap=50,
+        threads=1,
+        cross_joint_targets=["ankle"],
+        cross_joint_fractions=[1.0],
+        robustness={"unseen-field-strength": _SHARED_SCENARIOS["unseen-field-strength"]},
+    ),
+    "small": BenchPreset(
+        name="small",
+        studies={"knee": 120, "ankle": 80, "shoulder": 80},
+        matrix=64,
+        config=[
+            "data.plane_size.sagittal=[8,32,32]",
+            "data.plane_size.coronal=[8,32,32]",
+            "data.plane_size.axial=[8,32,32]",
+            "data.val_fraction=0.2",
+            "data.test_fraction=0.25",
+            "model.base_channels=8",
+            "model.channel_mult=[1,2,2]",
+            "model.attention_levels=[false,false,true]",
+            "model.num_head_channels=8",
+            "model.norm_num_groups=8",
+            "pretrain.max_steps=150",
+            "pretrain.warmup_steps=10",
+            "pretrain.batch_size=4",
+            "pretrain.learning_rate=1e-3",
+            "pretrain.checkpoint_every=150",
+            "pretrain.keep_checkpoints=1",
+            "pretrain.preview_every=0",
+            "pretrain.log_every=25",
+            "pretrain.tracker=none",
+            "features.timesteps=[100]",
+            "features.blocks=[mid]",
+            "finetune.epochs=4",
+            "finetune.batch_size=8",
+            "finetune.decoder_width=8",
+        ],
+        fractions=[1.0, 0.5, 0.25, 0.1, 0.05],
+        seeds=[0, 1, 2],
+        baseline_epochs=4,
+        # Eighth-width ResNets (8-64 channels), near the small denoiser's widths (8-16); paper: full width.
+        resnet3d={"widen_factor": 0.125},
+        mrnet2d={"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}},
+        segment_epochs=3,
+        min_steps=12,
+        n_bootstrap=1000,
+        robustness=dict(_SHARED_SCENARIOS),
+        threads=1,
+    ),
+    "paper": BenchPreset(
+        name="paper",
+        studies={"knee": 2000, "ankle": 400, "shoulder": 400},
+        matrix=256,
+        config=[
+            "data.plane_size.sagittal=[16,256,256]",
+            "data.plane_size.coronal=[16,256,256]",
+            "data.plane_size.axial=[16,256,256]",
+            "pretrain.max_steps=50000",
+            "pretrain.batch_size=8",
+            "pretrain.tracker=none",
+            "features.timesteps=[100]",
+            "features.blocks=[mid]",
+            "finetune.epochs=50",
+            "finetune.batch_size=8",
+        ],
+        fractions=[1.0, 0.5, 0.25, 0.1, 0.05],
+        seeds=[0, 1, 2, 3, 4],
+        baseline_epochs=50,
+        mrnet2d={"backbone": "resnet18"},
+        segment_epochs=50,
+        segment_fractions=[1.0, 0.5, 0.25, 0.1, 0.05],
+        n_bootstrap=2000,
+        robustness=dict(_SHARED_SCENARIOS),
+    ),
+}
+
+
+def resolve_preset(name: str, overrides: Sequence[str] = ()) -> tuple[BenchPreset, list[str]]:
+    """The preset with its own fields overridden (``seeds=[0,1]``), and the remaining overrides,
+    which are ``ExperimentConfig`` keys (``pretrain.max_steps=50``) appended to the preset's config."""
+    if name not in PRESETS:
+        raise OrthodiffError(f"bench preset {name!r} is unknown; use one of {', '.join(PRESETS)}")
+    preset = PRESETS[name]
+    own = {f.name for f in fields(BenchPreset)} - {"name", "config"}
+    changes, passed_on = {}, []
+    for override in overrides:
+        if "=" not in override:
+            raise OrthodiffError(f"override {override!r}: expected key=value, e.g. seeds=[0,1] or pretrain.max_steps=50")
+        key, value = override.split("=", 1)
+        if key.strip() in own:
+            changes[key.strip()] = _parse(override, value)
+        else:
+            passed_on.append(override)
+    preset = replace(preset, **changes, config=list(preset.config) + passed_on)
+    _check(preset)
+    return preset, passed_on
+
+
+def _parse(override: str, value: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise OrthodiffError(f"override {override!r}: the value is not YAML ({exc})") from exc
+
+
+def _check(preset: BenchPreset) -> None:
+    if not preset.seeds or not all(isinstance(s, int) for s in preset.seeds):
+        raise OrthodiffError(f"seeds={preset.seeds!r}: give a list of integers, e.g. [0,1,2]")
+    for name in ("fractions", "segment_fractions", "cross_joint_fractions"):
+        values = getattr(preset, name)
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) and 0 < v <= 1 for v in values):
+            raise OrthodiffError(f"{name}={values!r}: give a list of label fractions in (0, 1], e.g. [1.0,0.1]")
+    unknown = [m for m in preset.methods if m not in CLASSIFY_METHODS]
+    if unknown:
+        raise OrthodiffError(f"methods: {unknown} unknown; use some of {', '.join(CLASSIFY_METHODS)}")
+    unknown = [m for m in preset.segment_methods if m not in SEGMENT_METHODS]
+    if unknown:
+        raise OrthodiffError(f"segment_methods: {unknown} unknown; use some of {', '.join(SEGMENT_METHODS)}")
+    for scenario, spec in preset.robustness.items():
+        if not isinstance(spec, dict) or spec.get("column") not in ("site", "field_strength") or "held_out" not in spec:
+            raise OrthodiffError(
+                f"robustness.{scenario}: expected {{column: site|field_strength, held_out: value}}, got {spec!r}"
+            )

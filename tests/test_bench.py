@@ -1,0 +1,129 @@
+"""Benches: a tiny label-fraction grid end to end (results rows, resume, report), and the pieces
+that keep benches fair: per-seed subsets with a fixed test set, domain-shift splits, paired summaries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from orthodiff.bench import run_bench
+from orthodiff.bench.cells import cell_epochs
+from orthodiff.bench.presets import resolve_preset
+from orthodiff.bench.results import Pooler
+from orthodiff.bench.workspace import (
+    prepare_joint,
+    write_domain_splits,
+    write_reseeded_splits,
+)
+from orthodiff.data.splits import load_splits
+from orthodiff.errors import OrthodiffError
+
+# The grid the end-to-end test runs: 2 fractions x 2 classify methods (one orthodiff, one baseline)
+# + 1 segmentation cell, one seed.
+GRID = ["seeds=[0]", "fractions=[1.0,0.5]", "methods=[orthodiff-probe,resnet3d]",
+        "segment_methods=[scratch-unet]", "segment_fractions=[1.0]"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "label-fraction"
+    first = run_bench("label-fraction", "test", out, GRID)
+    return out, first
+
+
+def test_label_fraction_grid_writes_rows_report_and_plots(bench):
+    out, first = bench
+    stored = json.loads((out / "results.json").read_text())
+    keys = {row["key"] for row in stored["rows"]}
+    assert keys == {
+        "knee/in-domain/classify/orthodiff-probe/1/seed0", "knee/in-domain/classify/orthodiff-probe/0.5/seed0",
+        "knee/in-domain/classify/resnet3d/1/seed0", "knee/in-domain/classify/resnet3d/0.5/seed0",
+        "knee/in-domain/segment/scratch-unet/1/seed0",
+    }
+    assert first.computed == 5
+    assert stored["command"].startswith("orthodiff bench label-fraction --preset test")
+    for row in stored["rows"]:
+        metric = row["macro_auroc"] if row["task"] == "classify" else row["mean_dice"]
+        assert 0.0 <= metric["value"] <= 1.0
+        assert metric["ci_low"] <= metric["ci_high"]
+        assert row["n_test_patients"] > 0 and row["by_site"]
+    # the baseline's run directory follows the fine-tuning contract that evaluation reads
+    baseline = next(r for r in stored["rows"] if r["method"] == "resnet3d")
+    assert not Path(baseline["run_dir"]).is_absolute()  # relative to results.json
+    info = json.loads((out / baseline["run_dir"] / "run.json").read_text())
+    assert info["task"] == "classify" and info["baseline"] == "resnet3d" and info["init"] == "scratch"
+    report = (out / "report.md").read_text()
+    assert "| orthodiff-probe |" in report and "| resnet3d |" in report and "Segmentation" in report
+    assert (out / "auroc_vs_fraction.png").stat().st_size > 1000
+    assert (out / "dice_vs_fraction.png").exists()
+
+
+def test_rerun_skips_finished_cells(bench):
+    out, _ = bench
+    before = json.loads((out / "results.json").read_text())["rows"]
+    stamps = {r["key"]: (out / r["run_dir"] / "run.json").stat().st_mtime_ns for r in before}
+    again = run_bench("label-fraction", "test", out, GRID)
+    assert again.computed == 0
+    assert json.loads((out / "results.json").read_text())["rows"] == before
+    assert {r["key"]: (out / r["run_dir"] / "run.json").stat().st_mtime_ns for r in before} == stamps
+
+
+def test_seeds_redraw_subsets_but_never_the_test_set(bench):
+    out, _ = bench
+    preset, _ = resolve_preset("test")
+    data = prepare_joint(preset, out, "knee")
+    base = load_splits(data.splits)
+    other = load_splits(write_reseeded_splits(data.splits, Path(data.config.data.manifest), 3, out / "s3.json"))
+    assert (other.train, other.val, other.test) == (base.train, base.val, base.test)
+    assert set(other.subset(0.5)) <= set(other.train)
+    assert other.subset(0.5) != base.subset(0.5)
+
+
+def test_domain_splits_move_the_held_out_domain_to_test(bench):
+    out, _ = bench
+    preset, _ = resolve_preset("test")
+    data = prepare_joint(preset, out, "knee")
+    splits = load_splits(write_domain_splits(data, "field_strength", 1.5, out / "domain.json"))
+    import pandas as pd
+
+    manifest = pd.read_parquet(data.config.data.manifest).drop_duplicates("patient_id").set_index("patient_id")
+    strength = manifest["field_strength"].astype(float)
+    assert all(strength[p] != 1.5 for p in splits.train + splits.val)
+    assert {p for p in strength.index if strength[p] == 1.5} <= set(splits.test)
+    assert set(load_splits(data.splits).test) <= set(splits.test)
+
+
+def test_overrides_and_bad_presets():
+    preset, passed = resolve_preset("small", ["seeds=[4,5,6]", "pretrain.max_steps=7"])
+    assert preset.seeds == [4, 5, 6] and passed == ["pretrain.max_steps=7"]
+    assert preset.config[-1] == "pretrain.max_steps=7"
+    with pytest.raises(OrthodiffError, match="preset 'huge' is unknown"):
+        resolve_preset("huge")
+    with pytest.raises(OrthodiffError, match="fractions"):
+        resolve_preset("test", ["fractions=[0]"])
+    with pytest.raises(OrthodiffError, match="methods"):
+        resolve_preset("test", ["methods=[resnet50]"])
+    with pytest.raises(OrthodiffError, match="unknown"):
+        run_bench("speed", "test", "/nonexistent")
+
+
+def test_min_steps_raise_epochs_for_small_subsets(bench):
+    out, _ = bench
+    preset, _ = resolve_preset("test", ["min_steps=6"])
+    splits = out / "knee" / "splits.json"
+    patients = len(load_splits(splits).subset(0.5))
+    assert patients <= 8  # one batch of 8
+    assert cell_epochs(preset, splits, 0.5, epochs=2, batch_size=8) == 6
+    assert cell_epochs(preset, splits, 0.5, epochs=9, batch_size=8) == 9
+
+
+def test_pooled_summary_without_run_directories_uses_seed_intervals():
+    rows = [{"key": f"k{s}", "joint": "knee", "scenario": "x", "task": "classify", "run_dir": "/missing",
+             "auroc": {"a": {"value": v}}, "macro_auroc": {"value": v, "ci_low": v - 0.1, "ci_high": v + 0.1}}
+            for s, v in enumerate((0.6, 0.8))]
+    pooled = Pooler(rows, n_bootstrap=20).pooled(rows)
+    assert pooled.value == pytest.approx(0.7)
+    assert (pooled.ci_low, pooled.ci_high) == (pytest.approx(0.6), pytest.approx(0.8))
+    assert pooled.interval == "mean of the seeds' intervals" and pooled.n_seeds == 2
