@@ -4,29 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..fileio import atomic_path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    return path
+from ..plotting import pyplot, save_png
 
 
 def metric_vs_fraction(series: dict, ylabel: str, title: str, path: Path, chance=None) -> Path:
     """``series``: {method: [(fraction, Pooled), ...]}: a line per method, its 95% interval as a band;
     ``chance`` draws the value a random guess scores (0.5 for AUROC)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for method, points in series.items():
         points = sorted((f, p) for f, p in points if p.value is not None)
@@ -49,14 +33,14 @@ def metric_vs_fraction(series: dict, ylabel: str, title: str, path: Path, chance
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def grouped_bars(groups: dict, ylabel: str, title: str, path: Path) -> Path:
     """``groups``: {group name: {method: (value, low, high)}}: bars per method within each group."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     names = list(groups)
     methods = list(dict.fromkeys(m for g in groups.values() for m in g))  # first-seen order
     width = 0.8 / max(1, len(methods))
@@ -81,4 +65,4 @@ def grouped_bars(groups: dict, ylabel: str, title: str, path: Path) -> Path:
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -7,25 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..fileio import atomic_path
+from ..plotting import pyplot, save_png
 from .bootstrap import calibration_bins
 from .classification import N_BINS, class_balance_reason, patient_scores
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    return path
 
 
 def roc_curves(frame: pd.DataFrame, labels: list[str], metrics: dict, path: Path) -> Path:
@@ -33,7 +17,7 @@ def roc_curves(frame: pd.DataFrame, labels: list[str], metrics: dict, path: Path
     import torch
     from torchmetrics.functional.classification import binary_roc
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     skipped = []
     for label in labels:
@@ -51,12 +35,12 @@ def roc_curves(frame: pd.DataFrame, labels: list[str], metrics: dict, path: Path
         title += f"\nnot drawn (one class only): {', '.join(skipped)}"
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def reliability_diagram(frame: pd.DataFrame, labels: list[str], path: Path) -> Path:
     """Observed positive rate against mean predicted probability per bin, one line per label."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
     for label in labels:
         _, scores, targets = patient_scores(frame, label)
@@ -71,12 +55,12 @@ def reliability_diagram(frame: pd.DataFrame, labels: list[str], path: Path) -> P
     ax.set(xlabel="mean predicted probability", ylabel="observed positive rate", xlim=(0, 1), ylim=(0, 1.01))
     ax.set_title(f"Reliability ({N_BINS} bins, patient level)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def dice_per_structure(metrics: dict, path: Path) -> Path:
     """Mean Dice per structure with its 95% bootstrap interval."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [n for n, e in metrics["structures"].items() if e["dice"]["value"] is not None]
     values = np.array([metrics["structures"][n]["dice"]["value"] for n in names])
     low = np.array([_bound(metrics["structures"][n]["dice"], "ci_low") for n in names])
@@ -92,7 +76,7 @@ def dice_per_structure(metrics: dict, path: Path) -> Path:
     if undrawn:
         title += f"\nnot drawn (absent from every target): {', '.join(undrawn)}"
     ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _bound(entry: dict, key: str) -> float:

@@ -47,11 +47,9 @@ def preview_grid(model, diffusion: DiffusionConfig, inputs: torch.Tensor, seed: 
 
 
 def _render(columns: list[torch.Tensor], titles: list[str]) -> np.ndarray:
-    import matplotlib
+    from ..plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = columns[0].shape[0]
     figure, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 2.2 * rows), squeeze=False)
     for col, (volumes, title) in enumerate(zip(columns, titles)):
