@@ -92,7 +92,7 @@ def write_reseeded_splits(base: Path, manifest: Path, seed: int, out: Path) -> P
     """
     from ..data.manifest import read_manifest
     from ..data.splits import (  # subset drawing of the splits module
-        _nested_subsets,
+        nested_subsets,
         load_splits,
         patient_labels,
     )
@@ -102,7 +102,7 @@ def write_reseeded_splits(base: Path, manifest: Path, seed: int, out: Path) -> P
     per_patient = patient_labels(read_manifest(manifest), splits.labels)
     fractions = sorted(splits.subsets, reverse=True)
     # an offset keeps seed k's draw apart from the base file's streams (seed + 100 + step)
-    subsets = _nested_subsets(list(splits.train), per_patient.loc[splits.train], fractions, 1000 * int(seed) + 7)
+    subsets = nested_subsets(list(splits.train), per_patient.loc[splits.train], fractions, 1000 * int(seed) + 7)
     stored["subsets"] = {f"{key:g}": sorted(value) for key, value in subsets.items()}
     stored["subset_seed"] = int(seed)
     write_json(out, stored)

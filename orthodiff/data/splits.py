@@ -132,7 +132,7 @@ def make_splits(
     y_rest = per_patient.loc[rest].to_numpy()
     val = _stratified_pick(rest, y_rest, _count(val_fraction, len(patients)), seed + 1)
     train = [p for p in rest if p not in set(val)]
-    subsets = _nested_subsets(train, per_patient.loc[train], fractions, seed)
+    subsets = nested_subsets(train, per_patient.loc[train], fractions, seed)
     notes = _missing_positive_warnings(per_patient, labels, {"val": val, "test": test})
     for note in notes:
         warnings.warn(note, stacklevel=2)
@@ -243,7 +243,7 @@ def _stratified_pick(patients: list, y: np.ndarray, n: int, seed: int) -> list:
     return [patients[i] for i in sorted(picked)]
 
 
-def _nested_subsets(train: list, y_train, fractions: list[float], seed: int) -> dict:
+def nested_subsets(train: list, y_train, fractions: list[float], seed: int) -> dict:
     """Each fraction's subset is drawn, stratified, from the next larger one; rare labels kept."""
     subsets = {}
     parent = list(train)

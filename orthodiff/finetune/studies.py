@@ -63,7 +63,7 @@ def load_run_studies(cache, patients: dict[str, list], labels: list[str], ehr_co
     rows, ehr, present = [], [], []
     for study_id in dataset.study_ids:
         # StudyDataset's per-study metadata row and EHR encoding, so probes and fine-tuning agree.
-        row = dataset._study_rows.loc[study_id]
+        row = dataset.study_row(study_id)
         rows.append(
             {
                 "study_id": study_id,
@@ -74,8 +74,8 @@ def load_run_studies(cache, patients: dict[str, list], labels: list[str], ehr_co
                 **{f"label_{n}": pd.to_numeric(row[f"label_{n}"], errors="coerce") for n in labels},
             }
         )
-        ehr.append(dataset._ehr(row).numpy())
-        present.append([(study_id, plane) in dataset._series for plane in PLANES])
+        ehr.append(dataset.encode_ehr(row).numpy())
+        present.append([dataset.series_of(study_id, plane) is not None for plane in PLANES])
     frame = pd.DataFrame(rows)
     label_values = np.array(frame[[f"label_{n}" for n in labels]].to_numpy(dtype=np.float32))
     return RunStudies(
