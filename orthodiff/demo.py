@@ -72,6 +72,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> DemoResult:
     size = QUICK if quick else FULL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    claim_demo_folder(out, quick=quick, seed=seed)
     config = _demo_config(out, size, seed)
     save_config(config, out / "config.yaml")
     result = DemoResult(out=out)
@@ -96,6 +97,22 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> DemoResult:
     stage("export pipeline", lambda: _export_pipeline(out))
     _write_report(result)
     return result
+
+
+def claim_demo_folder(out: Path, quick: bool, seed: int) -> None:
+    """Resume only a demo of the same size and seed: its artifacts would otherwise be reused silently."""
+    from .errors import OrthodiffError
+    from .fileio import read_json
+
+    marker, settings = out / "demo.json", {"quick": bool(quick), "seed": int(seed)}
+    if marker.exists():
+        found = read_json(marker)
+        if found != settings:
+            raise OrthodiffError(
+                f"{out}: holds a demo run with {found}, not {settings}; use another --out or delete the folder"
+            )
+    else:
+        write_json(marker, settings)
 
 
 def _demo_config(out: Path, size: DemoSize, seed: int) -> ExperimentConfig:

@@ -52,3 +52,15 @@ def test_quick_demo_runs_every_stage_and_writes_its_report(tmp_path):
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+
+
+def test_a_demo_folder_resumes_only_the_same_size_and_seed(tmp_path):
+    from orthodiff.demo import claim_demo_folder
+    from orthodiff.errors import OrthodiffError
+
+    claim_demo_folder(tmp_path, quick=True, seed=0)
+    claim_demo_folder(tmp_path, quick=True, seed=0)  # the same run resumes
+    with pytest.raises(OrthodiffError, match="another --out"):
+        claim_demo_folder(tmp_path, quick=True, seed=1)
+    with pytest.raises(OrthodiffError, match="another --out"):
+        claim_demo_folder(tmp_path, quick=False, seed=0)
