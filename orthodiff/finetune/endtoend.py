@@ -126,6 +126,45 @@ def _to(batch: dict, device) -> dict:
     return moved
 
 
+def fit_best_epoch(cfg, model: nn.Module, train_set, loss_of, validate, log: MetricsLog, metric: str):
+    """Train ``model`` for ``finetune.epochs`` through Accelerate and keep its best validation epoch.
+
+    ``loss_of(model, batch)`` gives the batch loss (None: nothing to learn from, skipped);
+    ``validate(model, device)`` gives the validation score (None when undefined: the latest epoch
+    is kept). Returns (model with the best epoch loaded, {"best_epoch", metric}).
+    """
+    ft = cfg.finetune
+    accelerator = make_accelerator(cfg)
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=float(ft.weight_decay))
+    train_loader = _loader(train_set, ft.batch_size, True, cfg.seed, cfg.data.num_workers)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    best = {"score": -np.inf, "state": None, "epoch": -1, "value": None}
+    for epoch in range(int(ft.epochs)):
+        model.train()
+        losses = []
+        for batch in train_loader:
+            batch = _to(batch, accelerator.device)
+            with accelerator.autocast():
+                loss = loss_of(model, batch)
+            if loss is None:
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            if ft.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), float(ft.max_grad_norm))
+            optimizer.step()
+            losses.append(loss.item())
+        unwrapped = accelerator.unwrap_model(model)
+        value = validate(unwrapped, accelerator.device)
+        score = value if value is not None else -epoch
+        if score > best["score"]:
+            best.update(score=score, epoch=epoch, value=value, state=copy.deepcopy(unwrapped.state_dict()))
+        log.write(epoch=epoch, train_loss=float(np.mean(losses)) if losses else None, **{metric: value})
+    model = accelerator.unwrap_model(model)
+    model.load_state_dict(best["state"])
+    return model, {"best_epoch": best["epoch"], metric: best["value"]}
+
+
 # ------------------------------------------------------------------------------- classify
 def train_classifier(cfg, denoisers, datasets: dict, labels: list[str], log: MetricsLog):
     """Returns (model with the best validation epoch loaded, {"best_epoch", "val_macro_auroc"})."""
@@ -137,39 +176,20 @@ def train_classifier(cfg, denoisers, datasets: dict, labels: list[str], log: Met
     num_ehr = len(datasets["train"].ehr_names)
     head = MultiLabelClassifier(channels, labels, ft.pooling, ft.fusion, num_ehr=num_ehr, use_ehr=ft.use_ehr)
     model = EndToEndClassifier(backbone, head, block)
-    accelerator = make_accelerator(cfg)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=float(ft.weight_decay))
-    train_loader = _loader(datasets["train"], ft.batch_size, True, cfg.seed, cfg.data.num_workers)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     pos_weight = None
     if ft.pos_weight:
         known = torch.stack([datasets["train"][i]["labels"] for i in range(len(datasets["train"]))])
-        pos_weight = positive_weights(known).to(accelerator.device)
+        pos_weight = positive_weights(known)
 
-    best = {"score": -np.inf, "state": None, "epoch": -1, "val_macro_auroc": None}
-    for epoch in range(int(ft.epochs)):
-        model.train()
-        losses = []
-        for batch in train_loader:
-            batch = _to(batch, accelerator.device)
-            with accelerator.autocast():
-                loss = masked_bce_loss(model(batch).float(), batch["labels"], pos_weight)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if ft.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), float(ft.max_grad_norm))
-            optimizer.step()
-            losses.append(loss.item())
-        frame = predict_classifier(accelerator.unwrap_model(model), datasets["val"], "val", labels, cfg, accelerator.device)
-        _, macro, _ = auroc_scores(patient_level(frame, labels), labels, "val")
-        score = macro if macro is not None else -epoch  # no defined AUROC: keep the latest epoch
-        if score > best["score"]:
-            best.update(score=score, epoch=epoch, val_macro_auroc=macro,
-                        state=copy.deepcopy(accelerator.unwrap_model(model).state_dict()))
-        log.write(epoch=epoch, train_loss=float(np.mean(losses)) if losses else None, val_macro_auroc=macro)
-    model = accelerator.unwrap_model(model)
-    model.load_state_dict(best["state"])
-    return model, {"best_epoch": best["epoch"], "val_macro_auroc": best["val_macro_auroc"]}
+    def loss_of(model, batch):
+        weight = None if pos_weight is None else pos_weight.to(batch["labels"].device)
+        return masked_bce_loss(model(batch).float(), batch["labels"], weight)
+
+    def validate(model, device):
+        frame = predict_classifier(model, datasets["val"], "val", labels, cfg, device)
+        return auroc_scores(patient_level(frame, labels), labels, "val")[1]
+
+    return fit_best_epoch(cfg, model, datasets["train"], loss_of, validate, log, "val_macro_auroc")
 
 
 def predict_classifier(model, dataset, split: str, labels: list[str], cfg, device):
@@ -216,39 +236,16 @@ def train_segmenter(cfg, denoisers, datasets: dict, num_classes: int, log: Metri
     head = SegmentationModel(shapes, plane_size, bottleneck, skips, num_classes, pooling=ft.pooling,
                              width=int(ft.decoder_width), image_channels=1)
     model = EndToEndSegmenter(backbone, head)
-    accelerator = make_accelerator(cfg)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=float(ft.weight_decay))
-    train_loader = _loader(datasets["train"], ft.batch_size, True, cfg.seed, cfg.data.num_workers)
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     loss_fn = make_dice_ce_loss()
     planes = list(head.planes)
 
-    best = {"score": -np.inf, "state": None, "epoch": -1, "val_mean_dice": None}
-    for epoch in range(int(ft.epochs)):
-        model.train()
-        losses = []
-        for batch in train_loader:
-            batch = _to(batch, accelerator.device)
-            with accelerator.autocast():
-                outputs = model(batch)
-                loss = segmentation_loss(outputs, batch, planes, loss_fn)
-            if loss is None:
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if ft.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), float(ft.max_grad_norm))
-            optimizer.step()
-            losses.append(loss.item())
-        unwrapped = accelerator.unwrap_model(model)
-        dice = mean_dice(predict_segmenter(unwrapped, datasets["val"], cfg, accelerator.device), num_classes)
-        score = dice if dice is not None else -epoch
-        if score > best["score"]:
-            best.update(score=score, epoch=epoch, val_mean_dice=dice, state=copy.deepcopy(unwrapped.state_dict()))
-        log.write(epoch=epoch, train_loss=float(np.mean(losses)) if losses else None, val_mean_dice=dice)
-    model = accelerator.unwrap_model(model)
-    model.load_state_dict(best["state"])
-    return model, {"best_epoch": best["epoch"], "val_mean_dice": best["val_mean_dice"]}
+    def loss_of(model, batch):
+        return segmentation_loss(model(batch), batch, planes, loss_fn)
+
+    def validate(model, device):
+        return mean_dice(predict_segmenter(model, datasets["val"], cfg, device), num_classes)
+
+    return fit_best_epoch(cfg, model, datasets["train"], loss_of, validate, log, "val_mean_dice")
 
 
 def segmentation_loss(outputs: dict, batch: dict, planes: list[str], loss_fn) -> torch.Tensor | None:
