@@ -187,11 +187,13 @@ def predict(
     pipeline: Path = typer.Argument(..., help="A pipeline directory saved by OrthoDiffusionPipeline."),
     inputs: List[Path] = typer.Argument(..., help="DICOM exam folders, NIfTI files or a manifest."),
     out: Path = typer.Option(Path("predictions"), "--out", "-o", help="Output folder, one subfolder per study."),
+    heatmaps: bool = typer.Option(True, "--heatmaps/--no-heatmaps",
+                                  help="Grad-CAM heat maps per label and plane (one backward pass per label)."),
 ):
     """Probabilities, decisions, segmentations and heat maps for new studies."""
     from .pipeline.predict import run_prediction
 
-    result = run_prediction(pipeline, inputs, out)
+    result = run_prediction(pipeline, inputs, out, explain=heatmaps)
     typer.echo(result.describe())
 
 

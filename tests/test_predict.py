@@ -135,3 +135,14 @@ def test_command_refuses_another_pipeline_version(built, exams, tmp_path, capsys
     message = capsys.readouterr().err.strip()
     assert message.startswith("orthodiff: error:") and "version 99" in message and "\n" not in message
     assert not (tmp_path / "out").exists()
+
+
+def test_command_without_heatmaps_writes_the_rest(built, exams, tmp_path):
+    out = tmp_path / "out"
+    main(["predict", str(built["pipeline"]), str(exams[0]), "--out", str(out), "--no-heatmaps"])
+    folder = out / exams[0].name
+    summary = json.loads((folder / "prediction.json").read_text())
+    assert set(summary["labels"]) == {"blob", "rim"}
+    assert list(folder.glob("heatmap_*")) == []
+    assert sorted(p.name for p in folder.glob("segmentation_*.nii.gz")) == [
+        f"segmentation_{plane}.nii.gz" for plane in ("axial", "coronal", "sagittal")]
