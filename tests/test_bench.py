@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from orthodiff.bench import run_bench
-from orthodiff.bench.cells import cell_epochs
+from orthodiff.bench.cells import Cell, CellInputs, cell_config, cell_epochs
 from orthodiff.bench.presets import resolve_preset
 from orthodiff.bench.results import Pooler
 from orthodiff.bench.workspace import (
@@ -119,6 +119,20 @@ def test_min_steps_raise_epochs_for_small_subsets(bench):
     assert cell_epochs(preset, splits, 0.5, epochs=9, batch_size=8) == 9
 
 
+def test_probe_epochs_apply_to_the_probe_only(bench):
+    out, _ = bench
+    preset, _ = resolve_preset("test", ["probe_epochs=7", "segment_epochs=2"])
+    data = prepare_joint(preset, out, "knee")
+    inputs = CellInputs(config=data.config, splits=data.splits, pretrained=None, features=out / "f", runs=out / "r")
+
+    def epochs(task, method):
+        return cell_config(Cell("knee", "in-domain", task, method, 1.0, 0), inputs, preset).finetune.epochs
+
+    assert epochs("classify", "orthodiff-probe") == 7
+    assert epochs("classify", "orthodiff-finetune") == data.config.finetune.epochs == 1
+    assert epochs("segment", "orthodiff-finetune") == 2
+
+
 def test_pooled_summary_without_run_directories_uses_seed_intervals():
     rows = [{"key": f"k{s}", "joint": "knee", "scenario": "x", "task": "classify", "run_dir": "/missing",
              "auroc": {"a": {"value": v}}, "macro_auroc": {"value": v, "ci_low": v - 0.1, "ci_high": v + 0.1}}
@@ -127,3 +141,65 @@ def test_pooled_summary_without_run_directories_uses_seed_intervals():
     assert pooled.value == pytest.approx(0.7)
     assert (pooled.ci_low, pooled.ci_high) == (pytest.approx(0.6), pytest.approx(0.8))
     assert pooled.interval == "mean of the seeds' intervals" and pooled.n_seeds == 2
+
+
+def test_cross_joint_reuses_knee_denoisers_and_pretrains_the_target_on_request(bench, tmp_path):
+    out, _ = bench
+    knee = out / "knee" / "pretrain"
+    grid = ["seeds=[0]", "cross_joint_fractions=[1.0]", "methods=[orthodiff-probe,resnet3d]",
+            "segment_methods=[orthodiff-finetune]", f"knee_pretrained={knee}", "target_pretraining=true"]
+    result = run_bench("cross-joint", "test", tmp_path / "cross-joint", grid)
+    stored = json.loads((tmp_path / "cross-joint" / "results.json").read_text())
+    assert {row["key"] for row in stored["rows"]} == {
+        "ankle/knee-pretrained/classify/orthodiff-probe/1/seed0", "ankle/knee-pretrained/classify/resnet3d/1/seed0",
+        "ankle/knee-pretrained/segment/orthodiff-finetune/1/seed0",
+        "ankle/target-pretrained/classify/orthodiff-probe/1/seed0",
+        "ankle/target-pretrained/segment/orthodiff-finetune/1/seed0",
+    }
+    assert result.computed == 5
+    # the knee denoisers were reused, not retrained; the ankle ones were pretrained on ankle scans
+    assert not (tmp_path / "cross-joint" / "knee").exists()
+    assert stored["knee_denoisers"] == str(knee.resolve())
+    ankle_denoiser = tmp_path / "cross-joint" / "ankle" / "pretrain" / "denoisers" / "sagittal" / "config.json"
+    assert ankle_denoiser.exists()
+    by_key = {row["key"]: row for row in stored["rows"]}
+    own_probe = json.loads((tmp_path / "cross-joint" / by_key[
+        "ankle/target-pretrained/classify/orthodiff-probe/1/seed0"]["run_dir"] / "run.json").read_text())
+    knee_probe = json.loads((tmp_path / "cross-joint" / by_key[
+        "ankle/knee-pretrained/classify/orthodiff-probe/1/seed0"]["run_dir"] / "run.json").read_text())
+    assert own_probe["features"]["store"] != knee_probe["features"]["store"]
+    report = (tmp_path / "cross-joint" / "report.md").read_text()
+    assert "| orthodiff-probe (ankle-pretrained) |" in report and "| orthodiff-probe |" in report
+    assert "orthodiff-probe (ankle-pretrained) at 100%: resnet3d" in report
+    assert (tmp_path / "cross-joint" / "ankle_classify.png").stat().st_size > 1000
+
+
+def test_robustness_holds_the_domain_out_of_training_and_pretraining(bench, tmp_path):
+    grid = ["seeds=[0]", "methods=[orthodiff-probe,resnet3d]"]
+    result = run_bench("robustness", "test", tmp_path / "robustness", grid)
+    stored = json.loads((tmp_path / "robustness" / "results.json").read_text())
+    assert {row["key"] for row in stored["rows"]} == {
+        "knee/unseen-field-strength/classify/orthodiff-probe/1/seed0",
+        "knee/unseen-field-strength/classify/resnet3d/1/seed0",
+    }
+    assert result.computed == 2
+    root = tmp_path / "robustness" / "knee"
+    splits = load_splits(root / "splits-unseen-field-strength.json")
+    pretrain_config = root / "pretrain-unseen-field-strength" / "config.yaml"
+    import yaml
+
+    # pretraining read the domain-shift splits, whose train and val hold no 1.5 T patient
+    assert yaml.safe_load(pretrain_config.read_text())["data"]["splits"] == str(root / "splits-unseen-field-strength.json")
+    strengths = {str(p): float(s) for p, s in _field_strengths(root).items()}
+    assert all(strengths[p] != 1.5 for p in splits.train + splits.val)
+    assert any(strengths[p] == 1.5 for p in splits.test)
+    report = (tmp_path / "robustness" / "report.md").read_text()
+    assert "1.5T (unseen)" in report and "| orthodiff-probe |" in report and "| resnet3d |" in report
+    assert (tmp_path / "robustness" / "unseen-field-strength.png").exists()
+
+
+def _field_strengths(root: Path) -> dict:
+    import pandas as pd
+
+    manifest = pd.read_parquet(root / "manifest.parquet").drop_duplicates("patient_id")
+    return dict(zip(manifest["patient_id"], manifest["field_strength"]))

@@ -63,7 +63,12 @@ def cell_config(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> Experime
         ft = replace(ft, mode="partial", init="scratch", encoder_lr_scale=1.0, **common)
     else:
         ft = replace(ft, **common)
-    base_epochs = preset.segment_epochs if cell.task == "segment" else ft.epochs
+    if cell.task == "segment":
+        base_epochs = preset.segment_epochs
+    elif cell.method == "orthodiff-probe" and preset.probe_epochs:
+        base_epochs = preset.probe_epochs
+    else:
+        base_epochs = ft.epochs
     ft = replace(ft, epochs=cell_epochs(preset, inputs.splits, cell.fraction, int(base_epochs), int(ft.batch_size)))
     return replace(
         config,

@@ -3,7 +3,10 @@ shoulder) for diagnosis and segmentation, against the same networks trained from
 supervised baselines, at 100% and 10% of the new joint's training labels.
 
 The knee denoisers are pretrained once on the knee archive's training and validation patients;
-the target joints' scans are never seen in pretraining.
+the target joints' scans are never seen in that pretraining. With ``target_pretraining`` the
+orthodiff methods also run on denoisers pretrained on the target joint's own unlabeled training
+and validation scans (scenario ``target-pretrained``), which tells whether an archive of the new
+joint is worth pretraining on.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .workspace import prepare_joint, pretrain
 
 BENCH = "cross-joint"
 SCENARIO = "knee-pretrained"
+TARGET_SCENARIO = "target-pretrained"
 SCRATCH = ("scratch-unet", "resnet3d", "mrnet2d")
 
 
@@ -31,6 +35,11 @@ def cross_joint_cells(preset: BenchPreset) -> list[Cell]:
             for fraction in sorted(preset.cross_joint_fractions, reverse=True):
                 cells += [Cell(joint, SCENARIO, "classify", m, float(fraction), int(seed)) for m in preset.methods]
                 cells += [Cell(joint, SCENARIO, "segment", m, float(fraction), int(seed)) for m in preset.segment_methods]
+                if preset.target_pretraining:
+                    cells += [Cell(joint, TARGET_SCENARIO, "classify", m, float(fraction), int(seed))
+                              for m in preset.methods if m in PRETRAINED_METHODS]
+                    cells += [Cell(joint, TARGET_SCENARIO, "segment", m, float(fraction), int(seed))
+                              for m in preset.segment_methods if m in PRETRAINED_METHODS]
     return cells
 
 
@@ -45,11 +54,19 @@ def run_cross_joint(preset: BenchPreset, out: Path, header: dict):
                            lambda: pretrain(knee.config, knee.splits, knee.root / "pretrain"))
     targets = {joint: stage(BENCH, f"{joint} data", lambda j=joint: prepare_joint(preset, out, j))
                for joint in preset.cross_joint_targets}
+    own = {}
+    if preset.target_pretraining:
+        own = {joint: stage(BENCH, f"{joint} pretraining (its own unlabeled scans)",
+                            lambda d=data: pretrain(d.config, d.splits, d.root / "pretrain"))
+               for joint, data in targets.items()}
     results = ResultsFile.open(out / "results.json", {**header, "pretrained_on": "knee",
                                                       "knee_denoisers": str(Path(pretrained).resolve())})
 
     def inputs_for(cell: Cell) -> CellInputs:
         data = targets[cell.joint]
+        if cell.scenario == TARGET_SCENARIO:
+            return CellInputs(config=data.config, splits=data.splits_for_seed(cell.seed), pretrained=own[cell.joint],
+                              features=data.root / "features-own" / f"seed{cell.seed}", runs=data.root / "runs-own")
         return CellInputs(config=data.config, splits=data.splits_for_seed(cell.seed), pretrained=pretrained,
                           features=data.root / "features" / f"seed{cell.seed}", runs=data.root / "runs")
 
@@ -69,14 +86,23 @@ def _existing_denoisers(folder: Path) -> Path:
     return folder
 
 
+def report_method(row: dict) -> str:
+    """The method's name in tables: target-pretrained runs are their own rows."""
+    return f"{row['method']} ({row['joint']}-pretrained)" if row["scenario"] == TARGET_SCENARIO else row["method"]
+
+
 def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Path):
-    rows = [r for r in results.rows if r["seed"] in preset.seeds]  # the seeds asked for
+    # the seeds asked for; each row under the name its table shows
+    rows = [{**r, "method": report_method(r)} for r in results.rows if r["seed"] in preset.seeds]
+    own_pretraining = any(r["scenario"] == TARGET_SCENARIO for r in rows)
     pooler = Pooler(rows, preset.n_bootstrap, root=results.path.parent)
     lines = ["# Cross-joint bench (knee-pretrained denoisers on new joints)", "",
              f"Command: `{results.header.get('command', '')}`", "",
              f"Preset `{preset.name}`: knee pretraining on {preset.studies['knee']} synthetic knee studies' "
              "training scans; targets " + ", ".join(f"{j} ({preset.studies[j]} studies)" for j in preset.cross_joint_targets)
-             + f"; seeds {preset.seeds}. Mean over seeds [95% patient-bootstrap interval of the mean] ± seed SD.", ""]
+             + f"; seeds {preset.seeds}. Mean over seeds [95% patient-bootstrap interval of the mean] ± seed SD."
+             + (" Methods marked (<joint>-pretrained) use denoisers pretrained on that joint's own unlabeled "
+                "training scans instead of the knee's." if own_pretraining else ""), ""]
     files, headline = [], []
     for joint in preset.cross_joint_targets:
         for task, metric in (("classify", "macro AUROC"), ("segment", "mean Dice")):
@@ -93,7 +119,7 @@ def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Pat
                 lines.append(f"| {method} | " + " | ".join(fmt_pooled(p) for p in pooled) + " |")
                 for f, p in zip(fractions, pooled):
                     groups[f"{f:.0%}"][method] = (p.value, p.ci_low, p.ci_high)
-            mine = [m for m in methods if m in PRETRAINED_METHODS]
+            mine = [m for m in methods if m not in SCRATCH]
             others = [m for m in methods if m in SCRATCH]
             if mine and others:
                 lines += ["", "Paired differences (orthodiff minus baseline):", ""]

@@ -37,6 +37,9 @@ class BenchPreset:
     resnet3d: dict = field(default_factory=dict)  # build_baseline("resnet3d", ...) options
     mrnet2d: dict = field(default_factory=dict)  # build_baseline("mrnet2d", ...) options
     segment_epochs: int = 10
+    # probe epochs (0: finetune.epochs). A probe trains on cached features, so an epoch costs a fraction
+    # of a second: it gets trained to convergence (best validation epoch kept), as linear evaluation is.
+    probe_epochs: int = 0
     # small label subsets give few batches per epoch: every cell trains at least this many optimizer steps
     min_steps: int = 0
     n_bootstrap: int = 1000
@@ -45,6 +48,9 @@ class BenchPreset:
     # cross-joint: a folder holding knee denoisers/<plane> (e.g. <label-fraction out>/knee/pretrain) to
     # reuse instead of pretraining on the knee again; empty: pretrain here
     knee_pretrained: str = ""
+    # cross-joint: also pretrain denoisers on each target joint's own unlabeled training scans and run
+    # the orthodiff methods on them too (scenario "target-pretrained"), beside the knee-pretrained ones
+    target_pretraining: bool = False
     # robustness scenarios: name -> {"column": site | field_strength, "held_out": value}
     robustness: dict = field(default_factory=dict)
     # torch CPU threads (0: torch's default). One thread per process is fastest on a shared 2-core machine.
@@ -144,6 +150,7 @@ PRESETS = {
         resnet3d={"widen_factor": 0.125},
         mrnet2d={"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}},
         segment_epochs=3,
+        probe_epochs=30,
         min_steps=12,
         n_bootstrap=1000,
         robustness=dict(_SHARED_SCENARIOS),
@@ -170,8 +177,10 @@ PRESETS = {
         baseline_epochs=50,
         mrnet2d={"backbone": "resnet18"},
         segment_epochs=50,
+        probe_epochs=100,
         segment_fractions=[1.0, 0.5, 0.25, 0.1, 0.05],
         n_bootstrap=2000,
+        target_pretraining=True,
         robustness=dict(_SHARED_SCENARIOS),
     ),
 }
