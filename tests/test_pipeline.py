@@ -144,3 +144,48 @@ def test_heat_maps_reach_the_series_grid_as_to_source_geometry_does(built):
         one = to_source_geometry(maps[index], tensor_affine, volume.array.shape, volume.affine, is_label=False)
         np.testing.assert_allclose(batched[index], one, atol=1e-5)
     assert batched.shape == (2, *volume.array.shape) and batched.max() > 0
+
+
+def test_an_ehr_head_predicts_as_it_was_trained(built, tmp_path):
+    """A head with late EHR fusion, exported and given each study's metadata, gives the fine-tuning
+    run's own probabilities: the pipeline encodes age/sex/height/weight as training did."""
+    import pandas as pd
+    from pipeline_fixtures import _overrides
+
+    from orthodiff.config import load_config
+    from orthodiff.data.datasets import StudyDataset
+    from orthodiff.data.splits import load_splits
+    from orthodiff.finetune.run import run_finetune
+
+    run = tmp_path / "classify-ehr"
+    run_finetune(load_config(["tiny"], _overrides(built["root"]) + [
+        f"finetune.output_dir={run}", "finetune.task=classify", "finetune.use_ehr=true", "finetune.epochs=10"]))
+    pipeline = OrthoDiffusionPipeline.from_runs(run)
+    pipeline.save_pretrained(tmp_path / "pipeline")
+    pipeline = OrthoDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    spec = pipeline.config["classifier"]
+    assert spec["use_ehr"] and spec["ehr_columns"] == ["age", "sex", "height", "weight"]
+    assert set(spec["ehr_stats"]) == {"age", "height", "weight"}
+
+    metadata = pd.read_csv(built["archive"] / "metadata.csv").set_index("study_id")
+    trained = pd.read_csv(run / "predictions.csv").set_index("study_id")
+    # the encoding training used: the training patients' statistics, then each study's own values
+    training = StudyDataset(built["cache"], load_splits(built["root"] / "splits.json").train)
+    everyone = StudyDataset(built["cache"], ehr_stats=training.ehr_stats)
+    checked, moved = 0, 0.0
+    for study_id in trained.index[:6]:
+        folder = built["archive"] / metadata.loc[study_id, "patient_id"] / study_id
+        volumes = {p: read_volume(folder / f"{p}.nii.gz") for p in PLANES if (folder / f"{p}.nii.gz").exists()}
+        # the scanned metadata (the tiny archive gives one patient conflicting sex: unknown after the scan)
+        meta = everyone.study_row(study_id)[["age", "sex", "height", "weight"]].to_dict()
+        encoded = pipeline.encode_ehr(meta).cpu()[0]
+        assert torch.allclose(encoded, everyone.encode_ehr(everyone.study_row(study_id)), atol=1e-5)
+        with_ehr = pipeline.predict_study(volumes, study_id, metadata=meta, explain=False, segment=False)
+        # the cache and feature store hold float16; the pipeline computes in float32
+        for label in pipeline.labels:
+            assert with_ehr.probabilities[label] == pytest.approx(trained.loc[study_id, f"prob_{label}"], abs=0.01)
+        without = pipeline.predict_study(volumes, study_id, metadata=None, explain=False, segment=False)
+        moved = max(moved, max(abs(with_ehr.probabilities[n] - without.probabilities[n]) for n in pipeline.labels))
+        checked += 1
+    assert checked == 6
+    assert moved > 1e-4, "the EHR values never changed a probability: the head ignores them"

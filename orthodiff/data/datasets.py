@@ -125,17 +125,7 @@ class StudyDataset(Dataset):
         return stats
 
     def _ehr(self, row) -> torch.Tensor:
-        values, flags = [], []
-        for column in self.ehr_columns:
-            if column == "sex":
-                value = _SEX_CODES.get(str(row[column]).strip().lower(), math.nan)
-            else:
-                mean, std = self.ehr_stats.get(column, (0.0, 1.0))
-                value = (_number(row[column]) - mean) / std
-            missing = not math.isfinite(value)
-            values.append(0.0 if missing else value)
-            flags.append(1.0 if missing else 0.0)
-        return torch.tensor(values + flags, dtype=torch.float32)
+        return encode_ehr(row, self.ehr_columns, self.ehr_stats)
 
     def study_row(self, study_id: str):
         """The study's metadata and labels (its first index row), without reading any image."""
@@ -219,6 +209,25 @@ def collate_studies(items: list[dict]) -> dict:
         batch["segs"] = {plane: torch.stack([item["segs"][plane] for item in items]) for plane in items[0]["segs"]}
         batch["seg_present"] = torch.stack([item["seg_present"] for item in items])
     return batch
+
+
+def encode_ehr(values, columns: Sequence[str], stats: dict) -> torch.Tensor:
+    """(2 x len(columns),) float32: each column's value (numeric ones standardised with ``stats``
+    {column: (mean, std)}; sex 1 for M, 0 for F), then one missing flag per column. A missing or
+    unreadable value is 0 with its flag 1. ``values``: a mapping or an index row; training and
+    prediction both encode through here."""
+    encoded, flags = [], []
+    for column in columns:
+        raw = values.get(column) if hasattr(values, "get") else None
+        if column == "sex":
+            value = _SEX_CODES.get(str(raw).strip().lower(), math.nan)
+        else:
+            mean, std = stats.get(column, (0.0, 1.0))
+            value = (_number(raw) - mean) / std
+        missing = not math.isfinite(value)
+        encoded.append(0.0 if missing else value)
+        flags.append(1.0 if missing else 0.0)
+    return torch.tensor(encoded + flags, dtype=torch.float32)
 
 
 def _number(value) -> float:

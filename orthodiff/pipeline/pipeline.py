@@ -288,7 +288,7 @@ class OrthoDiffusionPipeline:
         cls_spec = self.config["classifier"]
         maps = self._plane_maps(self.denoisers, cls_spec, features["classifier"], [cls_spec["block"]])
         maps = {p: blocks[cls_spec["block"]] for p, blocks in maps.items()}
-        ehr = self._ehr(metadata) if cls_spec.get("use_ehr") else None
+        ehr = self.encode_ehr(metadata) if cls_spec.get("use_ehr") else None
         with torch.no_grad():
             probs = torch.sigmoid(self.classifier(maps, present, ehr).float())[0].cpu().numpy()
         thresholds = self.thresholds
@@ -390,27 +390,13 @@ class OrthoDiffusionPipeline:
             item.segmentation = to_source_geometry(labels, item.tensor_affine, item.source_shape, item.source_affine,
                                                    is_label=True)
 
-    def _ehr(self, metadata: Mapping | None) -> torch.Tensor:
-        """Standardised age/height/weight, sex 0/1, then one missing flag per column (as in training)."""
-        import math
+    def encode_ehr(self, metadata: Mapping | None) -> torch.Tensor:
+        """(1, E) EHR input of the diagnosis head, encoded as in training (``data.datasets.encode_ehr``)
+        with the training patients' statistics; a value ``metadata`` lacks counts as missing."""
+        from ..data.datasets import encode_ehr
 
         spec = self.config["classifier"]
-        metadata = metadata or {}
-        values, flags = [], []
-        for column in spec["ehr_columns"]:
-            raw = metadata.get(column)
-            if column == "sex":
-                value = {"m": 1.0, "male": 1.0, "f": 0.0, "female": 0.0}.get(str(raw).strip().lower(), math.nan)
-            else:
-                mean, std = spec["ehr_stats"].get(column, (0.0, 1.0))
-                try:
-                    value = (float(raw) - mean) / std
-                except (TypeError, ValueError):
-                    value = math.nan
-            missing = not math.isfinite(value)
-            values.append(0.0 if missing else value)
-            flags.append(1.0 if missing else 0.0)
-        return torch.tensor([values + flags], dtype=torch.float32, device=self.device)
+        return encode_ehr(metadata or {}, spec["ehr_columns"], spec["ehr_stats"]).unsqueeze(0).to(self.device)
 
 
 # ------------------------------------------------------------------------------- builders
