@@ -203,3 +203,17 @@ def _field_strengths(root: Path) -> dict:
 
     manifest = pd.read_parquet(root / "manifest.parquet").drop_duplicates("patient_id")
     return dict(zip(manifest["patient_id"], manifest["field_strength"]))
+
+
+@pytest.mark.parametrize("name", ["test", "small", "paper"])
+def test_every_preset_gives_a_valid_experiment_config(name, tmp_path):
+    from orthodiff.bench.presets import PRESETS
+    from orthodiff.bench.workspace import joint_config
+
+    preset, _ = resolve_preset(name)
+    config = joint_config(preset, tmp_path / "knee", "knee")  # unknown keys or wrong types raise here
+    assert config.data.joint == "knee" and config.data.splits == str(tmp_path / "knee" / "splits.json")
+    assert set(preset.studies) >= {"knee", *preset.cross_joint_targets}
+    assert preset.methods == list(PRESETS[name].methods)
+    if name == "paper":  # the reference sizes
+        assert config.data.plane_size["sagittal"] == [16, 256, 256] and config.model.base_channels == 64
