@@ -56,6 +56,9 @@ def test_label_fraction_grid_writes_rows_report_and_plots(bench):
     assert info["task"] == "classify" and info["baseline"] == "resnet3d" and info["init"] == "scratch"
     report = (out / "report.md").read_text()
     assert "| orthodiff-probe |" in report and "| resnet3d |" in report and "Segmentation" in report
+    # per-label AUROC carries its pooled interval too: "| resnet3d | 100% | 0.71 [0.52, 0.88] | ..."
+    per_label = [line for line in report.splitlines() if line.startswith("| resnet3d | 100% |")]
+    assert len(per_label) == 1 and per_label[0].count("[") >= 1
     assert (out / "auroc_vs_fraction.png").stat().st_size > 1000
     assert (out / "dice_vs_fraction.png").exists()
 

@@ -122,7 +122,7 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
             lines.append(verdict)
             headline.append(verdict[2:])
 
-    lines += _per_label_table(rows, methods, [f for f in (high, low) if f in fractions])
+    lines += _per_label_table(rows, pooler, methods, [f for f in (high, low) if f in fractions])
     seg_methods = [m for m in preset.segment_methods if select(rows, task="segment", method=m)]
     seg_series = {}
     if seg_methods:
@@ -156,24 +156,19 @@ def _clearly_above(diff) -> bool:
     return bool(diff) and diff.get("ci_low") is not None and diff["ci_low"] > 0
 
 
-def _per_label_table(rows, methods, fractions) -> list[str]:
-    """Per-label AUROC (mean over seeds of each run's point value) at the headline fractions."""
-    import numpy as np
-
+def _per_label_table(rows, pooler: Pooler, methods, fractions) -> list[str]:
+    """Per-label AUROC at the headline fractions: seed mean [95% patient-bootstrap interval]."""
     labels = list(dict.fromkeys(label for r in rows if r["task"] == "classify" for label in r["auroc"]))
     if not labels or not fractions:
         return []
-    lines = ["", "## Per-label AUROC (mean over seeds)", "",
+    lines = ["", "## Per-label AUROC (mean over seeds [95% patient-bootstrap interval])", "",
              "| method | labels | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     for fraction in fractions:
         for method in methods:
             chosen = select(rows, task="classify", method=method, fraction=fraction)
             if not chosen:
                 continue
-            values = []
-            for label in labels:
-                points = [r["auroc"][label]["value"] for r in chosen if r["auroc"].get(label, {}).get("value") is not None]
-                values.append(f"{np.mean(points):.3f}" if points else "-")
+            values = [fmt(pooler.pooled(chosen, label).as_dict(), digits=2) for label in labels]
             lines.append(f"| {method} | {fraction:.0%} | " + " | ".join(values) + " |")
     return lines
 

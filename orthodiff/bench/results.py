@@ -133,18 +133,24 @@ class Pooler:
             raise ValueError("runs of one group were tested on different patients")
         return counts[:, np.searchsorted(known, patients)]
 
-    def pooled(self, rows: list) -> Pooled:
+    def pooled(self, rows: list, label: str | None = None) -> Pooled:
+        """The seed mean of the rows' macro AUROC (mean Dice for segmentation), or of one label's
+        AUROC, with its patient-bootstrap interval."""
         if not rows:
             return Pooled(None, None, None, None, 0)
-        cache_key = tuple(sorted(r["key"] for r in rows))
+        cache_key = (tuple(sorted(r["key"] for r in rows)), label)
         if cache_key in self._cache:
             return self._cache[cache_key]
-        metric = "macro_auroc" if rows[0]["task"] == "classify" else "mean_dice"
-        values = [r[metric]["value"] for r in rows if r[metric]["value"] is not None]
+        if label is not None:
+            estimates = [r["auroc"].get(label, {}) for r in rows]
+        else:
+            metric = "macro_auroc" if rows[0]["task"] == "classify" else "mean_dice"
+            estimates = [r[metric] for r in rows]
+        values = [e["value"] for e in estimates if e.get("value") is not None]
         point = float(np.mean(values)) if values else None
         sd = float(np.std(values, ddof=1)) if len(values) > 1 else None
         try:
-            replicates = self._replicates(rows)
+            replicates = self._replicates(rows, label)
         except (OSError, OrthodiffError, KeyError, ValueError):
             replicates = None
         if replicates is not None and np.isfinite(replicates).any():
@@ -153,15 +159,15 @@ class Pooler:
             low, high, _ = percentile_interval(replicates)
             result = Pooled(point, low, high, sd, len(values), replicates)
         else:
-            lows = [r[metric]["ci_low"] for r in rows if r[metric].get("ci_low") is not None]
-            highs = [r[metric]["ci_high"] for r in rows if r[metric].get("ci_high") is not None]
+            lows = [e["ci_low"] for e in estimates if e.get("ci_low") is not None]
+            highs = [e["ci_high"] for e in estimates if e.get("ci_high") is not None]
             result = Pooled(point, float(np.mean(lows)) if lows else None, float(np.mean(highs)) if highs else None,
                             sd, len(values), None, "mean of the seeds' intervals")
         self._cache[cache_key] = result
         return result
 
-    def _replicates(self, rows: list) -> np.ndarray | None:
-        """(n_bootstrap,) seed-mean metric per resample of the test patients."""
+    def _replicates(self, rows: list, label: str | None = None) -> np.ndarray | None:
+        """(n_bootstrap,) seed-mean metric (macro, or ``label``'s AUROC) per resample of the test patients."""
         from ..evaluation.bootstrap import weighted_auroc, weighted_mean
 
         group = (rows[0]["joint"], rows[0]["scenario"], rows[0]["task"])
@@ -169,7 +175,8 @@ class Pooler:
         for row in rows:
             run_dir = self.root / row["run_dir"]
             if row["task"] == "classify":
-                labels = [name for name, est in row["auroc"].items() if est["value"] is not None]
+                labels = [name for name, est in row["auroc"].items() if est["value"] is not None
+                          and (label is None or name == label)]
                 if not labels:
                     continue
                 scores = _test_patient_scores(run_dir, labels)
