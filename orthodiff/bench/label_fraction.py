@@ -109,8 +109,8 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
                              f"{fmt_pooled(pooler.pooled(at_low))} | {fmt_diff(pooler.difference(mine, at_low))} | "
                              f"{fmt_pooled(pooler.pooled(at_high))} | {fmt_diff(pooler.difference(mine, at_high))} |")
         best_high = max(scratch, key=lambda b: pooler.pooled(cells("classify", b, high)).value or -1)
-        lines += ["", ("Aims of the benchmark: orthodiff at 10% within 0.03 macro AUROC of the best scratch baseline at 100%, "
-                  "and above every scratch baseline at 10% by more than the interval."), ""]
+        lines += ["", ("Aims of the benchmark: orthodiff at 10% within 0.03 macro AUROC of the best scratch "
+                  "baseline at 100%, and above every scratch baseline at 10% by more than the interval."), ""]
         for method in orthodiff:
             mine = cells("classify", method, low)
             gap = pooler.difference(mine, cells("classify", best_high, high))
