@@ -13,9 +13,6 @@ Directory layout (safetensors and JSON only; nothing is unpickled when it is loa
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import OrthodiffError, ScanError
-from ..fileio import atomic_path, read_json, write_json
+from ..fileio import atomic_directory, atomic_path, read_json, write_json
 from ..io.volume import Volume
 from ..planes import PLANES
 
@@ -204,9 +201,9 @@ class OrthoDiffusionPipeline:
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-        try:
+        if directory.exists() and not (directory / CONFIG_NAME).exists() and any(directory.iterdir()):
+            raise OrthodiffError(f"{directory}: exists and is not a pipeline directory; choose a new folder")
+        with atomic_directory(directory) as staging:
             for plane, denoiser in self.denoisers.items():
                 denoiser.save_pretrained(staging / "denoisers" / plane)
             _save_module(self.classifier, staging / CLASSIFIER_WEIGHTS, save_file)
@@ -216,11 +213,6 @@ class OrthoDiffusionPipeline:
                         denoiser.save_pretrained(staging / "segment_denoisers" / plane)
                 _save_module(self.segmenter, staging / SEGMENTER_WEIGHTS, save_file)
             write_json(staging / CONFIG_NAME, self.config)
-            _readable(staging)
-            _replace_directory(staging, directory)
-        finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
         return directory
 
     @classmethod
@@ -510,24 +502,3 @@ def _save_module(module: torch.nn.Module, path: Path, save_file) -> None:
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt", "orthodiff": FORMAT})
-
-
-def _readable(root: Path) -> None:
-    """Temporary files and folders are private (0600/0700); a shipped pipeline is readable as the umask allows."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-    """Rename ``staging`` onto ``directory``; an existing one is moved aside first, then removed."""
-    if directory.exists():
-        if not (directory / CONFIG_NAME).exists() and any(directory.iterdir()):
-            raise OrthodiffError(f"{directory}: exists and is not a pipeline directory; choose a new folder")
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        os.replace(directory, old)
-        os.replace(staging, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, directory)

@@ -16,10 +16,7 @@ and renamed when complete, so a folder that exists is whole.
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OrthodiffError, ScanError
-from ..fileio import write_json, write_table
+from ..fileio import atomic_directory, write_json, write_table
 from .inputs import StudyInput, collect_studies
 
 PREDICTION_FORMAT = "orthodiff-prediction"
@@ -108,13 +105,8 @@ def predict_one(pipeline, study: StudyInput, out: Path, explain: bool = True, pi
             notes[plane] = f"{plane} series {row['series_id']} unreadable: {_one_line(exc)}"
     prediction = pipeline.predict_study(volumes, study.study_id, metadata=study.metadata, explain=explain, notes=notes)
     folder = out / safe_name(study.study_id)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=out))
-    try:
+    with atomic_directory(folder) as staging:
         summary = _write_study(pipeline, prediction, paths, study, staging, pipeline_dir)
-        _replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 
@@ -177,20 +169,6 @@ def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray, unit_interval
     image.set_qform(affine, code=1)
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
-
-
-def _replace(staging: Path, folder: Path) -> None:
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [staging, *staging.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
-        os.replace(folder, old)
-        os.replace(staging, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, folder)
 
 
 def _summary_row(summary: dict) -> dict:

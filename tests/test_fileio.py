@@ -1,0 +1,34 @@
+"""Atomic writes: a folder is replaced whole or not at all."""
+
+import os
+
+import pytest
+
+from orthodiff.fileio import atomic_directory
+
+
+def test_atomic_directory_replaces_the_folder_whole(tmp_path):
+    target = tmp_path / "study"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with atomic_directory(target) as staging:
+        (staging / "new.txt").write_text("new")
+        assert not (target / "new.txt").exists()  # nothing visible until the block ends
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["study"]  # no staging or old folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o777 & ~umask  # as the umask allows, not mkdtemp's 0700
+    assert (target / "new.txt").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_directory_keeps_the_old_folder_when_writing_fails(tmp_path):
+    target = tmp_path / "study"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as staging:
+            (staging / "half.txt").write_text("half")
+            raise RuntimeError("disk full")
+    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["study"]
