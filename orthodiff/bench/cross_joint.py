@@ -65,10 +65,8 @@ def run_cross_joint(preset: BenchPreset, out: Path, header: dict):
     def inputs_for(cell: Cell) -> CellInputs:
         data = targets[cell.joint]
         if cell.scenario == TARGET_SCENARIO:
-            return CellInputs(config=data.config, splits=data.splits_for_seed(cell.seed), pretrained=own[cell.joint],
-                              features=data.root / "features-own" / f"seed{cell.seed}", runs=data.root / "runs-own")
-        return CellInputs(config=data.config, splits=data.splits_for_seed(cell.seed), pretrained=pretrained,
-                          features=data.root / "features" / f"seed{cell.seed}", runs=data.root / "runs")
+            return data.cell_inputs(cell.seed, own[cell.joint], tag="own")
+        return data.cell_inputs(cell.seed, pretrained)
 
     computed = run_grid(cross_joint_cells(preset), inputs_for, preset, results, BENCH)
     report, files, headline = write_cross_joint_report(results, preset, out)

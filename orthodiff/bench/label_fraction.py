@@ -47,8 +47,7 @@ def run_label_fraction(preset: BenchPreset, out: Path, header: dict):
     results = ResultsFile.open(out / "results.json", {**header, "joint": JOINT, "test_set": str(data.splits)})
 
     def inputs_for(cell: Cell) -> CellInputs:
-        return CellInputs(config=data.config, splits=data.splits_for_seed(cell.seed), pretrained=pretrained,
-                          features=data.root / "features" / f"seed{cell.seed}", runs=data.root / "runs")
+        return data.cell_inputs(cell.seed, pretrained)
 
     computed = run_grid(label_fraction_cells(preset), inputs_for, preset, results, BENCH)
     report, files, headline = write_label_fraction_report(results, preset, out)

@@ -67,6 +67,11 @@ _SHARED_SCENARIOS = {
     "unseen-field-strength": {"column": "field_strength", "held_out": 1.5},
 }
 
+def _plane_size(depth: int, side: int) -> list[str]:
+    """The same plane-tensor size for all three planes."""
+    return [f"data.plane_size.{plane}=[{depth},{side},{side}]" for plane in ("sagittal", "coronal", "axial")]
+
+
 _TINY_NETWORK = [
     "model.base_channels=8",
     "model.channel_mult=[1,2,2]",
@@ -81,9 +86,7 @@ PRESETS = {
         studies={"knee": 24, "ankle": 16, "shoulder": 16},
         matrix=32,
         config=[
-            "data.plane_size.sagittal=[4,16,16]",
-            "data.plane_size.coronal=[4,16,16]",
-            "data.plane_size.axial=[4,16,16]",
+            *_plane_size(4, 16),
             "data.val_fraction=0.25",
             "data.test_fraction=0.3",
             *_TINY_NETWORK,
@@ -118,16 +121,10 @@ PRESETS = {
         studies={"knee": 120, "ankle": 80, "shoulder": 80},
         matrix=64,
         config=[
-            "data.plane_size.sagittal=[8,32,32]",
-            "data.plane_size.coronal=[8,32,32]",
-            "data.plane_size.axial=[8,32,32]",
+            *_plane_size(8, 32),
             "data.val_fraction=0.2",
             "data.test_fraction=0.25",
-            "model.base_channels=8",
-            "model.channel_mult=[1,2,2]",
-            "model.attention_levels=[false,false,true]",
-            "model.num_head_channels=8",
-            "model.norm_num_groups=8",
+            *_TINY_NETWORK,
             "pretrain.max_steps=150",
             "pretrain.warmup_steps=10",
             "pretrain.batch_size=4",
@@ -161,9 +158,7 @@ PRESETS = {
         studies={"knee": 2000, "ankle": 400, "shoulder": 400},
         matrix=256,
         config=[
-            "data.plane_size.sagittal=[16,256,256]",
-            "data.plane_size.coronal=[16,256,256]",
-            "data.plane_size.axial=[16,256,256]",
+            *_plane_size(16, 256),
             "pretrain.max_steps=50000",
             "pretrain.batch_size=8",
             "pretrain.tracker=none",

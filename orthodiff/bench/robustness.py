@@ -45,9 +45,8 @@ def run_robustness(preset: BenchPreset, out: Path, header: dict):
     results = ResultsFile.open(out / "results.json", {**header, "scenarios": preset.robustness})
 
     def inputs_for(cell: Cell) -> CellInputs:
-        return CellInputs(config=data.config, splits=splits[cell.scenario], pretrained=pretrained.get(cell.scenario),
-                          features=data.root / f"features-{cell.scenario}" / f"seed{cell.seed}",
-                          runs=data.root / f"runs-{cell.scenario}")
+        return data.cell_inputs(cell.seed, pretrained.get(cell.scenario), splits=splits[cell.scenario],
+                                tag=cell.scenario)
 
     computed = run_grid(robustness_cells(preset), inputs_for, preset, results, BENCH)
     report, files, headline = write_robustness_report(results, preset, out)

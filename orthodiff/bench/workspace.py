@@ -32,6 +32,15 @@ class JointData:
     def splits(self) -> Path:
         return Path(self.config.data.splits)
 
+    def cell_inputs(self, seed: int, pretrained: Path | None, splits: Path | None = None, tag: str = ""):
+        """What a cell of this joint trains on: seed ``seed``'s splits (or ``splits``), the denoisers
+        under ``pretrained``, and a feature store and run folder kept apart per ``tag``."""
+        from .cells import CellInputs
+
+        suffix = f"-{tag}" if tag else ""
+        return CellInputs(config=self.config, splits=splits or self.splits_for_seed(seed), pretrained=pretrained,
+                          features=self.root / f"features{suffix}" / f"seed{int(seed)}", runs=self.root / f"runs{suffix}")
+
     def splits_for_seed(self, seed: int) -> Path:
         """Splits whose training subsets were drawn with ``seed`` (the base file for seed 0)."""
         if int(seed) == 0:
