@@ -7,15 +7,16 @@ import sys
 import pytest
 
 
+def _quick_demo(out):
+    """``orthodiff demo --quick`` in its own process, as a user runs it."""
+    command = [sys.executable, "-m", "orthodiff", "demo", "--quick", "--out", str(out)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
 @pytest.mark.slow
 def test_quick_demo_runs_every_stage_and_writes_its_report(tmp_path):
     out = tmp_path / "demo"
-    result = subprocess.run(
-        [sys.executable, "-m", "orthodiff", "demo", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = _quick_demo(out)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "macro AUROC" in result.stdout and "mean Dice" in result.stdout
 
@@ -44,12 +45,7 @@ def test_quick_demo_runs_every_stage_and_writes_its_report(tmp_path):
     assert (out / "pipeline" / "pipeline.json").exists()
 
     # A second run resumes: every artifact exists, so nothing is retrained.
-    again = subprocess.run(
-        [sys.executable, "-m", "orthodiff", "demo", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    again = _quick_demo(out)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
 
