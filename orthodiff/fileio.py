@@ -70,6 +70,21 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def read_format_json(path: str | os.PathLike, fmt: str, what: str, damaged: str) -> dict:
+    """A JSON object whose ``format`` field is ``fmt`` (an orthodiff ``what``); a file that is not
+    JSON, or another format, is one line (``damaged`` says what to do). Versions are the caller's."""
+    from .errors import OrthodiffError
+
+    try:
+        data = read_json(path)
+    except ValueError as exc:
+        raise OrthodiffError(f"{path}: not valid JSON ({exc}); {damaged}") from None
+    found = data.get("format") if isinstance(data, dict) else None
+    if found != fmt:
+        raise OrthodiffError(f"{path}: not an orthodiff {what} (format {found!r})")
+    return data
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

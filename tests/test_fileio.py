@@ -32,3 +32,19 @@ def test_atomic_directory_keeps_the_old_folder_when_writing_fails(tmp_path):
             raise RuntimeError("disk full")
     assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["study"]
+
+
+def test_format_json_refuses_damaged_and_foreign_files_in_one_line(tmp_path):
+    from orthodiff.errors import OrthodiffError
+    from orthodiff.fileio import read_format_json
+
+    damaged, foreign, good = tmp_path / "damaged.json", tmp_path / "foreign.json", tmp_path / "good.json"
+    damaged.write_text('{"format": "orthodiff-pipeline", ')
+    foreign.write_text('{"format": "something-else", "version": 1}')
+    good.write_text('{"format": "orthodiff-pipeline", "version": 1}')
+    with pytest.raises(OrthodiffError, match="damaged.json: not valid JSON .*save it again") as info:
+        read_format_json(damaged, "orthodiff-pipeline", "pipeline", "save it again")
+    assert "\n" not in str(info.value)
+    with pytest.raises(OrthodiffError, match="foreign.json: not an orthodiff pipeline \\(format 'something-else'\\)"):
+        read_format_json(foreign, "orthodiff-pipeline", "pipeline", "save it again")
+    assert read_format_json(good, "orthodiff-pipeline", "pipeline", "save it again")["version"] == 1

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import DenoiserConfig, DiffusionConfig
 from ..errors import OrthodiffError
-from ..fileio import atomic_path, read_json, write_json
+from ..fileio import atomic_path, read_format_json, write_json
 from ..planes import PLANES, check_plane
 from .diffusion import check_diffusion_config
 
@@ -331,12 +331,9 @@ def read_checkpoint_config(directory: Path) -> dict:
     path = Path(directory) / CONFIG_NAME
     if not path.exists():
         raise OrthodiffError(f"{directory}: not a denoiser checkpoint ({CONFIG_NAME} missing); give a denoisers/<plane> directory")
-    try:
-        saved = read_json(path)
-    except ValueError as exc:
-        raise OrthodiffError(f"{path}: not valid JSON ({exc}); the checkpoint is damaged") from exc
-    if saved.get("format") != FORMAT or not isinstance(saved.get("version"), int):
-        raise OrthodiffError(f"{path}: not an orthodiff denoiser config (format {saved.get('format')!r})")
+    saved = read_format_json(path, FORMAT, "denoiser config", "the checkpoint is damaged")
+    if not isinstance(saved.get("version"), int):
+        raise OrthodiffError(f"{path}: field 'version' missing or not an integer; the checkpoint is damaged")
     if saved["version"] > VERSION:
         raise OrthodiffError(f"{path}: written by a newer orthodiff (version {saved['version']}); upgrade orthodiff")
     for key in ("plane", "plane_size", "model"):

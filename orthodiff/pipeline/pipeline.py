@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import OrthodiffError, ScanError
-from ..fileio import atomic_directory, atomic_path, read_json, write_json
+from ..fileio import atomic_directory, atomic_path, read_format_json, write_json
 from ..io.volume import Volume
 from ..planes import PLANES
 
@@ -439,12 +439,7 @@ def read_pipeline_config(directory: Path) -> dict:
         raise OrthodiffError(f"{directory}: pipeline directory not found; save one with OrthoDiffusionPipeline.save_pretrained")
     if not path.exists():
         raise OrthodiffError(f"{directory}: not an orthodiff pipeline ({CONFIG_NAME} missing); give a folder written by save_pretrained")
-    try:
-        config = read_json(path)
-    except ValueError as exc:
-        raise OrthodiffError(f"{path}: not valid JSON ({exc}); the pipeline is damaged, save it again") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise OrthodiffError(f"{path}: not an orthodiff pipeline (format {config.get('format') if isinstance(config, dict) else None!r})")
+    config = read_format_json(path, FORMAT, "pipeline", "the pipeline is damaged, save it again")
     if config.get("version") != VERSION:
         raise OrthodiffError(
             f"{path}: pipeline format version {config.get('version')!r}, but this orthodiff reads version {VERSION}; "
