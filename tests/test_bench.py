@@ -220,3 +220,17 @@ def test_every_preset_gives_a_valid_experiment_config(name, tmp_path):
     assert preset.methods == list(PRESETS[name].methods)
     if name == "paper":  # the reference sizes
         assert config.data.plane_size["sagittal"] == [16, 256, 256] and config.model.base_channels == 64
+
+
+def test_per_label_and_macro_pools_keep_their_patient_bootstrap_in_any_order(bench):
+    out, _ = bench
+    rows = [r for r in json.loads((out / "results.json").read_text())["rows"]
+            if r["task"] == "classify" and r["method"] == "resnet3d"]
+    label = next(name for name, est in rows[0]["auroc"].items() if est["value"] is not None)
+    pooler = Pooler(rows, 50, root=out)
+    one_label = pooler.pooled(rows, label)  # first, so a macro pool after it must not reuse its patients
+    macro = pooler.pooled(rows)
+    for pooled in (one_label, macro):
+        assert pooled.replicates is not None and pooled.interval == "patient bootstrap of the seed mean"
+        assert pooled.ci_low <= pooled.value <= pooled.ci_high
+    assert one_label.value == pytest.approx(sum(r["auroc"][label]["value"] for r in rows) / len(rows))

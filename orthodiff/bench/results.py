@@ -170,7 +170,8 @@ class Pooler:
         """(n_bootstrap,) seed-mean metric (macro, or ``label``'s AUROC) per resample of the test patients."""
         from ..evaluation.bootstrap import weighted_auroc, weighted_mean
 
-        group = (rows[0]["joint"], rows[0]["scenario"], rows[0]["task"])
+        # one label's pool may see fewer patients (unknown labels) than the macro: its own resamples
+        group = (rows[0]["joint"], rows[0]["scenario"], rows[0]["task"], label)
         per_seed = []
         for row in rows:
             run_dir = self.root / row["run_dir"]
