@@ -16,6 +16,18 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
+class SeriesSelection:
+    """Which series of an archive a run uses; empty lists and null mean "any"."""
+
+    planes: list = field(default_factory=list)  # sagittal, coronal, axial
+    contrasts: list = field(default_factory=list)  # pd, t1, t2, stir, gre, other
+    fat_suppressed: Optional[bool] = None
+    description_regex: Optional[str] = None  # matched against SeriesDescription / ProtocolName
+    # when a study holds several series of one plane: the first rule that separates them wins
+    prefer: list = field(default_factory=lambda: ["fat_suppressed", "most_slices"])
+
+
+@dataclass
 class DataConfig:
     joint: str = "knee"
     archive: str = "runs/archive"
@@ -28,6 +40,9 @@ class DataConfig:
     )
     # mm: resample slices to this thickness before cropping to D (thin-slice 3D scans); null keeps them
     slice_spacing: Optional[float] = None
+    # crop: keep the central D slices; fit: resample across slices so the whole slab becomes D slices
+    slab: str = "crop"
+    series: SeriesSelection = field(default_factory=SeriesSelection)
     labels: list = field(default_factory=list)  # empty: every label column of the manifest
     ehr_columns: list = field(default_factory=lambda: ["age", "sex", "height", "weight"])
     val_fraction: float = 0.15
@@ -111,6 +126,11 @@ class FinetuneConfig:
     use_ehr: bool = False
     batch_size: int = 8
     epochs: int = 50
+    # optimizer steps instead of epochs when set; validation every eval_every steps (0: once an epoch),
+    # stopping after `patience` validations without improvement (null: never early)
+    max_steps: Optional[int] = None
+    eval_every: int = 0
+    patience: Optional[int] = None
     learning_rate: float = 1e-3
     encoder_lr_scale: float = 0.1
     weight_decay: float = 1e-4
