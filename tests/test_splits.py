@@ -136,3 +136,41 @@ def test_unknown_label_and_cli(tmp_path):
     main(["split", str(manifest), "--out", str(tmp_path / "cli.json"), "seed=2", "data.labels=[acl]"])
     splits = load_splits(tmp_path / "cli.json")
     assert splits.seed == 2 and splits.labels == ["acl"]
+
+
+def test_fractions_hold_their_share_of_training_patients_exactly(tmp_path):
+    frame = _manifest(n_patients=200)
+    splits = _split(tmp_path, frame=frame)
+    per_patient = frame.drop_duplicates("study_id").groupby("patient_id")[[f"label_{n}" for n in LABELS]].max()
+    n_train = len(splits.train)
+    for fraction in FRACTIONS:
+        subset = splits.subset(fraction)
+        # a positive for a missing label is swapped in, never added: the count is the stated share
+        assert len(subset) == max(1, round(fraction * n_train)), fraction
+        for label in ("acl", "meniscus"):
+            assert per_patient.loc[subset, f"label_{label}"].sum() > 0, (fraction, label)
+    # 'rare' (3 positives overall) still has one in the smallest subset when training has one
+    if per_patient.loc[splits.train, "label_rare"].sum() > 0:
+        assert per_patient.loc[splits.subset(0.05), "label_rare"].sum() > 0
+
+
+def test_validation_subsets_are_nested_and_used_at_a_fraction(tmp_path):
+    from orthodiff.finetune.studies import run_patients
+
+    splits = _split(tmp_path, frame=_manifest(n_patients=200))
+    larger = set(splits.val)
+    for fraction in FRACTIONS:
+        subset = set(splits.val_subset(fraction))
+        assert subset <= larger and len(subset) == max(1, round(fraction * len(splits.val))), fraction
+        larger = subset
+    again = load_splits(tmp_path / "splits.json")  # stored and read back
+    assert again.val_subset(0.1) == splits.val_subset(0.1)
+    assert run_patients(again, 0.1)["val"] == again.val_subset(0.1)
+    assert len(run_patients(again, 0.1)["val"]) < len(again.val)
+    assert sorted(run_patients(again, 1.0)["val"]) == sorted(again.val)
+    # a validation subset outside the validation split is refused on load
+    data = json.loads((tmp_path / "splits.json").read_text())
+    data["val_subsets"]["0.5"].append(data["train"][0])
+    (tmp_path / "splits.json").write_text(json.dumps(data))
+    with pytest.raises(OrthodiffError, match="validation subset"):
+        load_splits(tmp_path / "splits.json")

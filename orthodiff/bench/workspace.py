@@ -113,6 +113,8 @@ def write_reseeded_splits(base: Path, manifest: Path, seed: int, out: Path) -> P
     # an offset keeps seed k's draw apart from the base file's streams (seed + 100 + step)
     subsets = nested_subsets(list(splits.train), per_patient.loc[splits.train], fractions, 1000 * int(seed) + 7)
     stored["subsets"] = {f"{key:g}": sorted(value) for key, value in subsets.items()}
+    val_subsets = nested_subsets(list(splits.val), per_patient.loc[splits.val], fractions, 1000 * int(seed) + 57)
+    stored["val_subsets"] = {f"{key:g}": sorted(value) for key, value in val_subsets.items()}
     stored["subset_seed"] = int(seed)
     write_json(out, stored)
     load_splits(out)  # checks nesting and disjointness
@@ -151,7 +153,7 @@ def write_domain_splits(data: JointData, column: str, held_out, out: Path) -> Pa
     if not train or not val:
         raise OrthodiffError(f"holding out {column}={held_out!r} leaves no training or validation patient")
     stored.update(train=train, val=val, test=test,
-                  subsets={"1": train}, domain_shift={"column": column, "held_out": held_out,
+                  subsets={"1": train}, val_subsets={"1": val}, domain_shift={"column": column, "held_out": held_out,
                                                       "held_out_patients": len(held)})
     write_json(out, stored)
     load_splits(out)

@@ -34,6 +34,9 @@ class Splits:
     seed: int
     warnings: list = field(default_factory=list)
     path: Path | None = None
+    # fraction -> nested subset of the validation patients: model selection at a label fraction sees
+    # that share of the validation labels only (empty in files written before they existed)
+    val_subsets: dict = field(default_factory=dict)
 
     def subset(self, fraction: float) -> list:
         """Training patients of the ``fraction`` subset (1.0: all of them)."""
@@ -45,6 +48,14 @@ class Splits:
             f"labels fraction {fraction:g} is not in {self.path or 'the splits'} (available: {available}); "
             "add it to data.label_fractions and write a new splits file"
         )
+
+    def val_subset(self, fraction: float) -> list:
+        """Validation patients model selection may see at ``fraction`` (all of them at 1.0, or when
+        the file has no validation subsets)."""
+        for key, patients in self.val_subsets.items():
+            if abs(float(key) - float(fraction)) < 1e-9:
+                return list(patients)
+        return list(self.val)
 
     def split_of(self, patient_id: str) -> str:
         for name in SPLIT_NAMES:
@@ -133,6 +144,7 @@ def make_splits(
     val = _stratified_pick(rest, y_rest, _count(val_fraction, len(patients)), seed + 1)
     train = [p for p in rest if p not in set(val)]
     subsets = nested_subsets(train, per_patient.loc[train], fractions, seed)
+    val_subsets = nested_subsets(val, per_patient.loc[val], fractions, seed + 50)
     notes = _missing_positive_warnings(per_patient, labels, {"val": val, "test": test})
     for note in notes:
         warnings.warn(note, stacklevel=2)
@@ -146,6 +158,7 @@ def make_splits(
         seed=int(seed),
         warnings=notes,
         path=out,
+        val_subsets={f: sorted(p) for f, p in val_subsets.items()},
     )
     write_json(
         out,
@@ -157,6 +170,7 @@ def make_splits(
             "val": splits.val,
             "test": splits.test,
             "subsets": {f"{key:g}": value for key, value in splits.subsets.items()},
+            "val_subsets": {f"{key:g}": value for key, value in splits.val_subsets.items()},
             "label_positives": {
                 name: {
                     split: int(per_patient.loc[getattr(splits, split), f"label_{name}"].sum()) for split in SPLIT_NAMES
@@ -186,6 +200,7 @@ def load_splits(path) -> Splits:
             seed=int(data["settings"]["seed"]),
             warnings=list(data.get("warnings", [])),
             path=path,
+            val_subsets={float(key): list(value) for key, value in data.get("val_subsets", {}).items()},
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise OrthodiffError(
@@ -244,7 +259,9 @@ def _stratified_pick(patients: list, y: np.ndarray, n: int, seed: int) -> list:
 
 
 def nested_subsets(train: list, y_train, fractions: list[float], seed: int) -> dict:
-    """Each fraction's subset is drawn, stratified, from the next larger one; rare labels kept."""
+    """Each fraction's subset is drawn, stratified, from the next larger one, and holds exactly
+    round(fraction x len(train)) patients: a label the parent has but the draw lacks gets a positive
+    swapped in for a patient the other labels can spare, never added."""
     subsets = {}
     parent = list(train)
     for step, fraction in enumerate(fractions):
@@ -256,13 +273,24 @@ def nested_subsets(train: list, y_train, fractions: list[float], seed: int) -> d
 
 
 def _with_every_label(chosen: list, parent: list, y_train, seed: int) -> list:
-    """Add a positive patient (from ``parent``) for any label the training set has but ``chosen`` lacks."""
+    """Swap a positive patient (from ``parent``) in for any label the parent has but ``chosen`` lacks.
+
+    The patient swapped out is one whose removal leaves no label without a positive, so the size
+    never changes; a label is left uncovered only when no such patient exists (more labels than
+    patients).
+    """
     chosen = list(chosen)
     rng = np.random.RandomState(int(seed) % (2**32))
     for column in y_train.columns:
         if y_train.loc[chosen, column].sum() > 0 or y_train.loc[parent, column].sum() == 0:
             continue
         positives = sorted(p for p in parent if y_train.loc[p, column] > 0 and p not in chosen)
+        counts = y_train.loc[chosen].sum(axis=0)
+        # spare: every label this patient is positive for has another positive in the subset
+        spare = [p for p in chosen if ((y_train.loc[p] > 0) <= (counts > 1)).all()]
+        if not spare:
+            continue
+        chosen.remove(spare[rng.randint(len(spare))])
         chosen.append(positives[rng.randint(len(positives))])
     return chosen
 
@@ -316,5 +344,14 @@ def _assert_consistent(splits: Splits, path) -> None:
             raise OrthodiffError(
                 f"{path}: the {fraction:g} subset holds patients outside the larger subset or the training split; "
                 "delete the file and rerun `orthodiff split`"
+            )
+        larger = members
+    larger = set(splits.val)
+    for fraction in sorted(splits.val_subsets, reverse=True):
+        members = set(splits.val_subsets[fraction])
+        if not members <= larger:
+            raise OrthodiffError(
+                f"{path}: the {fraction:g} validation subset holds patients outside the larger one or the "
+                "validation split; delete the file and rerun `orthodiff split`"
             )
         larger = members

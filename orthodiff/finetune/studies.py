@@ -36,7 +36,8 @@ def run_patients(splits, labels_fraction: float) -> dict[str, list]:
     for name in ("val", "test"):
         if not getattr(splits, name):
             raise OrthodiffError(f"{splits.path}: the {name} split is empty; write splits with a positive {name}_fraction")
-    return {"train": list(train), "val": list(splits.val), "test": list(splits.test)}
+    # model selection sees the same share of the validation labels as training does
+    return {"train": list(train), "val": splits.val_subset(float(labels_fraction)), "test": list(splits.test)}
 
 
 def resolve_labels(cache, wanted: Sequence[str], source: str) -> list[str]:
