@@ -20,9 +20,9 @@ from orthodiff.bench.workspace import (
 from orthodiff.data.splits import load_splits
 from orthodiff.errors import OrthodiffError
 
-# The grid the end-to-end test runs: 2 fractions x 2 classify methods (one orthodiff, one baseline)
-# + 1 segmentation cell, one seed.
-GRID = ["seeds=[0]", "fractions=[1.0,0.5]", "methods=[orthodiff-probe,resnet3d]",
+# The grid the end-to-end test runs: 2 fractions x 4 classify methods (one orthodiff, the two floors,
+# one baseline) + 1 segmentation cell, one seed.
+GRID = ["seeds=[0]", "fractions=[1.0,0.5]", "methods=[orthodiff-probe,orthodiff-probe-random-init,raw-voxels,resnet3d]",
         "segment_methods=[scratch-unet]", "segment_fractions=[1.0]"]
 
 
@@ -38,11 +38,11 @@ def test_label_fraction_grid_writes_rows_report_and_plots(bench):
     stored = json.loads((out / "results.json").read_text())
     keys = {row["key"] for row in stored["rows"]}
     assert keys == {
-        "knee/in-domain/classify/orthodiff-probe/1/seed0", "knee/in-domain/classify/orthodiff-probe/0.5/seed0",
-        "knee/in-domain/classify/resnet3d/1/seed0", "knee/in-domain/classify/resnet3d/0.5/seed0",
-        "knee/in-domain/segment/scratch-unet/1/seed0",
-    }
-    assert first.computed == 5
+        f"knee/in-domain/classify/{method}/{fraction}/seed0"
+        for method in ("orthodiff-probe", "orthodiff-probe-random-init", "raw-voxels", "resnet3d")
+        for fraction in ("1", "0.5")
+    } | {"knee/in-domain/segment/scratch-unet/1/seed0"}
+    assert first.computed == 9
     assert stored["command"].startswith("orthodiff bench label-fraction --preset test")
     for row in stored["rows"]:
         metric = row["macro_auroc"] if row["task"] == "classify" else row["mean_dice"]
@@ -148,9 +148,11 @@ def test_pooled_summary_without_run_directories_uses_seed_intervals():
 
 def test_cross_joint_reuses_knee_denoisers_and_pretrains_the_target_on_request(bench, tmp_path):
     out, _ = bench
-    knee = out / "knee" / "pretrain"
+    cache = out.parent / "pretrain-cache"
+    knee = Path(json.loads((out / "results.json").read_text())["unlabeled_pool"]["pretraining"])
+    stamp = (knee / "denoisers" / "sagittal" / "config.json").stat().st_mtime_ns
     grid = ["seeds=[0]", "cross_joint_fractions=[1.0]", "methods=[orthodiff-probe,resnet3d]",
-            "segment_methods=[orthodiff-finetune]", f"knee_pretrained={knee}", "target_pretraining=true"]
+            "segment_methods=[orthodiff-finetune]", f"pretrain_cache={cache}", "target_pretraining=true"]
     result = run_bench("cross-joint", "test", tmp_path / "cross-joint", grid)
     stored = json.loads((tmp_path / "cross-joint" / "results.json").read_text())
     assert {row["key"] for row in stored["rows"]} == {
@@ -160,11 +162,14 @@ def test_cross_joint_reuses_knee_denoisers_and_pretrains_the_target_on_request(b
         "ankle/target-pretrained/segment/orthodiff-finetune/1/seed0",
     }
     assert result.computed == 5
-    # the knee denoisers were reused, not retrained; the ankle ones were pretrained on ankle scans
+    # the label-fraction bench's knee pretraining came from the shared cache, not pretrained again;
+    # the ankle denoisers were pretrained on the ankle's own unlabeled archive
     assert not (tmp_path / "cross-joint" / "knee").exists()
     assert stored["knee_denoisers"] == str(knee.resolve())
-    ankle_denoiser = tmp_path / "cross-joint" / "ankle" / "pretrain" / "denoisers" / "sagittal" / "config.json"
-    assert ankle_denoiser.exists()
+    assert (knee / "denoisers" / "sagittal" / "config.json").stat().st_mtime_ns == stamp
+    ankle = Path(stored["unlabeled_pools"]["ankle"]["pretraining"])
+    assert ankle.parent == cache and ankle != knee
+    assert (ankle / "denoisers" / "sagittal" / "config.json").exists()
     by_key = {row["key"]: row for row in stored["rows"]}
     own_probe = json.loads((tmp_path / "cross-joint" / by_key[
         "ankle/target-pretrained/classify/orthodiff-probe/1/seed0"]["run_dir"] / "run.json").read_text())
@@ -188,11 +193,16 @@ def test_robustness_holds_the_domain_out_of_training_and_pretraining(bench, tmp_
     assert result.computed == 2
     root = tmp_path / "robustness" / "knee"
     splits = load_splits(root / "splits-unseen-field-strength.json")
-    pretrain_config = root / "pretrain-unseen-field-strength" / "config.yaml"
+    pool = stored["unlabeled_pools"]["unseen-field-strength"]
+    pretrain_config = Path(pool["pretraining"]) / "config.yaml"
     import yaml
 
-    # pretraining read the domain-shift splits, whose train and val hold no 1.5 T patient
-    assert yaml.safe_load(pretrain_config.read_text())["data"]["splits"] == str(root / "splits-unseen-field-strength.json")
+    # pretraining read the unlabeled archive less its 1.5 T patients
+    pretrain_splits = yaml.safe_load(pretrain_config.read_text())["data"]["splits"]
+    pool_strengths = {str(p): float(s) for p, s in _field_strengths(Path(pool["pool"])).items()}
+    pretrained_on = load_splits(pretrain_splits).train
+    assert pretrained_on and all(pool_strengths[p] != 1.5 for p in pretrained_on)
+    assert any(s == 1.5 for s in pool_strengths.values())
     strengths = {str(p): float(s) for p, s in _field_strengths(root).items()}
     assert all(strengths[p] != 1.5 for p in splits.train + splits.val)
     assert any(strengths[p] == 1.5 for p in splits.test)
@@ -231,6 +241,6 @@ def test_per_label_and_macro_pools_keep_their_patient_bootstrap_in_any_order(ben
     one_label = pooler.pooled(rows, label)  # first, so a macro pool after it must not reuse its patients
     macro = pooler.pooled(rows)
     for pooled in (one_label, macro):
-        assert pooled.replicates is not None and pooled.interval == "patient bootstrap of the seed mean"
+        assert pooled.replicates is not None and pooled.interval == "seed and patient bootstrap of the seed mean"
         assert pooled.ci_low <= pooled.value <= pooled.ci_high
     assert one_label.value == pytest.approx(sum(r["auroc"][label]["value"] for r in rows) / len(rows))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import ExperimentConfig
-from .presets import BenchPreset
+from .presets import BASELINE_METHODS, BenchPreset
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,13 @@ def cell_config(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> Experime
     ft = config.finetune
     common = {"task": cell.task, "labels_fraction": float(cell.fraction), "output_dir": str(inputs.runs / cell.run_name),
                   "pretrained": str(inputs.pretrained or ft.pretrained)}
+    features = inputs.features
     if cell.method == "orthodiff-probe":
         ft = replace(ft, mode="probe", init="pretrained", **common)
+    elif cell.method == "orthodiff-probe-random-init":
+        # the same probe on randomly initialised denoisers (seeded per cell seed): its own feature store
+        ft = replace(ft, mode="probe", init="scratch", **common)
+        features = inputs.features.parent.with_name(inputs.features.parent.name + "-random-init") / inputs.features.name
     elif cell.method == "orthodiff-finetune":
         ft = replace(ft, mode="partial", init="pretrained", **common)
     elif cell.method == "scratch-unet":
@@ -65,7 +70,7 @@ def cell_config(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> Experime
         ft = replace(ft, **common)
     if cell.task == "segment":
         base_epochs = preset.segment_epochs
-    elif cell.method == "orthodiff-probe" and preset.probe_epochs:
+    elif cell.method.startswith("orthodiff-probe") and preset.probe_epochs:
         base_epochs = preset.probe_epochs
     else:
         base_epochs = ft.epochs
@@ -74,7 +79,7 @@ def cell_config(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> Experime
         config,
         seed=int(cell.seed),
         data=replace(config.data, splits=str(inputs.splits)),
-        features=replace(config.features, output_dir=str(inputs.features)),
+        features=replace(config.features, output_dir=str(features)),
         finetune=ft,
     )
 
@@ -101,7 +106,7 @@ def run_cell(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> dict:
     start = time.perf_counter()
     if not (run_dir / "run.json").exists():
         log.info("cell %s: training", cell.key)
-        if cell.method in ("resnet3d", "mrnet2d"):
+        if cell.method in BASELINE_METHODS:
             from .baselines_train import train_baseline
 
             epochs = cell_epochs(preset, inputs.splits, cell.fraction, preset.baseline_epochs,
@@ -114,7 +119,37 @@ def run_cell(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> dict:
             run_finetune(config)
     trained = time.perf_counter() - start
     evaluation = run_evaluation(run_dir, run_dir / "eval", n_bootstrap=int(preset.n_bootstrap))
-    return results_row(cell, run_dir, evaluation.metrics, seconds=trained)
+    row = results_row(cell, run_dir, evaluation.metrics, seconds=trained)
+    row.update(training_record(run_dir))
+    return row
+
+
+def training_record(run_dir: Path) -> dict:
+    """What the run trained on and how: patients per split, optimizer steps, and the loss curve from
+    metrics.jsonl ([step or epoch, training loss] per logged point), for the report's convergence."""
+    import json
+
+    from ..fileio import read_json
+
+    info = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
+    curve, validation, steps = [], [], info.get("steps")
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    for number, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        x = entry.get("step", entry.get("epoch", number))
+        if entry.get("train_loss") is not None:
+            curve.append([x, float(entry["train_loss"])])
+        score = next((entry[k] for k in ("val_macro_auroc", "val_mean_dice", "val_dice") if entry.get(k) is not None),
+                     None)
+        if score is not None:
+            validation.append([x, float(score)])
+        if entry.get("step") is not None:
+            steps = max(int(entry["step"]), int(steps or 0))
+    return {"steps": steps, "loss_curve": curve, "val_curve": validation, "patients": info.get("patients", {})}
 
 
 def results_row(cell: Cell, run_dir: Path, metrics: dict, seconds: float) -> dict:

@@ -2,11 +2,12 @@
 shoulder) for diagnosis and segmentation, against the same networks trained from scratch and the
 supervised baselines, at 100% and 10% of the new joint's training labels.
 
-The knee denoisers are pretrained once on the knee archive's training and validation patients;
-the target joints' scans are never seen in that pretraining. With ``target_pretraining`` the
-orthodiff methods also run on denoisers pretrained on the target joint's own unlabeled training
-and validation scans (scenario ``target-pretrained``), which tells whether an archive of the new
-joint is worth pretraining on.
+The knee denoisers come from the shared pretraining cache: pretrained once on the separate
+unlabeled knee archive, the same pretraining the label-fraction bench uses (whichever bench runs
+first pays for it). The target joints' scans are never seen in that pretraining. With
+``target_pretraining`` the orthodiff methods also run on denoisers pretrained on the target joint's
+own separate unlabeled archive (scenario ``target-pretrained``), which tells whether an archive of
+the new joint is worth pretraining on.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from ..fileio import write_text
 from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
-from .presets import PRETRAINED_METHODS, BenchPreset
+from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
 from .results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
-from .workspace import prepare_joint, pretrain
+from .workspace import joint_config, prepare_joint
 
 BENCH = "cross-joint"
 SCENARIO = "knee-pretrained"
 TARGET_SCENARIO = "target-pretrained"
-SCRATCH = ("scratch-unet", "resnet3d", "mrnet2d")
+SCRATCH = (*FLOOR_METHODS, "scratch-unet", "resnet3d", "mrnet2d")  # what orthodiff is compared with
 
 
 def cross_joint_cells(preset: BenchPreset) -> list[Cell]:
@@ -46,21 +47,26 @@ def cross_joint_cells(preset: BenchPreset) -> list[Cell]:
 def run_cross_joint(preset: BenchPreset, out: Path, header: dict):
     from . import BenchResult
 
+    from .pretraining import pool_pretraining
+
+    targets = {joint: stage(BENCH, f"{joint} data", lambda j=joint: prepare_joint(preset, out, j))
+               for joint in preset.cross_joint_targets}
+    labeled = [(d.config.data.manifest, d.splits) for d in targets.values()]
+    pools = {}
     if preset.knee_pretrained:
         pretrained = _existing_denoisers(Path(preset.knee_pretrained))
     else:
-        knee = stage(BENCH, "knee data", lambda: prepare_joint(preset, out, "knee"))
-        pretrained = stage(BENCH, "knee pretraining",
-                           lambda: pretrain(knee.config, knee.splits, knee.root / "pretrain"))
-    targets = {joint: stage(BENCH, f"{joint} data", lambda j=joint: prepare_joint(preset, out, j))
-               for joint in preset.cross_joint_targets}
+        knee_config = joint_config(preset, Path(out) / "knee", "knee")
+        pretrained, pools["knee"] = stage(BENCH, "knee pretraining on the unlabeled knee archive (shared cache)",
+                                          lambda: pool_pretraining(preset, out, "knee", knee_config, labeled))
     own = {}
-    if preset.target_pretraining:
-        own = {joint: stage(BENCH, f"{joint} pretraining (its own unlabeled scans)",
-                            lambda d=data: pretrain(d.config, d.splits, d.root / "pretrain"))
-               for joint, data in targets.items()}
+    for joint, data in targets.items() if preset.target_pretraining else ():
+        own[joint], pools[joint] = stage(
+            BENCH, f"{joint} pretraining (its own unlabeled archive)",
+            lambda d=data: pool_pretraining(preset, out, d.joint, d.config, [(d.config.data.manifest, d.splits)]))
     results = ResultsFile.open(out / "results.json", {**header, "pretrained_on": "knee",
-                                                      "knee_denoisers": str(Path(pretrained).resolve())})
+                                                      "knee_denoisers": str(Path(pretrained).resolve()),
+                                                      "unlabeled_pools": pools})
 
     def inputs_for(cell: Cell) -> CellInputs:
         data = targets[cell.joint]
@@ -80,7 +86,7 @@ def _existing_denoisers(folder: Path) -> Path:
     missing = [p for p in PLANES if not (folder / "denoisers" / p / "config.json").exists()]
     if missing:
         raise OrthodiffError(f"knee_pretrained={folder}: no denoisers/{missing[0]}/config.json there; give the "
-                             "pretraining folder of a knee bench (e.g. <label-fraction out>/knee/pretrain)")
+                             "pretraining folder (e.g. an entry of <bench out>/../pretrain-cache)")
     return folder
 
 
@@ -96,11 +102,11 @@ def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Pat
     pooler = Pooler(rows, preset.n_bootstrap, root=results.path.parent)
     lines = ["# Cross-joint bench (knee-pretrained denoisers on new joints)", "",
              f"Command: `{results.header.get('command', '')}`", "",
-             f"Preset `{preset.name}`: knee pretraining on {preset.studies['knee']} synthetic knee studies' "
-             "training scans; targets " + ", ".join(f"{j} ({preset.studies[j]} studies)" for j in preset.cross_joint_targets)
-             + f"; seeds {preset.seeds}. Mean over seeds [95% patient-bootstrap interval of the mean] ± seed SD."
-             + (" Methods marked (<joint>-pretrained) use denoisers pretrained on that joint's own unlabeled "
-                "training scans instead of the knee's." if own_pretraining else ""), ""]
+             f"Preset `{preset.name}`: knee pretraining on a separate archive of "
+             f"{preset.unlabeled_studies.get('knee', 0)} unlabeled synthetic knee studies; targets " + ", ".join(f"{j} ({preset.studies[j]} studies)" for j in preset.cross_joint_targets)
+             + f"; seeds {preset.seeds}. Mean over seeds [95% seed and patient bootstrap interval of the mean] "
+             "± seed SD." + (" Methods marked (<joint>-pretrained) use denoisers pretrained on that joint's own "
+                             "separate unlabeled archive instead of the knee's." if own_pretraining else ""), ""]
     files, headline = [], []
     for joint in preset.cross_joint_targets:
         for task, metric in (("classify", "macro AUROC"), ("segment", "mean Dice")):

@@ -1,9 +1,11 @@
 """``orthodiff bench label-fraction``: diagnosis AUROC and segmentation Dice versus the fraction
 of training labels, orthodiff against scratch baselines, one knee test set for all.
 
-Pretraining runs once, on the unlabeled scans of the training (and validation) patients, never
-the test patients; every fraction and seed shares it. Seed k redraws the nested label subsets and
-the heads' initialisation; the test set never changes.
+Pretraining reads a separate unlabeled knee archive (patients in no labeled split, at least 5x the
+labeled training patients), cached and shared with the other benches; every fraction and seed
+shares it. Seed k redraws the nested label subsets (training and validation) and the heads'
+initialisation; the test set never changes. Labels with fewer than 10 positive test patients are
+named and left out of the headline macro.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from ..fileio import write_text
 from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
-from .presets import PRETRAINED_METHODS, BenchPreset
+from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
+from .protocol import label_counts, low_label_shortfalls, protocol_lines
 from .results import Pooler, ResultsFile, fmt, fmt_diff, fmt_pooled, select
-from .workspace import prepare_joint, pretrain
+from .workspace import prepare_joint
 
 BENCH = "label-fraction"
 SCRATCH = ("scratch-unet", "resnet3d", "mrnet2d")
+COMPARATORS = (*FLOOR_METHODS, *SCRATCH)  # what orthodiff at a low fraction must beat
 JOINT = "knee"
 SCENARIO = "in-domain"
 
@@ -38,13 +42,22 @@ def label_fraction_cells(preset: BenchPreset) -> list[Cell]:
 def run_label_fraction(preset: BenchPreset, out: Path, header: dict):
     from . import BenchResult
 
+    from .pretraining import pool_pretraining
+
     data = stage(BENCH, "data (synth, scan, prepare, split)", lambda: prepare_joint(preset, out, JOINT))
+    counts = label_counts(data.splits, data.config.data.manifest, preset.min_test_positives)
+    shortfalls = low_label_shortfalls(counts, minimum=preset.min_low_label_positives)
+    for line in shortfalls:
+        print(f"[orthodiff bench {BENCH}] protocol: {line}", flush=True)
     needs_pretraining = any(m in PRETRAINED_METHODS for m in preset.methods + preset.segment_methods)
-    pretrained = None
+    pretrained, pool = None, {}
     if needs_pretraining:
-        pretrained = stage(BENCH, "pretraining on the training patients' scans",
-                           lambda: pretrain(data.config, data.splits, data.root / "pretrain"))
-    results = ResultsFile.open(out / "results.json", {**header, "joint": JOINT, "test_set": str(data.splits)})
+        pretrained, pool = stage(BENCH, "pretraining on the unlabeled knee archive (shared cache)",
+                                 lambda: pool_pretraining(preset, out, JOINT, data.config,
+                                                          [(data.config.data.manifest, data.splits)]))
+    results = ResultsFile.open(out / "results.json", {**header, "joint": JOINT, "test_set": str(data.splits),
+                                                      "label_counts": counts.as_dict(), "shortfalls": shortfalls,
+                                                      "unlabeled_pool": pool})
 
     def inputs_for(cell: Cell) -> CellInputs:
         return data.cell_inputs(cell.seed, pretrained)
@@ -62,7 +75,9 @@ def headline_fractions(preset: BenchPreset) -> tuple[float, float]:
 
 def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: Path):
     rows = [r for r in results.rows if r["seed"] in preset.seeds]  # the seeds asked for
-    pooler = Pooler(rows, preset.n_bootstrap, root=results.path.parent)
+    counts = results.header.get("label_counts")
+    headline_labels = counts["headline_labels"] if counts else None
+    pooler = Pooler(rows, preset.n_bootstrap, root=results.path.parent, headline_labels=headline_labels)
     fractions = sorted({r["fraction"] for r in rows if r["task"] == "classify"}, reverse=True)
     methods = [m for m in preset.methods if select(rows, task="classify", method=m)]
     low, high = headline_fractions(preset)
@@ -77,10 +92,14 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
         "",
         (f"Preset `{preset.name}`: {preset.studies[JOINT]} synthetic knee studies, seeds {preset.seeds}. "
         "One test set for every method, fraction and seed. Values are the mean over seeds; brackets are 95% "
-        "patient-bootstrap intervals of that mean (test patients resampled, the same resamples for every "
-        "method); ± is the standard deviation over seeds (label subsets and initialisations)."),
+        "bootstrap intervals of that mean over seeds and test patients (each replicate draws the seeds, then "
+        "the test patients; the same draws for every method, so differences are paired); ± is the standard "
+        "deviation over seeds (label subsets and initialisations)."),
         "",
-        "## Macro AUROC (test patients)",
+        *_pool_lines(results.header.get("unlabeled_pool") or {}),
+        *(protocol_lines(_counts_from(counts), results.header.get("shortfalls", []), preset.min_test_positives)
+          if counts else []),
+        "## Macro AUROC over the headline labels (test patients)" if counts else "## Macro AUROC (test patients)",
         "",
         "| method | " + " | ".join(f"{f:.0%}" for f in fractions) + " |",
         "|---|" + "---|" * len(fractions),
@@ -93,9 +112,10 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
 
     headline = []
     orthodiff = [m for m in methods if m in PRETRAINED_METHODS]
-    scratch = [m for m in methods if m in SCRATCH]
+    scratch = [m for m in methods if m in COMPARATORS]
+    supervised = [m for m in methods if m in SCRATCH] or scratch
     if orthodiff and scratch and low in fractions:
-        lines += ["", f"## Headline: orthodiff at {low:.0%} labels against the scratch baselines", "",
+        lines += ["", f"## Headline: orthodiff at {low:.0%} labels against the floors and the scratch baselines", "",
                   ("Differences are paired (same bootstrap resamples of the test patients); an interval above 0 "
                   "means orthodiff is better beyond the test-set uncertainty."), "",
                   f"| orthodiff method | baseline | baseline at {low:.0%} | difference | baseline at {high:.0%} | difference |",
@@ -107,9 +127,10 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
                 lines.append(f"| {method} {fmt_pooled(pooler.pooled(mine))} | {base} | "
                              f"{fmt_pooled(pooler.pooled(at_low))} | {fmt_diff(pooler.difference(mine, at_low))} | "
                              f"{fmt_pooled(pooler.pooled(at_high))} | {fmt_diff(pooler.difference(mine, at_high))} |")
-        best_high = max(scratch, key=lambda b: pooler.pooled(cells("classify", b, high)).value or -1)
-        lines += ["", ("Aims of the benchmark: orthodiff at 10% within 0.03 macro AUROC of the best scratch "
-                  "baseline at 100%, and above every scratch baseline at 10% by more than the interval."), ""]
+        best_high = max(supervised, key=lambda b: pooler.pooled(cells("classify", b, high)).value or -1)
+        lines += ["", ("Aims of the benchmark: orthodiff at 10% within 0.03 macro AUROC of the best supervised "
+                  "baseline at 100%, and above both floors and every supervised baseline at 10% by more than "
+                  "the interval."), ""]
         for method in orthodiff:
             mine = cells("classify", method, low)
             gap = pooler.difference(mine, cells("classify", best_high, high))
@@ -144,10 +165,58 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
     if seg_series:
         files.append(plots.metric_vs_fraction(seg_series, "mean Dice (test)", "Knee segmentation: Dice vs labels",
                                               out / "dice_vs_fraction.png"))
+    lines += convergence_lines(rows)
+    curves = plots.loss_curves(rows, out / "loss_curves.png")
+    if curves is not None:
+        files.append(curves)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files]
     lines += ["", _timing_line(rows)]
     write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md", files, headline
+
+
+def _pool_lines(pool: dict) -> list[str]:
+    if not pool:
+        return []
+    return [(f"Pretraining: {pool['unlabeled_patients']} unlabeled knee patients from a separate archive "
+             f"({pool['ratio']}x the {pool['labeled_train_patients']} labeled training patients; no patient in "
+             "any labeled split, checked), cached and shared by the benches."), ""]
+
+
+def _counts_from(stored: dict):
+    from .protocol import LabelCounts
+
+    return LabelCounts(labels=stored["labels"], test_patients=stored["test_patients"],
+                       test_positives=stored["test_positives"],
+                       train={float(k): v for k, v in stored["train"].items()},
+                       val={float(k): v for k, v in stored["val"].items()},
+                       headline=stored["headline_labels"], excluded=stored["excluded_labels"])
+
+
+def convergence_lines(rows: list) -> list[str]:
+    """Per method and fraction: steps, and the last against the best training loss (mean over seeds);
+    a last loss far above the best says training stopped before it settled."""
+    import numpy as np
+
+    keyed = {}
+    for row in rows:
+        keyed.setdefault((row["task"], row["method"], row["fraction"]), []).append(row)
+    if not any(r.get("loss_curve") for r in rows):
+        return []
+    lines = ["", "## Convergence (training loss, mean over seeds)", "",
+             "| task | method | fraction | steps | train patients | first loss | best loss | last loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (task, method, fraction), chosen in keyed.items():
+        curves = [r["loss_curve"] for r in chosen if r.get("loss_curve")]
+        if not curves:
+            continue
+        steps = [r["steps"] for r in chosen if r.get("steps") is not None]
+        patients = [r.get("patients", {}).get("train") for r in chosen if r.get("patients", {}).get("train")]
+        first, best, last = (float(np.mean([f(c) for c in curves])) for f in (
+            lambda c: c[0][1], lambda c: min(v for _, v in c), lambda c: c[-1][1]))
+        lines.append(f"| {task} | {method} | {fraction:.0%} | {int(np.mean(steps)) if steps else '-'} | "
+                     f"{int(np.mean(patients)) if patients else '-'} | {first:.3f} | {best:.3f} | {last:.3f} |")
+    return lines
 
 
 def _clearly_above(diff) -> bool:
@@ -156,11 +225,11 @@ def _clearly_above(diff) -> bool:
 
 
 def _per_label_table(rows, pooler: Pooler, methods, fractions) -> list[str]:
-    """Per-label AUROC at the headline fractions: seed mean [95% patient-bootstrap interval]."""
+    """Per-label AUROC at the headline fractions: seed mean [95% seed and patient bootstrap interval]."""
     labels = list(dict.fromkeys(label for r in rows if r["task"] == "classify" for label in r["auroc"]))
     if not labels or not fractions:
         return []
-    lines = ["", "## Per-label AUROC (mean over seeds [95% patient-bootstrap interval])", "",
+    lines = ["", "## Per-label AUROC (mean over seeds [95% seed and patient bootstrap interval])", "",
              "| method | labels | " + " | ".join(labels) + " |", "|---|---|" + "---|" * len(labels)]
     for fraction in fractions:
         for method in methods:

@@ -1,4 +1,5 @@
-"""Bench figures: a metric versus the label fraction with interval bands, and grouped bars."""
+"""Bench figures: a metric versus the label fraction with interval bands, grouped bars, and the
+cells' training-loss curves."""
 
 from __future__ import annotations
 
@@ -65,4 +66,39 @@ def grouped_bars(groups: dict, ylabel: str, title: str, path: Path) -> Path:
     ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
+    return save_png(fig, path)
+
+
+def loss_curves(rows: list, path: Path) -> Path | None:
+    """One panel per (task, method): every cell's training loss against its steps (or epochs), coloured
+    by label fraction, so a curve still falling at its end shows a run stopped before converging.
+    None when no row has a curve."""
+    import math
+
+    panels = {}
+    for row in rows:
+        if row.get("loss_curve"):
+            panels.setdefault(f"{row['task']}: {row['method']}", []).append(row)
+    if not panels:
+        return None
+    plt = pyplot()
+    columns = min(3, len(panels))
+    lines = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.2 * lines), squeeze=False)
+    fractions = sorted({r["fraction"] for group in panels.values() for r in group}, reverse=True)
+    colours = {f: plt.cm.viridis(i / max(1, len(fractions) - 1)) for i, f in enumerate(fractions)}
+    for ax, (title, group) in zip(axes.flat, panels.items()):
+        shown = set()
+        for row in group:
+            xs, ys = zip(*row["loss_curve"])
+            label = f"{row['fraction']:.0%}" if row["fraction"] not in shown else None
+            shown.add(row["fraction"])
+            ax.plot(xs, ys, color=colours[row["fraction"]], alpha=0.7, linewidth=1, label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step (epoch where steps are not logged)", fontsize=7)
+        ax.set_ylabel("training loss", fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     return save_png(fig, path)

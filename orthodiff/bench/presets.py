@@ -1,5 +1,5 @@
 """Bench presets: how big each benchmark runs. ``test`` (seconds, for the test suite), ``small``
-(2 CPU cores, under 30 minutes per bench) and ``paper`` (GPUs, the reference sizes).
+(2 CPU cores, about 2 hours per bench from an empty folder) and ``paper`` (GPUs, the reference sizes).
 
 A preset says how many synthetic studies, the plane size and networks (as ``ExperimentConfig``
 overrides), the grid (fractions x seeds x methods) and the training lengths. Presets shrink sizes
@@ -13,8 +13,14 @@ from dataclasses import dataclass, field, fields, replace
 
 from ..errors import OrthodiffError
 
-# Classification methods, in report order. The first two use the pretrained denoisers.
-CLASSIFY_METHODS = ("orthodiff-probe", "orthodiff-finetune", "scratch-unet", "resnet3d", "mrnet2d")
+# Classification methods, in report order. The first two use the pretrained denoisers; the floors are
+# what every representation must clear: a logistic probe on raw downsampled plane tensors, and the
+# same orthodiff probe on randomly initialised denoisers.
+CLASSIFY_METHODS = ("orthodiff-probe", "orthodiff-finetune", "orthodiff-probe-random-init", "raw-voxels",
+                    "scratch-unet", "resnet3d", "mrnet2d")
+FLOOR_METHODS = ("orthodiff-probe-random-init", "raw-voxels")
+# supervised networks trained by bench/baselines_train.py rather than the fine-tuning loop
+BASELINE_METHODS = ("raw-voxels", "resnet3d", "mrnet2d")
 # Segmentation methods: the pretrained denoiser with a decoder, against the same network from scratch.
 SEGMENT_METHODS = ("orthodiff-finetune", "scratch-unet")
 PRETRAINED_METHODS = ("orthodiff-probe", "orthodiff-finetune")
@@ -36,6 +42,16 @@ class BenchPreset:
     baseline_batch_size: int = 8
     resnet3d: dict = field(default_factory=dict)  # build_baseline("resnet3d", ...) options
     mrnet2d: dict = field(default_factory=dict)  # build_baseline("mrnet2d", ...) options
+    raw_voxels: dict = field(default_factory=dict)  # build_baseline("raw-voxels", ...) options
+    # joint -> studies of the separate unlabeled archive that pretraining reads (patients in no labeled
+    # split; at least 5x the labeled training patients, checked at bench start)
+    unlabeled_studies: dict = field(default_factory=dict)
+    # folder of the shared unlabeled archives and cached pretrainings (empty: <out>/../pretrain-cache)
+    pretrain_cache: str = ""
+    # labels with fewer positive test patients are named and left out of the headline macro; the 10%
+    # training subset should hold at least min_low_label_positives of each headline label (reported)
+    min_test_positives: int = 10
+    min_low_label_positives: int = 10
     segment_epochs: int = 10
     # probe epochs (0: finetune.epochs). A probe trains on cached features, so an epoch costs a fraction
     # of a second: it gets trained to convergence (best validation epoch kept), as linear evaluation is.
@@ -45,10 +61,10 @@ class BenchPreset:
     n_bootstrap: int = 1000
     cross_joint_targets: list = field(default_factory=lambda: ["ankle", "shoulder"])
     cross_joint_fractions: list = field(default_factory=lambda: [1.0, 0.1])
-    # cross-joint: a folder holding knee denoisers/<plane> (e.g. <label-fraction out>/knee/pretrain) to
-    # reuse instead of pretraining on the knee again; empty: pretrain here
+    # cross-joint: a folder holding knee denoisers/<plane> to use instead of the shared pretraining cache's
+    # knee pretraining; empty: the cache's (pretrained now if no bench has yet)
     knee_pretrained: str = ""
-    # cross-joint: also pretrain denoisers on each target joint's own unlabeled training scans and run
+    # cross-joint: also pretrain denoisers on each target joint's own unlabeled archive and run
     # the orthodiff methods on them too (scenario "target-pretrained"), beside the knee-pretrained ones
     target_pretraining: bool = False
     # robustness scenarios: name -> {"column": site | field_strength, "held_out": value}
@@ -84,9 +100,11 @@ PRESETS = {
     "test": BenchPreset(
         name="test",
         studies={"knee": 24, "ankle": 16, "shoulder": 16},
+        unlabeled_studies={"knee": 64, "ankle": 48, "shoulder": 48},
         matrix=32,
         config=[
             *_plane_size(4, 16),
+            "data.slab=fit",
             "data.val_fraction=0.25",
             "data.test_fraction=0.3",
             *_TINY_NETWORK,
@@ -100,6 +118,9 @@ PRESETS = {
             "features.timesteps=[100]",
             "features.blocks=[mid]",
             "finetune.epochs=1",
+            "finetune.max_steps=4",
+            "finetune.eval_every=2",
+            "finetune.patience=2",
             "finetune.batch_size=8",
             "finetune.decoder_width=4",
         ],
@@ -112,24 +133,31 @@ PRESETS = {
         segment_epochs=1,
         n_bootstrap=50,
         threads=1,
+        # a 7-patient test set: the thresholds scaled down so the report's code paths run
+        min_test_positives=1,
+        min_low_label_positives=1,
         cross_joint_targets=["ankle"],
         cross_joint_fractions=[1.0],
         robustness={"unseen-field-strength": _SHARED_SCENARIOS["unseen-field-strength"]},
     ),
     "small": BenchPreset(
         name="small",
-        studies={"knee": 120, "ankle": 80, "shoulder": 80},
+        # ~640 knee patients: 22% test (>= 150 patients), 13% validation, ~415 training patients
+        studies={"knee": 720, "ankle": 300, "shoulder": 300},
+        # ~2230 unlabeled knee patients: over 5x the labeled training patients (checked at bench start)
+        unlabeled_studies={"knee": 2500, "ankle": 1000, "shoulder": 1000},
         matrix=64,
         config=[
             *_plane_size(8, 32),
-            "data.val_fraction=0.2",
-            "data.test_fraction=0.25",
+            "data.slab=fit",
+            "data.val_fraction=0.13",
+            "data.test_fraction=0.22",
             *_TINY_NETWORK,
-            "pretrain.max_steps=150",
-            "pretrain.warmup_steps=10",
-            "pretrain.batch_size=4",
+            "pretrain.max_steps=600",
+            "pretrain.warmup_steps=30",
+            "pretrain.batch_size=8",
             "pretrain.learning_rate=1e-3",
-            "pretrain.checkpoint_every=150",
+            "pretrain.checkpoint_every=100",
             "pretrain.keep_checkpoints=1",
             "pretrain.preview_every=0",
             "pretrain.log_every=25",
@@ -137,10 +165,15 @@ PRESETS = {
             "features.timesteps=[100]",
             "features.blocks=[mid]",
             "finetune.epochs=4",
+            # one optimizer-step budget for every method, probe and baselines alike
+            "finetune.max_steps=300",
+            "finetune.eval_every=25",
+            "finetune.patience=4",
             "finetune.batch_size=8",
             "finetune.decoder_width=8",
         ],
-        fractions=[1.0, 0.5, 0.25, 0.1, 0.05],
+        fractions=[1.0, 0.25, 0.1],
+        segment_fractions=[1.0, 0.25, 0.1],
         seeds=[0, 1, 2],
         baseline_epochs=4,
         # Eighth-width ResNets (8-64 channels), near the small denoiser's widths (8-16); paper: full width.
@@ -148,7 +181,6 @@ PRESETS = {
         mrnet2d={"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}},
         segment_epochs=3,
         probe_epochs=30,
-        min_steps=12,
         n_bootstrap=1000,
         robustness=dict(_SHARED_SCENARIOS),
         threads=1,
@@ -156,15 +188,20 @@ PRESETS = {
     "paper": BenchPreset(
         name="paper",
         studies={"knee": 2000, "ankle": 400, "shoulder": 400},
+        unlabeled_studies={"knee": 8000, "ankle": 2000, "shoulder": 2000},
         matrix=256,
         config=[
             *_plane_size(16, 256),
+            "data.slab=fit",
             "pretrain.max_steps=50000",
             "pretrain.batch_size=8",
             "pretrain.tracker=none",
             "features.timesteps=[100]",
             "features.blocks=[mid]",
             "finetune.epochs=50",
+            "finetune.max_steps=5000",
+            "finetune.eval_every=100",
+            "finetune.patience=10",
             "finetune.batch_size=8",
         ],
         fractions=[1.0, 0.5, 0.25, 0.1, 0.05],
@@ -221,6 +258,10 @@ def _check(preset: BenchPreset) -> None:
     unknown = [m for m in preset.methods if m not in CLASSIFY_METHODS]
     if unknown:
         raise OrthodiffError(f"methods: {unknown} unknown; use some of {', '.join(CLASSIFY_METHODS)}")
+    if not isinstance(preset.unlabeled_studies, dict) or not all(
+            isinstance(v, int) and v > 0 for v in preset.unlabeled_studies.values()):
+        raise OrthodiffError(f"unlabeled_studies={preset.unlabeled_studies!r}: give joint -> positive study count, "
+                             "e.g. {knee: 600}")
     unknown = [m for m in preset.segment_methods if m not in SEGMENT_METHODS]
     if unknown:
         raise OrthodiffError(f"segment_methods: {unknown} unknown; use some of {', '.join(SEGMENT_METHODS)}")

@@ -1,8 +1,10 @@
 """results.json (one row per method x fraction x seed), its summaries over seeds, and report tables.
 
-Summaries pool the seeds: the point is the mean over seeds; the 95% interval is a patient bootstrap
-of that seed-mean (every seed's run resampled with the same test patients), read from the runs'
-predictions; the seed spread is given apart. Comparisons between two methods are paired: the same
+Summaries pool the seeds: the point is the mean over seeds; the 95% interval is a bootstrap of that
+seed-mean over both seeds and test patients (each replicate draws the seeds with replacement, then
+scores every drawn seed's run on the same resample of the test patients), read from the runs'
+predictions, so it holds the seed variance as well as the test-set uncertainty; the seed spread is
+also given apart. Comparisons between two methods are paired: the same
 bootstrap resamples give an interval for the difference. Where a run directory is gone, the
 interval falls back to the mean of the seeds' own intervals (said so in the table).
 """
@@ -106,7 +108,7 @@ class Pooled:
     seed_sd: float | None
     n_seeds: int
     replicates: np.ndarray | None = None
-    interval: str = "patient bootstrap of the seed mean"
+    interval: str = "seed and patient bootstrap of the seed mean"
 
     def as_dict(self) -> dict:
         return {"value": self.value, "ci_low": self.ci_low, "ci_high": self.ci_high, "seed_sd": self.seed_sd,
@@ -117,11 +119,29 @@ class Pooler:
     """Pools rows over seeds with one fixed set of bootstrap resamples of the test patients, so all
     pooled values of one (joint, scenario, task) share resamples and differences are paired."""
 
-    def __init__(self, rows: list, n_bootstrap: int, seed: int = 0, root: Path | None = None):
+    def __init__(self, rows: list, n_bootstrap: int, seed: int = 0, root: Path | None = None,
+                 resample_seeds: bool = True, headline_labels: list | None = None):
         self.rows, self.n_bootstrap, self.seed = rows, int(n_bootstrap), int(seed)
         self.root = Path(root) if root is not None else Path(".")  # run_dir values are relative to it
+        # False: patients only (the seeds' runs averaged in every replicate), for comparison
+        self.resample_seeds = bool(resample_seeds)
+        # the classification macro averages these labels only (None: every label with a defined AUROC)
+        self.headline_labels = list(headline_labels) if headline_labels is not None else None
         self._counts: dict = {}
+        self._seed_counts: dict = {}
         self._cache: dict = {}
+
+    def _seed_resamples(self, seeds: tuple) -> np.ndarray:
+        """(n_bootstrap, len(seeds)) draw counts; one set per seed list, so pools over the same seeds
+        draw the same seeds in a replicate and differences stay paired."""
+        if seeds not in self._seed_counts:
+            from ..evaluation.bootstrap import resample_counts
+
+            if self.resample_seeds:
+                self._seed_counts[seeds] = resample_counts(len(seeds), self.n_bootstrap, self.seed + 1)
+            else:
+                self._seed_counts[seeds] = np.ones((self.n_bootstrap, len(seeds)))
+        return self._seed_counts[seeds]
 
     def _resamples(self, group: tuple, patients: np.ndarray) -> np.ndarray:
         if group not in self._counts:
@@ -143,6 +163,8 @@ class Pooler:
             return self._cache[cache_key]
         if label is not None:
             estimates = [r["auroc"].get(label, {}) for r in rows]
+        elif rows[0]["task"] == "classify" and self.headline_labels is not None:
+            estimates = [_headline_macro(r, self.headline_labels) for r in rows]
         else:
             metric = "macro_auroc" if rows[0]["task"] == "classify" else "mean_dice"
             estimates = [r[metric] for r in rows]
@@ -157,7 +179,9 @@ class Pooler:
             from ..evaluation.bootstrap import percentile_interval
 
             low, high, _ = percentile_interval(replicates)
-            result = Pooled(point, low, high, sd, len(values), replicates)
+            result = Pooled(point, low, high, sd, len(values), replicates,
+                            "seed and patient bootstrap of the seed mean" if self.resample_seeds
+                            else "patient bootstrap of the seed mean")
         else:
             lows = [e["ci_low"] for e in estimates if e.get("ci_low") is not None]
             highs = [e["ci_high"] for e in estimates if e.get("ci_high") is not None]
@@ -167,17 +191,19 @@ class Pooler:
         return result
 
     def _replicates(self, rows: list, label: str | None = None) -> np.ndarray | None:
-        """(n_bootstrap,) seed-mean metric (macro, or ``label``'s AUROC) per resample of the test patients."""
-        from ..evaluation.bootstrap import weighted_auroc, weighted_mean
+        """(n_bootstrap,) seed-mean metric (macro, or ``label``'s AUROC) per resample of the seeds and
+        the test patients."""
+        from ..evaluation.bootstrap import seed_and_patient_replicates, weighted_auroc, weighted_mean
 
         # one label's pool may see fewer patients (unknown labels) than the macro: its own resamples
         group = (rows[0]["joint"], rows[0]["scenario"], rows[0]["task"], label)
-        per_seed = []
+        per_seed, seeds = [], []
         for row in rows:
             run_dir = self.root / row["run_dir"]
             if row["task"] == "classify":
+                wanted = [label] if label is not None else self.headline_labels
                 labels = [name for name, est in row["auroc"].items() if est["value"] is not None
-                          and (label is None or name == label)]
+                          and (wanted is None or name in wanted)]
                 if not labels:
                     continue
                 scores = _test_patient_scores(run_dir, labels)
@@ -190,6 +216,7 @@ class Pooler:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     per_seed.append(np.nanmean(np.vstack(per_label), axis=0))
+                seeds.append(int(row.get("seed", len(seeds))))
             else:
                 dice = _test_patient_dice(run_dir)
                 if not dice:
@@ -202,11 +229,12 @@ class Pooler:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
                     per_seed.append(np.nanmean(np.vstack(per_structure), axis=0))
+                seeds.append(int(row.get("seed", len(seeds))))
         if not per_seed:
             return None
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(np.vstack(per_seed), axis=0)
+        order = np.argsort(seeds, kind="stable")
+        counts = self._seed_resamples(tuple(int(seeds[i]) for i in order))
+        return seed_and_patient_replicates(np.vstack([per_seed[i] for i in order]), counts)
 
     def difference(self, a: list, b: list) -> dict | None:
         """Paired seed-mean difference a - b with its 95% interval (None without replicates)."""
@@ -221,6 +249,13 @@ class Pooler:
             if used:
                 diff.update(ci_low=low, ci_high=high)
         return diff
+
+
+def _headline_macro(row: dict, labels: list) -> dict:
+    """A row's macro AUROC over ``labels`` only (its own interval covers every label, so it is dropped)."""
+    values = [row["auroc"][name]["value"] for name in labels
+              if row["auroc"].get(name, {}).get("value") is not None]
+    return {"value": float(np.mean(values)) if values else None}
 
 
 def select(rows: Iterable[dict], **where) -> list:

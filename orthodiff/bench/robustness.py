@@ -2,7 +2,8 @@
 
 Each scenario holds one domain out (a site, or a field strength): its patients are removed from
 training and validation and added to the test set, beside the ordinary test patients of the seen
-domains. Pretraining, too, sees only the seen domains' training scans. Metrics are reported per
+domains. Pretraining, too, sees only the seen domains: the separate unlabeled knee archive less
+its patients of the held-out domain (cached like every bench pretraining). Metrics are reported per
 site and per field strength, so the unseen domain can be read against the seen ones.
 """
 
@@ -18,7 +19,7 @@ from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import PRETRAINED_METHODS, BenchPreset
 from .results import Pooler, ResultsFile, fmt_pooled, select
-from .workspace import prepare_joint, pretrain, write_domain_splits
+from .workspace import prepare_joint, write_domain_splits
 
 BENCH = "robustness"
 JOINT = "knee"
@@ -33,16 +34,21 @@ def run_robustness(preset: BenchPreset, out: Path, header: dict):
     from . import BenchResult
 
     data = stage(BENCH, "data (synth, scan, prepare, split)", lambda: prepare_joint(preset, out, JOINT))
-    splits, pretrained = {}, {}
+    from .pretraining import pool_pretraining
+
+    splits, pretrained, pools = {}, {}, {}
     needs_pretraining = any(m in PRETRAINED_METHODS for m in preset.methods)
     for scenario, spec in preset.robustness.items():
         splits[scenario] = write_domain_splits(data, spec["column"], spec["held_out"],
                                                data.root / f"splits-{scenario}.json")
         if needs_pretraining:
-            pretrained[scenario] = stage(
-                BENCH, f"pretraining for {scenario} (seen domains only)",
-                lambda s=scenario: pretrain(data.config, splits[s], data.root / f"pretrain-{s}"))
-    results = ResultsFile.open(out / "results.json", {**header, "scenarios": preset.robustness})
+            pretrained[scenario], pools[scenario] = stage(
+                BENCH, f"pretraining for {scenario} (unlabeled archive, seen domains only)",
+                lambda s=scenario, spec=spec: pool_pretraining(
+                    preset, out, JOINT, data.config, [(data.config.data.manifest, splits[s])],
+                    exclude=(spec["column"], spec["held_out"]), name=s))
+    results = ResultsFile.open(out / "results.json", {**header, "scenarios": preset.robustness,
+                                                      "unlabeled_pools": pools})
 
     def inputs_for(cell: Cell) -> CellInputs:
         return data.cell_inputs(cell.seed, pretrained.get(cell.scenario), splits=splits[cell.scenario],
@@ -84,7 +90,7 @@ def write_robustness_report(results: ResultsFile, preset: BenchPreset, out: Path
              (f"Preset `{preset.name}`: {preset.studies[JOINT]} synthetic knee studies; seeds {preset.seeds}; "
              "100% of the seen domains' training labels. Per-site and per-field-strength values are the mean over "
              "seeds of each run's macro AUROC, brackets the mean of the runs' 95% patient-bootstrap intervals; "
-             "the overall column pools seeds with one bootstrap of the seed mean. (unseen) marks the held-out domain."),
+             "the overall column pools seeds with one bootstrap of the seed mean over seeds and test patients. (unseen) marks the held-out domain."),
              ""]
     files, headline = [], []
     for scenario, spec in preset.robustness.items():

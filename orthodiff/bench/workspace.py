@@ -70,7 +70,6 @@ def joint_config(preset: BenchPreset, root: Path, joint: str, extra=()) -> Exper
 
 def prepare_joint(preset: BenchPreset, out: Path, joint: str) -> JointData:
     """Synthesize, scan, prepare and split one joint's archive (each stage resumes)."""
-    from ..data.prepare import prepare_cache
     from ..data.scan import scan_archive
     from ..data.splits import make_splits
     from ..synth import synthesize_archive
@@ -87,11 +86,25 @@ def prepare_joint(preset: BenchPreset, out: Path, joint: str) -> JointData:
                            matrix=int(preset.matrix), progress=False)
     if not Path(data.manifest).exists():
         scan_archive(archive, data.manifest)
-    if not (Path(data.cache) / "cache.json").exists() or not (Path(data.cache) / "index.parquet").exists():
-        prepare_cache(data.manifest, data.cache, plane_size=data.plane_size)
+    prepare_planes(config)
     make_splits(data.manifest, data.splits, seed=config.seed, val_fraction=data.val_fraction,
                 test_fraction=data.test_fraction, fractions=data.label_fractions)
     return JointData(joint=joint, root=root, config=config)
+
+
+def prepare_planes(config: ExperimentConfig) -> None:
+    """Prepare ``config.data.manifest`` into ``config.data.cache`` (skipped when it exists), with the
+    config's slab handling and slice spacing where prepare takes them."""
+    import inspect
+
+    from ..data.prepare import prepare_cache
+
+    data = config.data
+    if (Path(data.cache) / "cache.json").exists() and (Path(data.cache) / "index.parquet").exists():
+        return
+    accepted = inspect.signature(prepare_cache).parameters
+    options = {name: getattr(data, name) for name in ("slab", "slice_spacing") if name in accepted}
+    prepare_cache(data.manifest, data.cache, plane_size=data.plane_size, **options)
 
 
 def write_reseeded_splits(base: Path, manifest: Path, seed: int, out: Path) -> Path:

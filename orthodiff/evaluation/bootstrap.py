@@ -99,3 +99,19 @@ def weighted_mean(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     denominator = weights @ known.astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(denominator > 0, (weights @ filled) / denominator, np.nan)
+
+
+def seed_and_patient_replicates(per_seed: np.ndarray, seed_counts: np.ndarray) -> np.ndarray:
+    """Replicates of a mean over seeds that resample the seeds as well as the patients.
+
+    ``per_seed`` (S, R): each seed's metric on the R patient resamples; ``seed_counts`` (R, S): how
+    often each seed is drawn in replicate r (``resample_counts(S, R, ...)``). Replicate r is the
+    count-weighted mean of the drawn seeds' values on patient resample r, so the interval holds the
+    spread between seeds (label subsets, initialisations) beside the test-set uncertainty. A seed
+    undefined on a resample (NaN) is left out of that replicate.
+    """
+    values = np.asarray(per_seed, dtype=float).T  # (R, S)
+    known = np.isfinite(values)
+    weights = np.where(known, seed_counts, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(weights.sum(1) > 0, (weights * np.where(known, values, 0.0)).sum(1) / weights.sum(1), np.nan)

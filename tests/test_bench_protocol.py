@@ -1,0 +1,181 @@
+"""The bench protocol: a separate unlabeled pool, headline labels with enough test positives, seed
+and patient intervals, the floors, recorded training curves and the shared pretraining cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from orthodiff.bench import run_bench
+from orthodiff.bench.presets import resolve_preset
+from orthodiff.bench.protocol import label_counts, low_label_shortfalls, protocol_lines
+from orthodiff.bench.results import Pooler
+from orthodiff.data.splits import load_splits, make_splits
+from orthodiff.errors import OrthodiffError
+
+GRID = ["seeds=[0]", "fractions=[1.0,0.5]", "methods=[orthodiff-probe,raw-voxels]", "segment_methods=[]"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("protocol") / "label-fraction"
+    result = run_bench("label-fraction", "test", out, GRID)
+    return out, result
+
+
+def test_unlabeled_pool_is_disjoint_from_labeled_patients_and_at_least_five_times_training(bench):
+    out, _ = bench
+    stored = json.loads((out / "results.json").read_text())
+    pool = stored["unlabeled_pool"]
+    labeled = pd.read_parquet(out / "knee" / "manifest.parquet")
+    unlabeled = pd.read_parquet(Path(pool["pool"]) / "manifest.parquet")
+    assert not set(labeled["patient_id"]) & set(unlabeled["patient_id"])
+    assert unlabeled[[c for c in unlabeled.columns if c.startswith("label_")]].isna().all().all()
+    train = load_splits(out / "knee" / "splits.json").train
+    assert unlabeled["patient_id"].nunique() >= 5 * len(train) == 5 * pool["labeled_train_patients"]
+    # pretraining read the pool, and only the pool
+    import yaml
+
+    config = yaml.safe_load((Path(pool["pretraining"]) / "config.yaml").read_text())
+    assert config["data"]["cache"] == str(Path(pool["pool"]) / "cache")
+    assert set(load_splits(config["data"]["splits"]).train) == set(unlabeled["patient_id"])
+
+
+def test_pool_checks_refuse_overlap_and_a_small_pool(tmp_path):
+    from orthodiff.bench.pretraining import check_pool
+
+    manifest = tmp_path / "m.parquet"
+    pd.DataFrame({"patient_id": ["P1", "P2"], "study_id": ["s1", "s2"], "series_id": ["s1/a", "s2/a"],
+                  "plane": "sagittal", "path": "/x", "format": "nifti"}).to_parquet(manifest)
+    with pytest.raises(OrthodiffError, match="also labeled patients"):
+        check_pool(["P1"] + [f"U-{i}" for i in range(20)], manifest, ["P1", "P2"], "pool")
+    with pytest.raises(OrthodiffError, match="at least 5x"):
+        check_pool([f"U-{i}" for i in range(9)], manifest, ["P1", "P2"], "pool")
+    assert check_pool([f"U-{i}" for i in range(10)], manifest, ["P1", "P2"], "pool")["ratio"] == 5.0
+
+
+def test_floors_and_training_records_appear_in_results_and_report(bench):
+    out, _ = bench
+    stored = json.loads((out / "results.json").read_text())
+    by_key = {row["key"]: row for row in stored["rows"]}
+    raw = by_key["knee/in-domain/classify/raw-voxels/0.5/seed0"]
+    info = json.loads((out / raw["run_dir"] / "run.json").read_text())
+    assert info["baseline"] == "raw-voxels" and info["mode"] == "supervised"
+    for row in stored["rows"]:
+        assert row["loss_curve"] and all(np.isfinite(loss) for _, loss in row["loss_curve"])
+        assert row["patients"]["train"] == len(load_splits(out / "knee" / "splits.json").subset(row["fraction"]))
+    report = (out / "report.md").read_text()
+    assert "| raw-voxels |" in report and "## Convergence" in report
+    assert (out / "loss_curves.png").stat().st_size > 1000
+    # the real counts per fraction, from the splits the cells trained on
+    counts = stored["label_counts"]
+    splits = load_splits(out / "knee" / "splits.json")
+    assert counts["train"]["0.5"]["patients"] == len(splits.subset(0.5))
+    assert counts["val"]["0.5"]["patients"] == len(splits.val_subset(0.5)) < len(splits.val)
+    assert "## Protocol: patients and positives per label" in report
+
+
+def test_random_init_probe_is_a_floor_on_its_own_feature_store(bench, tmp_path):
+    from orthodiff.bench.cells import Cell, CellInputs, cell_config
+
+    out, _ = bench
+    preset, _ = resolve_preset("test")
+    from orthodiff.bench.workspace import prepare_joint
+
+    data = prepare_joint(preset, out, "knee")
+    inputs = CellInputs(config=data.config, splits=data.splits, pretrained=out, features=tmp_path / "features" / "seed0",
+                        runs=tmp_path / "runs")
+    probe = cell_config(Cell("knee", "in-domain", "classify", "orthodiff-probe", 1.0, 0), inputs, preset)
+    floor = cell_config(Cell("knee", "in-domain", "classify", "orthodiff-probe-random-init", 1.0, 0), inputs, preset)
+    assert (probe.finetune.mode, probe.finetune.init) == ("probe", "pretrained")
+    assert (floor.finetune.mode, floor.finetune.init) == ("probe", "scratch")
+    assert floor.features.output_dir != probe.features.output_dir
+    assert floor.features.blocks == probe.features.blocks and floor.features.timesteps == probe.features.timesteps
+
+
+def _labelled_manifest(n_patients: int = 120) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(n_patients):
+        labels = {"label_common": float(rng.random() < 0.5), "label_rare": float(p % 40 == 0)}
+        rows.append(dict(patient_id=f"P{p:03d}", study_id=f"s{p:03d}", series_id=f"s{p:03d}/sagittal",
+                         plane="sagittal", path="/x", format="nifti", **labels))
+    return pd.DataFrame(rows)
+
+
+def test_labels_under_ten_test_positives_leave_the_headline_macro_and_are_named(tmp_path):
+    frame = _labelled_manifest()
+    manifest = tmp_path / "manifest.parquet"
+    frame.to_parquet(manifest)
+    make_splits(frame, tmp_path / "splits.json", val_fraction=0.15, test_fraction=0.3, fractions=[1.0, 0.1])
+    counts = label_counts(tmp_path / "splits.json", manifest)
+    assert counts.test_positives["common"] >= 10 > counts.test_positives["rare"]
+    assert counts.headline == ["common"] and counts.excluded == ["rare"]
+    lines = "\n".join(protocol_lines(counts, low_label_shortfalls(counts)))
+    assert f"rare ({counts.test_positives['rare']})" in lines and "Left out of the headline macro" in lines
+    # the 10% subset of ~66 training patients holds fewer than 10 positives of 'common': reported
+    shortfalls = low_label_shortfalls(counts)
+    assert len(shortfalls) == 1 and shortfalls[0].startswith("common:")
+
+    # the pooled headline macro averages the headline labels only
+    rows = [{"key": "k", "joint": "knee", "scenario": "x", "task": "classify", "run_dir": "/missing", "seed": 0,
+             "auroc": {"common": {"value": 0.8}, "rare": {"value": 0.2}},
+             "macro_auroc": {"value": 0.5, "ci_low": 0.4, "ci_high": 0.6}}]
+    assert Pooler(rows, 20).pooled(rows).value == pytest.approx(0.5)
+    assert Pooler(rows, 20, headline_labels=counts.headline).pooled(rows).value == pytest.approx(0.8)
+
+
+def _prediction_run(root: Path, name: str, probs: np.ndarray, targets: np.ndarray) -> str:
+    run = root / name
+    run.mkdir(parents=True)
+    pd.DataFrame({"study_id": [f"s{i}" for i in range(len(probs))], "patient_id": [f"P{i}" for i in range(len(probs))],
+                  "split": "test", "prob_a": probs, "label_a": targets}).to_csv(run / "predictions.csv", index=False)
+    return name
+
+
+def test_seed_and_patient_interval_is_wider_than_patient_only_when_seeds_disagree(tmp_path):
+    from orthodiff.evaluation.bootstrap import seed_and_patient_replicates
+
+    rng = np.random.default_rng(1)
+    targets = (np.arange(60) % 2).astype(float)
+    good = np.clip(targets * 0.6 + rng.random(60) * 0.5, 0, 1)  # AUROC near 0.9
+    poor = rng.random(60)  # near chance
+    rows = []
+    for seed, probs in enumerate((good, poor, good, poor)):
+        name = _prediction_run(tmp_path, f"run{seed}", probs, targets)
+        rows.append({"key": f"k{seed}", "joint": "knee", "scenario": "x", "task": "classify", "run_dir": name,
+                     "seed": seed, "auroc": {"a": {"value": 0.5}}, "macro_auroc": {"value": 0.5}})
+    both = Pooler(rows, 400, root=tmp_path).pooled(rows)
+    patients = Pooler(rows, 400, root=tmp_path, resample_seeds=False).pooled(rows)
+    assert both.interval == "seed and patient bootstrap of the seed mean"
+    assert patients.interval == "patient bootstrap of the seed mean"
+    assert (both.ci_high - both.ci_low) > 1.3 * (patients.ci_high - patients.ci_low)
+    # one seed drawn in every replicate: the replicate is that seed's value; NaN seeds are left out
+    per_seed = np.array([[0.9, 0.8], [0.1, np.nan]])
+    counts = np.array([[2.0, 0.0], [1.0, 1.0]])
+    assert np.allclose(seed_and_patient_replicates(per_seed, counts), [0.9, 0.8])
+
+
+def test_pretraining_cache_is_not_reused_when_the_config_changes(bench):
+    from orthodiff.bench.pretraining import pool_pretraining
+    from orthodiff.bench.workspace import prepare_joint
+
+    out, _ = bench
+    stored = json.loads((out / "results.json").read_text())
+    first = Path(stored["unlabeled_pool"]["pretraining"])
+    stamp = (first / "denoisers" / "axial" / "config.json").stat().st_mtime_ns
+    preset, _ = resolve_preset("test", ["pretrain.max_steps=3"])
+    data = prepare_joint(preset, out, "knee")
+    same_data = [(data.config.data.manifest, data.splits)]
+    changed, _ = pool_pretraining(preset, out, "knee", data.config, same_data)
+    assert changed != first and changed.parent == first.parent
+    assert (changed / "denoisers" / "axial" / "config.json").exists()
+    assert (first / "denoisers" / "axial" / "config.json").stat().st_mtime_ns == stamp
+    # the same config again: the same entry, nothing pretrained
+    preset, _ = resolve_preset("test")
+    again, _ = pool_pretraining(preset, out, "knee", prepare_joint(preset, out, "knee").config, same_data)
+    assert again == first and (first / "denoisers" / "axial" / "config.json").stat().st_mtime_ns == stamp
