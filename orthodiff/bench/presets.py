@@ -166,9 +166,9 @@ PRESETS = {
             "features.blocks=[mid]",
             "finetune.epochs=4",
             # one optimizer-step budget for every method, probe and baselines alike
-            "finetune.max_steps=300",
+            "finetune.max_steps=200",
             "finetune.eval_every=25",
-            "finetune.patience=4",
+            "finetune.patience=3",
             "finetune.batch_size=8",
             "finetune.decoder_width=8",
         ],
