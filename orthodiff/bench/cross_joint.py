@@ -20,6 +20,7 @@ from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
+from .protocol import headline_note, label_counts, low_label_shortfalls
 from .results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
 from .workspace import joint_config, prepare_joint
 
@@ -52,6 +53,10 @@ def run_cross_joint(preset: BenchPreset, out: Path, header: dict):
     targets = {joint: stage(BENCH, f"{joint} data", lambda j=joint: prepare_joint(preset, out, j))
                for joint in preset.cross_joint_targets}
     labeled = [(d.config.data.manifest, d.splits) for d in targets.values()]
+    counts = {joint: label_counts(d.splits, d.config.data.manifest, preset.min_test_positives)
+              for joint, d in targets.items()}
+    shortfalls = {joint: low_label_shortfalls(c, min(preset.cross_joint_fractions), preset.min_low_label_positives)
+                  for joint, c in counts.items()}
     pools = {}
     if preset.knee_pretrained:
         pretrained = _existing_denoisers(Path(preset.knee_pretrained))
@@ -66,7 +71,9 @@ def run_cross_joint(preset: BenchPreset, out: Path, header: dict):
             lambda d=data: pool_pretraining(preset, out, d.joint, d.config, [(d.config.data.manifest, d.splits)]))
     results = ResultsFile.open(out / "results.json", {**header, "pretrained_on": "knee",
                                                       "knee_denoisers": str(Path(pretrained).resolve()),
-                                                      "unlabeled_pools": pools})
+                                                      "unlabeled_pools": pools,
+                                                      "label_counts": {j: c.as_dict() for j, c in counts.items()},
+                                                      "shortfalls": shortfalls})
 
     def inputs_for(cell: Cell) -> CellInputs:
         data = targets[cell.joint]
@@ -99,7 +106,11 @@ def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Pat
     # the seeds asked for; each row under the name its table shows
     rows = [{**r, "method": report_method(r)} for r in results.rows if r["seed"] in preset.seeds]
     own_pretraining = any(r["scenario"] == TARGET_SCENARIO for r in rows)
-    pooler = Pooler(rows, preset.n_bootstrap, root=results.path.parent)
+    counts = results.header.get("label_counts") or {}
+    # per joint: the macro over that joint's labels with enough test positives
+    poolers = {joint: Pooler(rows, preset.n_bootstrap, root=results.path.parent,
+                             headline_labels=(counts.get(joint) or {}).get("headline_labels"))
+               for joint in preset.cross_joint_targets}
     lines = ["# Cross-joint bench (knee-pretrained denoisers on new joints)", "",
              f"Command: `{results.header.get('command', '')}`", "",
              f"Preset `{preset.name}`: knee pretraining on a separate archive of "
@@ -109,6 +120,11 @@ def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Pat
                              "separate unlabeled archive instead of the knee's." if own_pretraining else ""), ""]
     files, headline = [], []
     for joint in preset.cross_joint_targets:
+        pooler = poolers[joint]
+        note = headline_note(counts.get(joint))
+        lines += [f"{joint}: {note}", ""] if note else []
+        for line in (results.header.get("shortfalls") or {}).get(joint, []):
+            lines += [f"- {joint} low-label subset short of the protocol: {line}", ""]
         for task, metric in (("classify", "macro AUROC"), ("segment", "mean Dice")):
             chosen = select(rows, joint=joint, task=task)
             if not chosen:

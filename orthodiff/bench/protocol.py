@@ -93,4 +93,13 @@ def protocol_lines(counts: LabelCounts, shortfalls: list[str], min_test_positive
     return lines + [""]
 
 
-__all__ = ["LabelCounts", "MIN_TEST_POSITIVES", "label_counts", "low_label_shortfalls", "protocol_lines"]
+def headline_note(stored: dict | None) -> str:
+    """One report line naming the labels a stored ``LabelCounts.as_dict()`` leaves out of the headline."""
+    if not stored or not stored.get("excluded_labels"):
+        return ""
+    return ("Left out of the headline macro (too few test positives): " + ", ".join(
+        f"{label} ({stored['test_positives'][label]})" for label in stored["excluded_labels"]) + ".")
+
+
+__all__ = ["LabelCounts", "MIN_TEST_POSITIVES", "headline_note", "label_counts", "low_label_shortfalls",
+           "protocol_lines"]

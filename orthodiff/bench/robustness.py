@@ -18,6 +18,7 @@ from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import PRETRAINED_METHODS, BenchPreset
+from .protocol import headline_note, label_counts
 from .results import Pooler, ResultsFile, fmt_pooled, select
 from .workspace import prepare_joint, write_domain_splits
 
@@ -47,8 +48,10 @@ def run_robustness(preset: BenchPreset, out: Path, header: dict):
                 lambda s=scenario, spec=spec: pool_pretraining(
                     preset, out, JOINT, data.config, [(data.config.data.manifest, splits[s])],
                     exclude=(spec["column"], spec["held_out"]), name=s))
+    counts = {s: label_counts(path, data.config.data.manifest, preset.min_test_positives).as_dict()
+              for s, path in splits.items()}
     results = ResultsFile.open(out / "results.json", {**header, "scenarios": preset.robustness,
-                                                      "unlabeled_pools": pools})
+                                                      "unlabeled_pools": pools, "label_counts": counts})
 
     def inputs_for(cell: Cell) -> CellInputs:
         return data.cell_inputs(cell.seed, pretrained.get(cell.scenario), splits=splits[cell.scenario],
@@ -84,7 +87,7 @@ def _cell(value) -> str:
 
 def write_robustness_report(results: ResultsFile, preset: BenchPreset, out: Path):
     rows = [r for r in results.rows if r["seed"] in preset.seeds]  # the seeds asked for
-    pooler = Pooler(rows, preset.n_bootstrap, root=results.path.parent)
+    counts = results.header.get("label_counts") or {}
     lines = ["# Robustness bench (knee): unseen sites and field strengths", "",
              f"Command: `{results.header.get('command', '')}`", "",
              (f"Preset `{preset.name}`: {preset.studies[JOINT]} synthetic knee studies; seeds {preset.seeds}; "
@@ -97,6 +100,9 @@ def write_robustness_report(results: ResultsFile, preset: BenchPreset, out: Path
         chosen = select(rows, scenario=scenario)
         if not chosen:
             continue
+        # the overall column: the macro over this scenario's labels with enough test positives
+        pooler = Pooler(rows, preset.n_bootstrap, root=results.path.parent,
+                        headline_labels=(counts.get(scenario) or {}).get("headline_labels"))
         held = _held_out_name(spec)
         stratum = "by_site" if spec["column"] == "site" else "by_field_strength"
         other = "by_field_strength" if stratum == "by_site" else "by_site"
@@ -104,7 +110,8 @@ def write_robustness_report(results: ResultsFile, preset: BenchPreset, out: Path
         other_names = sorted({n for r in chosen for n in r[other]})
         methods = list(dict.fromkeys(r["method"] for r in chosen))
         label = lambda n, held=held: f"{n} (unseen)" if n == held else n
-        lines += [f"## {scenario}: trained without {spec['column']} = {held}", "",
+        note = headline_note(counts.get(scenario))
+        lines += [f"## {scenario}: trained without {spec['column']} = {held}", "", *([note, ""] if note else []),
                   "| method | overall | " + " | ".join(label(n) for n in names) + " | unseen - seen |",
                   "|---|---|" + "---|" * len(names) + "---|"]
         groups = {label(n): {} for n in names}
