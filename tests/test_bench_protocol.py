@@ -17,7 +17,8 @@ from orthodiff.bench.results import Pooler
 from orthodiff.data.splits import load_splits, make_splits
 from orthodiff.errors import OrthodiffError
 
-GRID = ["seeds=[0]", "fractions=[1.0,0.5]", "methods=[orthodiff-probe,raw-voxels]", "segment_methods=[]"]
+# two processes run the two methods' cells side by side
+GRID = ["seeds=[0]", "fractions=[1.0,0.5]", "methods=[orthodiff-probe,raw-voxels]", "segment_methods=[]", "workers=2"]
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +60,11 @@ def test_pool_checks_refuse_overlap_and_a_small_pool(tmp_path):
 
 
 def test_floors_and_training_records_appear_in_results_and_report(bench):
-    out, _ = bench
+    out, result = bench
     stored = json.loads((out / "results.json").read_text())
     by_key = {row["key"]: row for row in stored["rows"]}
+    assert result.computed == 4 and set(by_key) == {
+        f"knee/in-domain/classify/{m}/{f}/seed0" for m in ("orthodiff-probe", "raw-voxels") for f in ("1", "0.5")}
     raw = by_key["knee/in-domain/classify/raw-voxels/0.5/seed0"]
     info = json.loads((out / raw["run_dir"] / "run.json").read_text())
     assert info["baseline"] == "raw-voxels" and info["mode"] == "supervised"

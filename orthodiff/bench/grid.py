@@ -1,4 +1,5 @@
-"""Running a bench's cells in order, skipping those already in results.json."""
+"""Running a bench's cells, skipping those already in results.json; on ``preset.workers`` processes
+of one torch thread each when it is above 1."""
 
 from __future__ import annotations
 
@@ -14,21 +15,59 @@ def run_grid(cells: Iterable[Cell], inputs_for: Callable[[Cell], CellInputs], pr
              results: ResultsFile, bench: str) -> int:
     """Run every cell missing from ``results`` (saved after each); returns how many ran."""
     cells = list(cells)
-    computed = 0
     if not preset.run_cells:
-        return computed
-    for index, cell in enumerate(cells, 1):
-        if results.has(cell.key):
-            continue
+        return 0
+    missing = [cell for cell in cells if not results.has(cell.key)]
+    if int(preset.workers) > 1 and len(missing) > 1:
+        return _run_parallel(missing, inputs_for, preset, results, bench, len(cells))
+    for cell in missing:
         start = time.perf_counter()
         row = run_cell(cell, inputs_for(cell), preset)
-        results.add(row)
-        computed += 1
-        metric = row.get("macro_auroc") or row.get("mean_dice") or {}
-        value = metric.get("value")
-        print(f"[orthodiff bench {bench}] {index}/{len(cells)} {cell.key}: "
-              f"{'n/a' if value is None else f'{value:.3f}'} ({time.perf_counter() - start:.0f} s)", flush=True)
-    return computed
+        _record(results, row, bench, cells.index(cell) + 1, len(cells), time.perf_counter() - start)
+    return len(missing)
+
+
+def _record(results: ResultsFile, row: dict, bench: str, index: int, total: int, seconds: float) -> None:
+    results.add(row)
+    metric = row.get("macro_auroc") or row.get("mean_dice") or {}
+    value = metric.get("value")
+    print(f"[orthodiff bench {bench}] {index}/{total} {row['key']}: "
+          f"{'n/a' if value is None else f'{value:.3f}'} ({seconds:.0f} s)", flush=True)
+
+
+def _run_parallel(missing: list, inputs_for, preset: BenchPreset, results: ResultsFile, bench: str, total: int) -> int:
+    """Cells grouped by (joint, scenario, task, method, seed) so that the cells sharing a feature store
+    run in one process, one after another; the groups run side by side. Rows are saved by this
+    process only, as groups finish (a cell whose run finished is only evaluated again on resume)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    groups: dict = {}
+    for cell in missing:
+        groups.setdefault((cell.joint, cell.scenario, cell.task, cell.method, cell.seed), []).append(cell)
+    done = 0
+    context = multiprocessing.get_context("spawn")  # no forked torch state
+    with ProcessPoolExecutor(max_workers=int(preset.workers), mp_context=context, initializer=_one_thread) as pool:
+        futures = [pool.submit(_run_group, group, [inputs_for(c) for c in group], preset) for group in groups.values()]
+        for future in as_completed(futures):
+            for row, seconds in future.result():
+                done += 1
+                _record(results, row, bench, done, len(missing), seconds)
+    return done
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _run_group(cells: list, inputs: list, preset: BenchPreset) -> list:
+    rows = []
+    for cell, cell_inputs in zip(cells, inputs):
+        start = time.perf_counter()
+        rows.append((run_cell(cell, cell_inputs, preset), time.perf_counter() - start))
+    return rows
 
 
 def stage(bench: str, what: str, function):

@@ -71,6 +71,8 @@ class BenchPreset:
     robustness: dict = field(default_factory=dict)
     # torch CPU threads (0: torch's default). One thread per process is fastest on a shared 2-core machine.
     threads: int = 0
+    # processes that run the cells side by side, one torch thread each (1: in this process)
+    workers: int = 1
     # false: run no cell, only rewrite report.md and plots from the rows already in results.json
     run_cells: bool = True
 
@@ -184,6 +186,7 @@ PRESETS = {
         n_bootstrap=1000,
         robustness=dict(_SHARED_SCENARIOS),
         threads=1,
+        workers=2,  # both cores, one torch thread per process
     ),
     "paper": BenchPreset(
         name="paper",
