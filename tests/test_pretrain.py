@@ -84,7 +84,8 @@ def test_two_cpu_processes_train_in_sync(cache, tmp_path):
     assert [step for step, _ in checkpoints] == [2, 4]
     for _, path in checkpoints:
         assert len(list(path.glob("model*.safetensors"))) == 1
-        assert sorted(p.name for p in path.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+        assert sorted(p.name for p in path.glob("rng-*.json")) == ["rng-0.json", "rng-1.json"]
+        assert not list(path.glob("*.pkl")) and not list(path.glob("*.bin"))
     assert not list((tmp_path / "sagittal" / "checkpoints").glob(".*"))
     assert [r["step"] for r in read_metrics(tmp_path / "sagittal" / "metrics.jsonl")] == [1, 2, 3, 4]
     _assert_same(_weights(checkpoints[-1][1] / "model.safetensors"), rank0)
