@@ -142,6 +142,7 @@ def open_plane_dataset(cfg: ExperimentConfig, plane: str):
         from ..data.splits import load_splits
 
         splits = load_splits(splits_path)
+        cache.check_splits(splits)
         patients = list(splits.train) + list(splits.val)
     dataset = PlaneVolumeDataset(cache, plane, patient_ids=patients)
     if len(dataset) == 0:
