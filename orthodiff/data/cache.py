@@ -66,6 +66,19 @@ class PlaneCache:
             f"{splits.path} (manifest {splits.manifest or 'unknown'})",
         )
 
+    @property
+    def slab(self) -> str:
+        """How slices were fitted to D: crop (the central D; caches before this setting) or fit."""
+        return self.meta.get("slab", "crop")
+
+    def check_slab(self, slab: str) -> None:
+        """Raise when the run's ``data.slab`` differs from the cache's."""
+        if slab != self.slab:
+            raise OrthodiffError(
+                f"{self.root}: prepared with data.slab={self.slab}, but data.slab={slab} was asked; "
+                "prepare a new cache with that setting or use the matching config"
+            )
+
     def check_plane_size(self, plane_size: dict) -> None:
         """Raise when ``plane_size`` (e.g. a model's) differs from the cache's for any plane it names."""
         for plane, size in dict(plane_size).items():

@@ -136,6 +136,7 @@ def open_plane_dataset(cfg: ExperimentConfig, plane: str):
         raise OrthodiffError(f"data.cache={root}: no prepared cache there; run `orthodiff prepare MANIFEST --out {root}`")
     cache = PlaneCache(root)
     cache.check_plane_size(cfg.data.plane_size)
+    cache.check_slab(cfg.data.slab)
     patients = None
     splits_path = Path(cfg.data.splits)
     if splits_path.exists():
