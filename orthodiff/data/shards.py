@@ -59,6 +59,7 @@ def merge_shards(manifest, out) -> dict:
 
     out = Path(out)
     frame = manifest.copy() if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
+    source = "the manifest" if isinstance(manifest, pd.DataFrame) else str(manifest)
     fingerprint = data_fingerprint(frame)
     found = sorted((out / SHARDS_DIR).glob("*-of-*")) if (out / SHARDS_DIR).is_dir() else []
     counts = {int(p.name.split("-of-")[1]) for p in found if re.match(r"^\d+-of-\d+$", p.name)}
@@ -76,7 +77,7 @@ def merge_shards(manifest, out) -> dict:
         meta = read_json(folder / "cache.json")
         if meta.get("manifest_fingerprint") != fingerprint:
             raise OrthodiffError(
-                f"{folder}: shard {index}/{count} was prepared from another manifest than {manifest}; prepare it again"
+                f"{folder}: shard {index}/{count} was prepared from another manifest than {source}; prepare it again"
             )
         metas.append(meta)
         shard_index = pd.read_parquet(folder / "index.parquet")
