@@ -120,6 +120,8 @@ def test_shards_prepare_apart_and_merge_into_the_whole(tmp_path):
     assert merged.fingerprint == reference.fingerprint
     for series_id in reference.index["series_id"]:
         np.testing.assert_array_equal(np.asarray(merged.image(series_id)), np.asarray(reference.image(series_id)))
+    with pytest.raises(OrthodiffError, match=r"shard 1/3 was prepared from another manifest than the manifest"):
+        merge_shards(pd.read_parquet(manifest).iloc[:7], tmp_path / "sharded")
     # a plain run on the merged cache finds everything done
     assert prepare_cache(manifest, tmp_path / "sharded", SIZE, workers=1).skipped == 8
     with pytest.raises(OrthodiffError, match=r"--shard '0/3': expected I/N|--shard 0/3: I must be between 1 and N"):
