@@ -208,3 +208,23 @@ def test_kill_9_of_prepare_leaves_no_worker(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+
+
+def test_folder_stamp_notices_replaced_added_and_removed_files(tmp_path):
+    from orthodiff.data.source_stamp import source_stamp
+
+    folder = tmp_path / "series"
+    folder.mkdir()
+    for n in range(3):
+        (folder / f"{n}.dcm").write_bytes(bytes([n]) * 1000)
+    first = source_stamp(folder)
+    assert first["bytes"] == 3000
+    stat = (folder / "0.dcm").stat()
+    (folder / "0.dcm").write_bytes(b"\xff" * 1000)  # same size and time stamp, other content
+    os.utime(folder / "0.dcm", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert source_stamp(folder)["sha256"] != first["sha256"]
+    (folder / "3.dcm").write_bytes(b"x")
+    assert source_stamp(folder)["bytes"] == 3001
+    (folder / "3.dcm").unlink()
+    (folder / "1.dcm").unlink()
+    assert source_stamp(folder)["bytes"] == 2000
