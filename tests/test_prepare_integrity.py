@@ -68,8 +68,9 @@ def test_replaced_source_is_prepared_again_and_reported(tmp_path):
     assert prepare_cache(manifest, tmp_path / "cache", SIZE, workers=1).skipped == 2
 
 
-def test_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch):
-    manifest = _manifest(tmp_path, ["a", "b", "c"])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch, workers):
+    manifest = _manifest(tmp_path, ["a", "b", "c", "d", "e", "f"])
     real_save = np.save
     calls = []
 
@@ -83,12 +84,15 @@ def test_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeyp
     monkeypatch.setattr(np, "save", save_until_full)
     cache = tmp_path / "cache"
     with pytest.raises(OrthodiffError, match=rf"{cache}: the disk is full .*free space there or prepare into another folder"):
-        prepare_cache(manifest, cache, SIZE, workers=1)
+        prepare_cache(manifest, cache, SIZE, workers=workers)
     assert not [p for p in cache.rglob("*") if ".tmp" in p.name]
-    assert len(list((cache / "records").glob("*.json"))) == 1  # the one finished series, complete
+    finished = list((cache / "records").glob("*.json"))  # one per process got through, complete
+    assert 1 <= len(finished) <= workers
+    for record in finished:
+        assert np.load(cache / json.loads(record.read_text())["image"]).shape == (1, 6, 16, 16)
     monkeypatch.setattr(np, "save", real_save)
     resumed = prepare_cache(manifest, cache, SIZE, workers=1)
-    assert (resumed.skipped, resumed.prepared, len(resumed.errors)) == (1, 2, 0)
+    assert (resumed.skipped, resumed.prepared, len(resumed.errors)) == (len(finished), 6 - len(finished), 0)
 
 
 def test_long_unicode_ids_get_bounded_distinct_names(tmp_path):
