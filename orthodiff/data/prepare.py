@@ -462,6 +462,8 @@ def _finished_record(out: Path, row) -> tuple[dict | None, bool]:
     files = [record.get("image", "")] + ([record["seg"]] if record.get("seg") else [])
     if not (same_source and all(name and (out / name).exists() for name in files)):
         return None, False
+    if "source" not in record:  # prepared before sources were stamped: cannot tell, so prepare again
+        return None, False
     try:
         unchanged = all(record.get(key) == value for key, value in _stamps(row).items())
     except OSError:
