@@ -29,8 +29,13 @@ GRID = ["seeds=[0]", "fractions=[1.0,0.5]", "methods=[orthodiff-probe,orthodiff-
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "label-fraction"
-    first = run_bench("label-fraction", "test", out, GRID)
+    # one pretraining cache for the session: the bench test modules share the unlabeled archive
+    first = run_bench("label-fraction", "test", out, [*GRID, f"pretrain_cache={shared_cache(tmp_path_factory)}"])
     return out, first
+
+
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "bench-pretrain-cache"
 
 
 def test_label_fraction_grid_writes_rows_report_and_plots(bench):
@@ -67,7 +72,7 @@ def test_rerun_skips_finished_cells(bench):
     out, _ = bench
     before = json.loads((out / "results.json").read_text())["rows"]
     stamps = {r["key"]: (out / r["run_dir"] / "run.json").stat().st_mtime_ns for r in before}
-    again = run_bench("label-fraction", "test", out, GRID)
+    again = run_bench("label-fraction", "test", out, [*GRID, f"pretrain_cache={out.parent.parent / 'bench-pretrain-cache'}"])
     assert again.computed == 0
     assert json.loads((out / "results.json").read_text())["rows"] == before
     assert {r["key"]: (out / r["run_dir"] / "run.json").stat().st_mtime_ns for r in before} == stamps
@@ -148,8 +153,8 @@ def test_pooled_summary_without_run_directories_uses_seed_intervals():
 
 def test_cross_joint_reuses_knee_denoisers_and_pretrains_the_target_on_request(bench, tmp_path):
     out, _ = bench
-    cache = out.parent / "pretrain-cache"
     knee = Path(json.loads((out / "results.json").read_text())["unlabeled_pool"]["pretraining"])
+    cache = knee.parent
     stamp = (knee / "denoisers" / "sagittal" / "config.json").stat().st_mtime_ns
     grid = ["seeds=[0]", "cross_joint_fractions=[1.0]", "methods=[orthodiff-probe,resnet3d]",
             "segment_methods=[orthodiff-finetune]", f"pretrain_cache={cache}", "target_pretraining=true"]
@@ -183,7 +188,9 @@ def test_cross_joint_reuses_knee_denoisers_and_pretrains_the_target_on_request(b
 
 
 def test_robustness_holds_the_domain_out_of_training_and_pretraining(bench, tmp_path):
-    grid = ["seeds=[0]", "methods=[orthodiff-probe,resnet3d]"]
+    out, _ = bench
+    grid = ["seeds=[0]", "methods=[orthodiff-probe,resnet3d]",
+            f"pretrain_cache={out.parent.parent / 'bench-pretrain-cache'}"]  # the unlabeled archive is reused
     result = run_bench("robustness", "test", tmp_path / "robustness", grid)
     stored = json.loads((tmp_path / "robustness" / "results.json").read_text())
     assert {row["key"] for row in stored["rows"]} == {

@@ -24,7 +24,9 @@ GRID = ["seeds=[0]", "fractions=[1.0,0.5]", "methods=[orthodiff-probe,raw-voxels
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("protocol") / "label-fraction"
-    result = run_bench("label-fraction", "test", out, GRID)
+    # the session's shared cache (see tests/test_bench.py): a pretraining another module paid is reused
+    cache = tmp_path_factory.getbasetemp() / "bench-pretrain-cache"
+    result = run_bench("label-fraction", "test", out, [*GRID, f"pretrain_cache={cache}"])
     return out, result
 
 
@@ -171,7 +173,8 @@ def test_pretraining_cache_is_not_reused_when_the_config_changes(bench):
     stored = json.loads((out / "results.json").read_text())
     first = Path(stored["unlabeled_pool"]["pretraining"])
     stamp = (first / "denoisers" / "axial" / "config.json").stat().st_mtime_ns
-    preset, _ = resolve_preset("test", ["pretrain.max_steps=3"])
+    cache = f"pretrain_cache={first.parent}"
+    preset, _ = resolve_preset("test", ["pretrain.max_steps=3", cache])
     data = prepare_joint(preset, out, "knee")
     same_data = [(data.config.data.manifest, data.splits)]
     changed, _ = pool_pretraining(preset, out, "knee", data.config, same_data)
@@ -179,6 +182,6 @@ def test_pretraining_cache_is_not_reused_when_the_config_changes(bench):
     assert (changed / "denoisers" / "axial" / "config.json").exists()
     assert (first / "denoisers" / "axial" / "config.json").stat().st_mtime_ns == stamp
     # the same config again: the same entry, nothing pretrained
-    preset, _ = resolve_preset("test")
+    preset, _ = resolve_preset("test", [cache])
     again, _ = pool_pretraining(preset, out, "knee", prepare_joint(preset, out, "knee").config, same_data)
     assert again == first and (first / "denoisers" / "axial" / "config.json").stat().st_mtime_ns == stamp

@@ -174,3 +174,33 @@ def test_validation_subsets_are_nested_and_used_at_a_fraction(tmp_path):
     (tmp_path / "splits.json").write_text(json.dumps(data))
     with pytest.raises(OrthodiffError, match="validation subset"):
         load_splits(tmp_path / "splits.json")
+
+
+def test_reuse_with_another_manifest_of_the_same_patients_is_refused(tmp_path):
+    frame = _manifest()
+    first = _split(tmp_path, frame=frame)
+    assert first.fingerprint and json.loads((tmp_path / "splits.json").read_text())["manifest_fingerprint"] == first.fingerprint
+    assert load_splits(tmp_path / "splits.json").fingerprint == first.fingerprint
+    fewer_series = frame[frame["plane"] == "sagittal"]  # same patients and labels, other series
+    with pytest.raises(OrthodiffError, match=r"splits.json: splits file exists but was made from another manifest"):
+        _split(tmp_path, frame=fewer_series)
+
+
+def test_cache_refuses_splits_of_another_manifest(tmp_path):
+    from orthodiff.data.cache import PlaneCache
+    from orthodiff.data.fingerprint import data_fingerprint
+    from orthodiff.fileio import write_json, write_table
+
+    frame = _manifest(20)
+    cache = tmp_path / "cache"
+    write_table(cache / "index.parquet", frame.assign(image="", seg=""))
+    write_json(cache / "cache.json", {"format_version": 1, "plane_size": {}, "manifest": "m.parquet",
+                                      "manifest_fingerprint": data_fingerprint(frame)})
+    same = _split(tmp_path, "same.json", frame=frame)
+    PlaneCache(cache).check_splits(same)
+    PlaneCache(cache).check_splits(tmp_path / "absent.json")  # no splits file: nothing to compare
+    other = _split(tmp_path, "other.json", frame=_manifest(12))
+    with pytest.raises(OrthodiffError, match=r"other.json \(manifest manifest\) and .*cache.json \(manifest m.parquet\) "
+                       r"come from different manifests"):
+        PlaneCache(cache).check_splits(tmp_path / "other.json")
+    assert other.fingerprint != same.fingerprint

@@ -169,19 +169,37 @@ def cached_pretraining(pool: Pool, preset: BenchPreset, out: Path, patients: lis
     if all((folder / "denoisers" / p / "config.json").exists() for p in PLANES):
         log.info("pretraining %s found in the cache: %s", name, folder)
         return folder
-    splits = folder / "pool-splits.json"  # every chosen pool patient trains; no labels, no test
+    splits = folder / "pool-splits.json"
     if not splits.exists():
-        from ..data.manifest import read_manifest
-        from ..data.splits import make_splits
-
-        frame = read_manifest(pool.manifest)
-        make_splits(frame[frame["patient_id"].astype(str).isin(set(patients))], splits, seed=int(pool.config.seed),
-                    val_fraction=0.0, test_fraction=0.0, fractions=[1.0])
+        write_pool_splits(pool, patients, splits)
     with _lock(folder):
         pretrain(pool.config, splits, folder)
     write_json(folder / "pretrain-cache.json", {"key": key, "joint": pool.joint, "pool": str(pool.root),
                                                 "patients": len(patients), "name": name})
     return folder
+
+
+def write_pool_splits(pool: Pool, patients: list[str], out: Path) -> Path:
+    """A splits file of the pool's manifest whose training patients are ``patients`` (pretraining reads
+    train + val); the others (a held-out domain) sit in test. Made from the whole manifest, so its
+    data fingerprint matches the pool's cache."""
+    from ..data.manifest import read_manifest
+    from ..data.splits import load_splits, make_splits
+    from ..fileio import read_json
+
+    draft = out.with_name(out.name + ".draft.json")
+    draft.unlink(missing_ok=True)
+    make_splits(read_manifest(pool.manifest), draft, seed=int(pool.config.seed), val_fraction=0.0,
+                test_fraction=0.0, fractions=[1.0])
+    stored = read_json(draft)
+    chosen = sorted(set(patients))
+    rest = sorted(set(stored["train"]) - set(chosen))
+    stored.update(train=chosen, val=[], test=rest, subsets={"1": chosen}, val_subsets={"1": []},
+                  label_positives={}, pretraining_pool={"patients": len(chosen), "left_out": len(rest)})
+    write_json(out, stored)
+    draft.unlink()
+    load_splits(out)  # checks disjointness
+    return out
 
 
 def pool_pretraining(preset: BenchPreset, out: Path, joint: str, config: ExperimentConfig, labeled: list,

@@ -4,8 +4,8 @@ Summaries pool the seeds: the point is the mean over seeds; the 95% interval is 
 seed-mean over both seeds and test patients (each replicate draws the seeds with replacement, then
 scores every drawn seed's run on the same resample of the test patients), read from the runs'
 predictions, so it holds the seed variance as well as the test-set uncertainty; the seed spread is
-also given apart. Comparisons between two methods are paired: the same
-bootstrap resamples give an interval for the difference. Where a run directory is gone, the
+also given apart. Comparisons between two methods are paired: the same bootstrap resamples give an
+interval for the difference. Where a run directory is gone, the
 interval falls back to the mean of the seeds' own intervals (said so in the table).
 """
 
