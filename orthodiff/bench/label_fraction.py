@@ -116,8 +116,8 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
     supervised = [m for m in methods if m in SCRATCH] or scratch
     if orthodiff and scratch and low in fractions:
         lines += ["", f"## Headline: orthodiff at {low:.0%} labels against the floors and the scratch baselines", "",
-                  ("Differences are paired (same bootstrap resamples of the test patients); an interval above 0 "
-                  "means orthodiff is better beyond the test-set uncertainty."), "",
+                  ("Differences are paired (the same bootstrap draws of seeds and test patients); an interval "
+                  "above 0 means orthodiff is better beyond the seed and test-set uncertainty."), "",
                   f"| orthodiff method | baseline | baseline at {low:.0%} | difference | baseline at {high:.0%} | difference |",
                   "|---|---|---|---|---|---|"]
         for method in orthodiff:
