@@ -72,13 +72,17 @@ def prepare(
     out: Path = typer.Option(..., "--out", "-o", help="Cache folder for plane tensors."),
     config: Optional[List[str]] = ConfigOption,
     workers: int = typer.Option(0, help="Parallel processes (0: all cores)."),
+    plane: Optional[List[str]] = typer.Option(None, "--plane", help="Prepare only this plane (repeatable); "
+                                              "short for data.series.planes=[...]."),
     overrides: Optional[List[str]] = OverridesArgument,
 ):
     """Turn each series into a plane tensor (1, D, H, W), cached and resumable."""
-    cfg = _config(config, overrides, section="data")
+    planes = [f"data.series.planes=[{','.join(plane)}]"] if plane else []
+    cfg = _config(config, list(overrides or []) + planes, section="data")
     from .data.prepare import prepare_cache
     result = prepare_cache(
-        manifest, out, plane_size=cfg.data.plane_size, workers=workers, slice_spacing=cfg.data.slice_spacing
+        manifest, out, plane_size=cfg.data.plane_size, workers=workers, slice_spacing=cfg.data.slice_spacing,
+        selection=cfg.data.series,
     )
     typer.echo(result.describe())
 

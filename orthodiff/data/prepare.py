@@ -262,8 +262,12 @@ def prepare_cache(
     plane_size: dict,
     workers: int = 0,
     slice_spacing: float | None = None,
+    selection=None,
 ) -> PrepareResult:
     """Prepare every series of ``manifest`` (path or DataFrame) into the cache folder ``out``.
+
+    ``selection`` (``data.series``) keeps the series that pass its filters; every candidate of a
+    plane is prepared, so later stages may prefer another one without preparing again.
 
     Resumable: a series whose files are complete is skipped. One bad series becomes a row of
     ``errors.csv``; the rest goes on.
@@ -281,6 +285,7 @@ def prepare_cache(
         frame["series_id"] = frame["series_id"].astype(str)
     else:
         frame, manifest_path = read_manifest(manifest), str(Path(manifest).resolve())
+    frame = _selected(frame, selection, manifest_path or "the manifest")
     unknown = sorted(set(frame["plane"]) - set(PLANES))
     if unknown:
         raise OrthodiffError(f"{manifest_path or 'manifest'}: unknown plane(s) {unknown}; use {', '.join(PLANES)}")
@@ -310,6 +315,14 @@ def prepare_cache(
     write_table(out / "errors.csv", pd.DataFrame(errors, columns=ERROR_COLUMNS))
     _write_index(out, frame, records)
     return PrepareResult(out=out, total=len(frame), prepared=len(records) - skipped, skipped=skipped, errors=errors)
+
+
+def _selected(frame, selection, where: str):
+    from .selection import filter_series, require_rows
+
+    chosen = filter_series(frame, selection)
+    require_rows(frame, chosen, selection, where)
+    return chosen
 
 
 def _write_cache_json(out: Path, sizes: dict, manifest_path: str, slice_spacing) -> None:

@@ -61,6 +61,7 @@ class FinetuneResult:
 def run_finetune(cfg) -> FinetuneResult:
     """Train diagnosis or segmentation heads as ``cfg.finetune`` says; write ``finetune.output_dir``."""
     from ..data.cache import PlaneCache
+    from ..data.selection import select_cache
     from ..data.splits import load_splits
 
     ft = cfg.finetune
@@ -76,7 +77,7 @@ def run_finetune(cfg) -> FinetuneResult:
     _seed_everything(int(cfg.seed))
     out = Path(ft.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache = PlaneCache(cfg.data.cache)
+    cache = select_cache(PlaneCache(cfg.data.cache), cfg.data.series)
     cache.check_plane_size(cfg.data.plane_size)
     splits = load_splits(cfg.data.splits)
     patients = run_patients(splits, ft.labels_fraction)
