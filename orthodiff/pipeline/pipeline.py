@@ -13,6 +13,7 @@ Directory layout (safetensors and JSON only; nothing is unpickled when it is loa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,11 @@ class OrthoDiffusionPipeline:
         return {p: tuple(int(v) for v in s) for p, s in self.config["preprocessing"]["plane_size"].items()}
 
     @property
+    def series_selection(self) -> dict | None:
+        """``data.series`` of the training run (None in pipelines saved before it was recorded)."""
+        return self.config["preprocessing"].get("series")
+
+    @property
     def planes(self) -> list[str]:
         wanted = set(self.config["classifier"]["planes"])
         if self.config.get("segmenter"):
@@ -167,6 +173,7 @@ class OrthoDiffusionPipeline:
                 "slice_spacing": cfg.data.slice_spacing,
                 "orientation": dict(PLANE_AXCODES),
                 "intensity_percentiles": list(INTENSITY_PERCENTILES),
+                "series": dataclasses.asdict(cfg.data.series),  # the selection training used
             },
             "classifier": spec,
             "segmenter": None,

@@ -16,6 +16,7 @@ and renamed when complete, so a folder that exists is whole.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Sequence
@@ -26,10 +27,16 @@ import numpy as np
 
 from ..errors import OrthodiffError, ScanError
 from ..fileio import atomic_directory, write_json, write_table
+from ..naming import safe_name
 from .inputs import StudyInput, collect_studies
+
+logger = logging.getLogger(__name__)
 
 PREDICTION_FORMAT = "orthodiff-prediction"
 ERROR_COLUMNS = ["input", "study_id", "reason"]
+STALE_AFTER_S = 600.0
+# staging and set-aside folders of fileio.atomic_directory: ".<name>.<8 random>.tmp", ".<name>.old-<pid>"
+_STAGING = re.compile(r"^\..+\.([A-Za-z0-9_]{8}\.tmp|old-\d+)$")
 
 
 @dataclass
@@ -65,7 +72,10 @@ def run_prediction(pipeline_dir, inputs: Sequence, out, explain: bool = True, pr
     pipeline = OrthoDiffusionPipeline.from_pretrained(pipeline_dir, device=device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    studies, errors = collect_studies(inputs)
+    stale = clean_stale_staging(out)
+    if stale:
+        logger.info("removed %d unfinished folder(s) of an interrupted run from %s", len(stale), out)
+    studies, errors = collect_studies(inputs, selection=pipeline.series_selection)
     written, summary_rows = [], []
     for study in tqdm(studies, desc="predict", unit="study", disable=not progress or None, leave=False):
         try:
@@ -104,7 +114,7 @@ def predict_one(pipeline, study: StudyInput, out: Path, explain: bool = True, pi
         except ScanError as exc:
             notes[plane] = f"{plane} series {row['series_id']} unreadable: {_one_line(exc)}"
     prediction = pipeline.predict_study(volumes, study.study_id, metadata=study.metadata, explain=explain, notes=notes)
-    folder = out / safe_name(study.study_id)
+    folder = out / safe_name(study.study_id, "study")
     with atomic_directory(folder) as staging:
         summary = _write_study(pipeline, prediction, paths, study, staging, pipeline_dir)
     return summary
@@ -187,10 +197,23 @@ def _study_source(study: StudyInput) -> str:
     return ""
 
 
-def safe_name(name: str) -> str:
-    """A folder or file name for a study id or label (other characters become '_')."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")
-    return cleaned or "study"
+def clean_stale_staging(out: Path, older_than: float = STALE_AFTER_S) -> list[str]:
+    """Remove staging folders that a killed run left in ``out``: hidden ``.<name>.<random>.tmp``
+    and ``.<name>.old-<pid>`` folders (the names ``atomic_directory`` gives), untouched for
+    ``older_than`` seconds. A live run holds its staging folder for the seconds it takes to
+    write one study, so an older one is nobody's. Returns the names removed."""
+    import shutil
+
+    removed = []
+    now = time.time()
+    for entry in sorted(Path(out).iterdir()):
+        if not (entry.is_dir() and not entry.is_symlink() and _STAGING.match(entry.name)):
+            continue
+        newest = max([entry.lstat().st_mtime] + [p.lstat().st_mtime for p in entry.rglob("*")])
+        if now - newest >= older_than:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
 
 
 def _one_line(exc) -> str:
