@@ -5,6 +5,8 @@ Per study, OUT/<study_id>/ holds::
     prediction.json                        probability, threshold and decision per label; planes used,
                                            planes missing (with why); files per series
     segmentation_<plane>.nii.gz            uint8 labels on the series' own voxel grid and affine
+    segmentation_<plane>.dcm               the same as a DICOM Segmentation referencing the source
+                                           series (DICOM inputs only; segments named by class)
     segmentation_<plane>.png               overlay on three central slices
     heatmap_<label>_<plane>.nii.gz / .png  Grad-CAM in [0, 1] (uint8 x 1/255), series grid / overlay
     report.html                            one page with all of the above
@@ -121,6 +123,7 @@ def predict_one(pipeline, study: StudyInput, out: Path, explain: bool = True, pi
 
 
 def _write_study(pipeline, prediction, rows: dict, study: StudyInput, folder: Path, pipeline_dir) -> dict:
+    from .dicom_seg import source_datasets, write_dicom_seg
     from .gradcam import TARGET_DESCRIPTION
     from .report import heatmap_png, segmentation_png, write_report
 
@@ -148,6 +151,13 @@ def _write_study(pipeline, prediction, rows: dict, study: StudyInput, folder: Pa
             segmentation_pictures[plane] = segmentation_png(folder / f"segmentation_{plane}.png", item.image_tensor,
                                                             item.segmentation_tensor).name
             entry["segmentation"] = {"nifti": name, "png": segmentation_pictures[plane], "classes": prediction.classes}
+            if row.get("format") == "dicom":
+                dicom_name = f"segmentation_{plane}.dcm"
+                try:
+                    write_dicom_seg(folder / dicom_name, item.segmentation, prediction.classes, source_datasets(row))
+                    entry["segmentation"]["dicom_seg"] = dicom_name
+                except Exception as exc:  # noqa: BLE001  the NIfTI and the diagnosis still stand
+                    summary["notes"].append(f"{plane} DICOM SEG not written: {type(exc).__name__}: {_one_line(exc)}")
         for label, heat in item.heatmaps.items():
             stem = f"heatmap_{safe_name(label)}_{plane}"
             _save_nifti(folder / f"{stem}.nii.gz", heat, item.source_affine, unit_interval=True)
