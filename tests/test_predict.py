@@ -175,6 +175,12 @@ def test_dicom_exams_sharing_a_study_id_stay_apart(built, exams, tmp_path):
         sources = {Path(entry["source"]) for entry in summary["series"].values()}
         assert all(copy in source.parents for source in sources), f"{uid} mixes exams: {sources}"
         assert not any("several series" in note for note in summary["notes"])
+    # one exam's plane folders given separately share their StudyInstanceUID: still one study
+    parts = run_prediction(built["pipeline"], [copies[0] / "sagittal", copies[0] / "coronal"], tmp_path / "parts",
+                           explain=False)
+    assert parts.studies == ["1"]
+    summary = json.loads((tmp_path / "parts" / "1" / "prediction.json").read_text())
+    assert summary["planes_used"] == ["sagittal", "coronal"]
 
 
 def test_nifti_exams_in_folders_of_one_name_stay_apart(built, tmp_path):

@@ -129,3 +129,42 @@ def test_prepare_keeps_only_selected_series_and_an_empty_selection_is_one_line(t
         prepare_cache(tmp_path / "old.parquet", tmp_path / "cache2", sizes, workers=1,
                       selection=SeriesSelection(contrasts=["pd"]))
     assert "\n" not in str(info.value)
+
+
+def test_predict_inputs_follow_the_recorded_selection(tmp_path):
+    """A manifest given to predict with two sagittal candidates: the preferred one is used, the
+    other listed as ignored; a study the selection empties becomes an error row."""
+    import numpy as np
+    from tiny_archive import write_tiny_archive
+
+    from orthodiff.pipeline.inputs import collect_studies
+
+    archive = write_tiny_archive(tmp_path / "archive", studies=1)
+    image = next(archive.rglob("sagittal.nii.gz"))
+    rows = [{"patient_id": "P1", "study_id": "s1", "series_id": f"s1/sagittal/{name}", "plane": "sagittal",
+             "path": str(image), "format": "nifti", "n_slices": slices, "fat_suppressed": fat}
+            for name, slices, fat in (("a", 30, 0.0), ("b", 20, 1.0), ("c", 40, np.nan))]
+    pd.DataFrame(rows).to_csv(tmp_path / "manifest.csv", index=False)
+    studies, errors = collect_studies([tmp_path / "manifest.csv"], selection={"prefer": ["fat_suppressed", "most_slices"]})
+    assert not errors and studies[0].chosen("sagittal")["series_id"] == "s1/sagittal/b"
+    assert studies[0].ignored() == ["s1/sagittal/a", "s1/sagittal/c"]  # unknown ranks last
+    studies, errors = collect_studies([tmp_path / "manifest.csv"], selection={"planes": ["coronal"]})
+    assert studies == [] and errors[0]["study_id"] == "s1" and "series selection" in errors[0]["reason"]
+
+
+def test_a_selected_cache_holds_only_its_series_and_the_feature_record_notes_it(tmp_path):
+    from pretrain_fixtures import write_fixture_cache
+
+    from orthodiff.data.cache import PlaneCache
+    from orthodiff.data.selection import select_cache, selection_spec
+
+    root = write_fixture_cache(tmp_path / "cache", patients=3)
+    cache = select_cache(PlaneCache(root), SeriesSelection(planes=["axial"]))
+    assert set(cache.index["plane"]) == {"axial"} and len(cache) == 3
+    assert cache.image("knee-0001/axial").shape[0] == 1
+    with pytest.raises(OrthodiffError, match="not in the cache index"):
+        cache.image("knee-0001/sagittal")
+    with pytest.raises(OrthodiffError, match="^data.series: no series of the cache"):
+        select_cache(PlaneCache(root), SeriesSelection(contrasts=["pd"]))
+    assert selection_spec(SeriesSelection()) == {}
+    assert selection_spec(SeriesSelection(planes=["axial"]))["series"]["filters"] == "planes axial"

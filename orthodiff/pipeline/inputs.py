@@ -68,9 +68,9 @@ def _with_origin(rows: list[dict], origin: Path) -> list[dict]:
 
 
 def _unique_study_ids(rows: list[dict]) -> list[dict]:
-    """Rename study ids that different inputs share: to the StudyInstanceUID when the studies'
-    UIDs differ, else to "<input path>/<study id>". Inputs holding one DICOM study (the same
-    StudyInstanceUID, e.g. its planes given as separate folders) stay one study."""
+    """Rename study ids that different inputs share: to the StudyInstanceUID when known, else to
+    "<input path>/<study id>". Inputs holding one DICOM study (the same StudyInstanceUID, e.g. its
+    planes given as separate folders) stay one study."""
     groups: dict = {}
     for row in rows:
         groups.setdefault((str(row["study_id"]), row[ORIGIN]), []).append(row)
@@ -88,10 +88,11 @@ def _unique_study_ids(rows: list[dict]) -> list[dict]:
             uid = uids[origin]
             if uid and counts[uid] == len(origins):
                 continue  # one study given in parts: keep its id
-            name = uid if uid and counts[uid] == 1 else f"{origin}/{short}"
+            name = uid or f"{origin}/{short}"  # inputs sharing a UID hold parts of one study: merged
             for row in groups[(short, origin)]:
-                row["study_id"] = name
-                row["series_id"] = f"{name}/{str(row['series_id']).split('/', 1)[-1]}"
+                series_id = str(row["series_id"])
+                rest = series_id[len(short) + 1:] if series_id.startswith(f"{short}/") else series_id
+                row["study_id"], row["series_id"] = name, f"{name}/{rest}"
     return rows
 
 
