@@ -78,12 +78,15 @@ def check_selection(selection, source: str = "data.series") -> CheckedSelection:
         try:
             pattern = re.compile(str(regex), re.IGNORECASE)
         except re.error as exc:
-            raise OrthodiffError(f"{source}.description_regex={regex!r} is not a valid regular expression ({exc}); fix or remove it") from None
+            raise OrthodiffError(
+                f"{source}.description_regex={regex!r} is not a valid regular expression ({exc}); fix or remove it"
+            ) from None
     prefer = tuple(str(rule).lower() for rule in _names(get("prefer", []), f"{source}.prefer"))
     for rule in prefer:
         if rule not in PREFER_RULES and rule not in CONTRASTS:
             raise OrthodiffError(
-                f"{source}.prefer: unknown rule {rule!r}; use any of {', '.join(PREFER_RULES)} or a contrast ({', '.join(CONTRASTS)})"
+                f"{source}.prefer: unknown rule {rule!r}; use any of {', '.join(PREFER_RULES)} "
+                f"or a contrast ({', '.join(CONTRASTS)})"
             )
     return CheckedSelection(planes, contrasts, fat, pattern, prefer)
 

@@ -19,14 +19,14 @@ METADATA_COLUMNS = ("patient_id", "age", "sex", "height", "weight", "site", "fie
 
 @dataclass
 class StudyInput:
-    """One study to predict: its series rows (manifest-like dicts) per plane, in sorted series order."""
+    """One study to predict: its series rows (manifest-like dicts) per plane, preferred first."""
 
     study_id: str
     rows: dict = field(default_factory=dict)  # {plane: [row, ...]}
     metadata: dict = field(default_factory=dict)
 
     def chosen(self, plane: str):
-        """The series used for ``plane`` (the first in series_id order, as training used), or None."""
+        """The series used for ``plane`` (the one training's ``data.series`` prefers), or None."""
         rows = self.rows.get(plane) or []
         return rows[0] if rows else None
 

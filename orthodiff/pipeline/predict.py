@@ -138,7 +138,8 @@ def _write_study(pipeline, prediction, rows: dict, study: StudyInput, folder: Pa
         )
     ignored = study.ignored()
     if ignored:
-        summary["notes"].append(f"several series for one plane; used the first of each, ignored {', '.join(ignored)}")
+        summary["notes"].append(f"several series for one plane; used the preferred one of each (data.series.prefer), "
+                                f"ignored {', '.join(ignored)}")
     pictures: dict = {}
     segmentation_pictures: dict = {}
     for plane, item in prediction.series.items():
