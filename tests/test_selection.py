@@ -168,3 +168,23 @@ def test_a_selected_cache_holds_only_its_series_and_the_feature_record_notes_it(
         select_cache(PlaneCache(root), SeriesSelection(contrasts=["pd"]))
     assert selection_spec(SeriesSelection()) == {}
     assert selection_spec(SeriesSelection(planes=["axial"]))["series"]["filters"] == "planes axial"
+
+
+def test_sharded_prepare_of_one_plane_merges(tmp_path):
+    """Shards prepared with --plane hold only that plane; the merge, given the same selection,
+    accepts them as complete."""
+    from tiny_archive import write_tiny_archive
+
+    from orthodiff.cli import main
+    from orthodiff.data.scan import scan_archive
+
+    archive = write_tiny_archive(tmp_path / "archive", studies=3)
+    scan_archive(archive, tmp_path / "manifest.parquet")
+    common = ["--plane", "axial", "--config", "tiny", "data.plane_size.axial=[8,16,16]"]
+    for shard in ("1/2", "2/2"):
+        main(["prepare", str(tmp_path / "manifest.parquet"), "--out", str(tmp_path / "cache"), "--workers", "1",
+              "--shard", shard, *common])
+    main(["prepare", str(tmp_path / "manifest.parquet"), "--out", str(tmp_path / "cache"), "--merge", *common])
+    index = pd.read_parquet(tmp_path / "cache" / "index.parquet")
+    manifest = pd.read_parquet(tmp_path / "manifest.parquet")
+    assert sorted(index["series_id"]) == sorted(manifest.loc[manifest["plane"] == "axial", "series_id"])
