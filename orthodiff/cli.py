@@ -86,17 +86,20 @@ def prepare(
         None, "--shard", help="I/N: prepare only shard I of N (1..N) into OUT/shards/I-of-N; then --merge."
     ),
     merge: bool = typer.Option(False, "--merge", help="Join the finished shards in OUT into one cache."),
+    plane: Optional[List[str]] = typer.Option(None, "--plane", help="Prepare only this plane (repeatable); "
+                                              "short for data.series.planes=[...]."),
     overrides: Optional[List[str]] = OverridesArgument,
 ):
     """Turn each series into a plane tensor (1, D, H, W), cached and resumable."""
     workers = _workers(workers)
-    cfg = _config(config, overrides, section="data")
+    planes = [f"data.series.planes=[{','.join(plane)}]"] if plane else []
+    cfg = _config(config, list(overrides or []) + planes, section="data")
     if merge:
         if shard is not None:
             raise OrthodiffError("--merge joins every shard; give it without --shard")
         from .data.shards import merge_shards
 
-        merged = merge_shards(manifest, out)
+        merged = merge_shards(manifest, out, selection=cfg.data.series)
         typer.echo(
             f"Merged {merged['shards']} shards into {out}: {merged['series']} series prepared, {merged['errors']} "
             f"failed (listed in {out / 'errors.csv'}). Index: {out / 'index.parquet'}."
@@ -105,7 +108,7 @@ def prepare(
     from .data.prepare import prepare_cache
     result = prepare_cache(
         manifest, out, plane_size=cfg.data.plane_size, workers=workers, slice_spacing=cfg.data.slice_spacing,
-        slab=cfg.data.slab, shard=shard,
+        slab=cfg.data.slab, shard=shard, selection=cfg.data.series,
     )
     typer.echo(result.describe())
 

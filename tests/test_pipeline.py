@@ -189,3 +189,69 @@ def test_an_ehr_head_predicts_as_it_was_trained(built, tmp_path):
         checked += 1
     assert checked == 6
     assert moved > 1e-4, "the EHR values never changed a probability: the head ignores them"
+
+
+# ------------------------------------------------------------------ damaged or edited pipelines
+def _copy(built, tmp_path, name="copy"):
+    copy = tmp_path / name
+    shutil.copytree(built["pipeline"], copy)
+    return copy
+
+
+def _edit_config(folder, change):
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    change(config)
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+
+
+def _refused(folder, *fragments):
+    with pytest.raises(OrthodiffError) as info:
+        OrthoDiffusionPipeline.from_pretrained(folder)
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_export_records_checksums_of_every_weight_file_and_the_spec(built):
+    config = json.loads((built["pipeline"] / CONFIG_NAME).read_text())
+    files = {p.relative_to(built["pipeline"]).as_posix() for p in built["pipeline"].rglob("*")
+             if p.is_file() and p.name != CONFIG_NAME}
+    assert set(config["checksums"]["files"]) == files
+    assert "classifier.safetensors" in files and "denoisers/sagittal/model.safetensors" in files
+    assert set(config["checksums"]["spec"]) >= {"classifier", "segmenter", "preprocessing", "labels"}
+
+
+def test_a_truncated_weight_file_is_one_line_naming_it(built, tmp_path):
+    copy = _copy(built, tmp_path)
+    weights = copy / "classifier.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _refused(copy, str(weights), "export the pipeline again")
+    # a pipeline saved before checksums were recorded: the reader still names the file
+    _edit_config(copy, lambda c: c.pop("checksums"))
+    _refused(copy, str(weights), "truncated or damaged")
+    denoiser = copy / "denoisers" / "coronal" / "model.safetensors"
+    shutil.copy(built["pipeline"] / "classifier.safetensors", weights)
+    denoiser.write_bytes(denoiser.read_bytes()[:100])
+    _refused(copy, str(copy / "denoisers"))
+
+
+def test_a_missing_threshold_is_one_line(built, tmp_path):
+    copy = _copy(built, tmp_path)
+    _edit_config(copy, lambda c: c["thresholds"].pop("rim"))
+    _refused(copy, "threshold of label 'rim' is missing")
+
+
+def test_an_edited_head_spec_is_refused_instead_of_changing_probabilities(built, tmp_path):
+    copy = _copy(built, tmp_path)
+
+    def more_heads(config):
+        config["classifier"]["attention_heads"] = int(config["classifier"].get("attention_heads", 4)) * 2
+
+    _edit_config(copy, more_heads)
+    _refused(copy, "classifier edited since export", "export the pipeline again")
+    # thresholds are the operating point, not the model: editing them is allowed
+    other = _copy(built, tmp_path, "thresholds")
+    _edit_config(other, lambda c: c["thresholds"]["blob"].update(value=0.9))
+    assert OrthoDiffusionPipeline.from_pretrained(other).thresholds["blob"] == 0.9

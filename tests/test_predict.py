@@ -3,6 +3,7 @@ heat maps and a report out; bad input reported, never half written."""
 
 import json
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -12,6 +13,7 @@ from pipeline_fixtures import dicom_exams, tiny_pipeline
 
 from orthodiff.cli import main
 from orthodiff.errors import OrthodiffError
+from orthodiff.naming import safe_name
 from orthodiff.pipeline.predict import run_prediction
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -146,3 +148,101 @@ def test_command_without_heatmaps_writes_the_rest(built, exams, tmp_path):
     assert list(folder.glob("heatmap_*")) == []
     assert sorted(p.name for p in folder.glob("segmentation_*.nii.gz")) == [
         f"segmentation_{plane}.nii.gz" for plane in ("axial", "coronal", "sagittal")]
+
+
+# ------------------------------------------------------------- identity, names, leftovers
+def test_dicom_exams_sharing_a_study_id_stay_apart(built, exams, tmp_path):
+    """StudyID is a per-scanner counter: two exams both "1", given as separate inputs, are two
+    studies named by their StudyInstanceUIDs, each predicted from its own series only."""
+    import pydicom
+
+    copies = []
+    for number, exam in enumerate(exams):
+        copy = tmp_path / f"site{number}" / "exam"
+        shutil.copytree(exam, copy)
+        for path in copy.rglob("*.dcm"):
+            dataset = pydicom.dcmread(path)
+            dataset.StudyID = "1"
+            dataset.save_as(path)
+        copies.append(copy)
+    uids = [str(pydicom.dcmread(next(c.rglob("*.dcm"))).StudyInstanceUID) for c in copies]
+    result = run_prediction(built["pipeline"], copies, tmp_path / "out", explain=False)
+    assert sorted(result.studies) == sorted(uids)
+    table = pd.read_csv(tmp_path / "out" / "predictions.csv", dtype={"study_id": str})
+    assert sorted(table["study_id"]) == sorted(uids)
+    for copy, uid in zip(copies, uids):
+        summary = json.loads((tmp_path / "out" / uid / "prediction.json").read_text())
+        sources = {Path(entry["source"]) for entry in summary["series"].values()}
+        assert all(copy in source.parents for source in sources), f"{uid} mixes exams: {sources}"
+        assert not any("several series" in note for note in summary["notes"])
+    # one exam's plane folders given separately share their StudyInstanceUID: still one study
+    parts = run_prediction(built["pipeline"], [copies[0] / "sagittal", copies[0] / "coronal"], tmp_path / "parts",
+                           explain=False)
+    assert parts.studies == ["1"]
+    summary = json.loads((tmp_path / "parts" / "1" / "prediction.json").read_text())
+    assert summary["planes_used"] == ["sagittal", "coronal"]
+
+
+def test_nifti_exams_in_folders_of_one_name_stay_apart(built, tmp_path):
+    sources = [built["archive"] / "P0001" / "knee-0001", built["archive"] / "P0001" / "knee-0002"]
+    inputs = []
+    for parent, source in zip(("left", "right"), sources):
+        exam = tmp_path / parent / "exam1"
+        exam.mkdir(parents=True)
+        for plane in ("sagittal", "coronal"):
+            shutil.copy(source / f"{plane}.nii.gz", exam / f"{plane}.nii.gz")
+        inputs.append(exam)
+    result = run_prediction(built["pipeline"], inputs, tmp_path / "out", explain=False)
+    assert len(result.studies) == 2 and len(set(result.studies)) == 2
+    for study in result.studies:
+        folder = tmp_path / "out" / safe_name(study, "study")
+        summary = json.loads((folder / "prediction.json").read_text())
+        parents = {Path(entry["source"]).parent for entry in summary["series"].values()}
+        assert len(parents) == 1 and summary["planes_used"] == ["sagittal", "coronal"]
+    # files of one exam given one by one are still one study
+    one = run_prediction(built["pipeline"], sorted(inputs[0].glob("*.nii.gz")), tmp_path / "files", explain=False)
+    assert one.studies == ["exam1"]
+
+
+def test_study_ids_that_clean_to_one_name_get_their_own_folders(built, tmp_path):
+    source = built["archive"] / "P0001" / "knee-0001" / "sagittal.nii.gz"
+    inputs = []
+    for study in ("a b", "a?b", "a_b"):
+        (tmp_path / "in" / study).mkdir(parents=True)
+        shutil.copy(source, tmp_path / "in" / study / "sagittal.nii.gz")
+        inputs.append(tmp_path / "in" / study / "sagittal.nii.gz")
+    result = run_prediction(built["pipeline"], inputs, tmp_path / "out", explain=False)
+    assert sorted(result.studies) == ["a b", "a?b", "a_b"]
+    folders = sorted(p for p in (tmp_path / "out").iterdir() if p.is_dir())
+    assert len(folders) == 3
+    assert sorted(json.loads((f / "prediction.json").read_text())["study_id"] for f in folders) == ["a b", "a?b", "a_b"]
+    assert (tmp_path / "out" / "a_b").is_dir()  # a plain id keeps its own name
+
+
+def test_one_naming_function_is_injective_for_predict_and_fine_tuning(built):
+    names = [safe_name(s) for s in ("a b/sagittal", "a?b/sagittal", "a_b/sagittal", "a_b_sagittal")]
+    assert len(set(names)) == 4
+    assert len(safe_name("é" * 300).encode()) < 200
+    index = pd.read_csv(built["segment"] / "segmentations" / "index.csv")
+    for row in index.itertuples():
+        assert row.pred == f"segmentations/{row.split}/{safe_name(row.series_id, 'series')}_pred.npy"
+
+
+def test_a_rerun_removes_what_a_killed_run_left_in_out(built, exams, tmp_path):
+    import os
+    import time
+
+    out = tmp_path / "out"
+    stale = out / ".knee-0001.k3j_x9q2.tmp"
+    aside = out / ".knee-0002.old-4242"
+    fresh = out / ".knee-0003.abcd1234.tmp"  # a staging folder of a run writing right now
+    foreign = out / ".mine"  # not ours
+    for folder in (stale, aside, fresh, foreign):
+        folder.mkdir(parents=True)
+        (folder / "prediction.json").write_text("{}")
+    hour_ago = time.time() - 3600
+    for path in (stale, stale / "prediction.json", aside, aside / "prediction.json", foreign, foreign / "prediction.json"):
+        os.utime(path, (hour_ago, hour_ago))
+    run_prediction(built["pipeline"], [exams[1]], out, explain=False)
+    assert not stale.exists() and not aside.exists()
+    assert fresh.exists() and foreign.exists()

@@ -207,7 +207,7 @@ def test_bad_input_fails_before_training(cache, tmp_path, capsys):
         run_pretraining(tiny_config(cache, tmp_path, "data.plane_size.sagittal=[8,32,32]"))
     sagittal_only = write_fixture_cache(tmp_path / "sagittal-only", patients=2, planes=["sagittal"])
     with pytest.raises(OrthodiffError, match="no prepared coronal series"):
-        run_pretraining(tiny_config(sagittal_only, tmp_path, "pretrain.plane=all"))
+        run_pretraining(tiny_config(sagittal_only, tmp_path, "pretrain.plane=coronal"))
     with pytest.raises(OrthodiffError, match=r"prepared with data.slab=crop, but data.slab=fit was asked"):
         run_pretraining(tiny_config(cache, tmp_path, "data.slab=fit"))
     with pytest.raises(OrthodiffError, match="pretrain.tracker='mlflow'"):

@@ -80,9 +80,11 @@ class PlaneCache:
             )
 
     def check_plane_size(self, plane_size: dict) -> None:
-        """Raise when ``plane_size`` (e.g. a model's) differs from the cache's for any plane it names."""
+        """Raise when ``plane_size`` (e.g. a model's) differs from the cache's for any plane it holds
+        (a plane the cache has no series of cannot disagree)."""
+        held = set(self.index["plane"])
         for plane, size in dict(plane_size).items():
-            have = self.plane_size.get(plane)
+            have = self.plane_size.get(plane) if plane in held else None
             if have is not None and tuple(int(v) for v in size) != have:
                 raise OrthodiffError(
                     f"{self.root}: prepared at plane size {list(have)} for {plane}, but {list(size)} was asked; "
@@ -99,6 +101,12 @@ class PlaneCache:
         if patient_ids is not None:
             rows = rows[rows["patient_id"].isin(set(map(str, patient_ids)))]
         return rows
+
+    def restrict(self, series_ids) -> None:
+        """Keep only these series (``data.series`` selection); lookups of the others then fail."""
+        keep = set(map(str, series_ids))
+        self.index = self.index[self.index["series_id"].isin(keep)].reset_index(drop=True)
+        self._by_series = {sid: i for i, sid in enumerate(self.index["series_id"])}
 
     def _row(self, series_id: str):
         try:

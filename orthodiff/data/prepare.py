@@ -299,6 +299,7 @@ def prepare_cache(
     slice_spacing: float | None = None,
     slab: str = "crop",
     shard=None,
+    selection=None,
 ) -> PrepareResult:
     """Prepare every series of ``manifest`` (path or DataFrame) into the cache folder ``out``.
 
@@ -306,6 +307,8 @@ def prepare_cache(
     bad series becomes a row of ``errors.csv``; the rest goes on. ``shard`` ("I/N") prepares
     only that shard's series into ``out/shards/I-of-N`` (see ``shards``). A full disk stops the
     run with one line; what was finished stays, and nothing is left half-written.
+    ``selection`` (``data.series``) keeps the series that pass its filters; every candidate of a
+    plane is prepared, so later stages may prefer another one without preparing again.
     """
     import pandas as pd
 
@@ -320,7 +323,8 @@ def prepare_cache(
         frame["series_id"] = frame["series_id"].astype(str)
     else:
         frame, manifest_path = read_manifest(manifest), str(Path(manifest).resolve())
-    fingerprint = data_fingerprint(frame)
+    fingerprint = data_fingerprint(frame)  # of the whole manifest, as splits record it
+    frame = _selected(frame, selection, manifest_path or "the manifest")
     unknown = sorted(set(frame["plane"]) - set(PLANES))
     if unknown:
         raise OrthodiffError(f"{manifest_path or 'manifest'}: unknown plane(s) {unknown}; use {', '.join(PLANES)}")
@@ -393,6 +397,14 @@ def _prepare_into(out: Path, frame, sizes, settings, workers, manifest_path, fin
         changed=sorted(changed),
         notes=notes,
     )
+
+
+def _selected(frame, selection, where: str):
+    from .selection import filter_series, require_rows
+
+    chosen = filter_series(frame, selection)
+    require_rows(frame, chosen, selection, where)
+    return chosen
 
 
 def _write_cache_json(out: Path, sizes: dict, manifest_path: str, settings: dict, fingerprint: str, shard) -> list:

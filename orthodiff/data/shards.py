@@ -48,9 +48,10 @@ def shard_rows(frame, index: int, count: int):
     return frame[mask]
 
 
-def merge_shards(manifest, out) -> dict:
+def merge_shards(manifest, out, selection=None) -> dict:
     """Join ``out/shards/*-of-N`` into the cache ``out``; a summary dict. One line when a shard is
-    missing, unfinished, or was prepared with other settings or from another manifest."""
+    missing, unfinished, or was prepared with other settings or from another manifest.
+    ``selection``: the ``data.series`` the shards were prepared with (they hold only its series)."""
     import pandas as pd
 
     from ..fileio import read_json, write_json, write_table
@@ -61,6 +62,10 @@ def merge_shards(manifest, out) -> dict:
     frame = manifest.copy() if isinstance(manifest, pd.DataFrame) else read_manifest(manifest)
     source = "the manifest" if isinstance(manifest, pd.DataFrame) else str(manifest)
     fingerprint = data_fingerprint(frame)
+    if selection is not None:
+        from .selection import filter_series
+
+        frame = filter_series(frame, selection)
     found = sorted((out / SHARDS_DIR).glob("*-of-*")) if (out / SHARDS_DIR).is_dir() else []
     counts = {int(p.name.split("-of-")[1]) for p in found if re.match(r"^\d+-of-\d+$", p.name)}
     if len(counts) != 1:

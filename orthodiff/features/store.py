@@ -42,8 +42,11 @@ def feature_file(plane: str, block: str, spec: str) -> str:
 
 def extraction_spec(cfg, fingerprints: Mapping[str, str], cache_root: Path) -> dict:
     """The settings that determine the stored numbers; a store is reused only if they all match."""
+    from ..data.selection import selection_spec
+
     features = cfg.features
     return {
+        **selection_spec(cfg.data.series),
         "timesteps": [int(t) for t in features.timesteps],
         "blocks": list(features.blocks),
         "average_timesteps": bool(features.average_timesteps),
@@ -66,13 +69,14 @@ def run_extraction(cfg) -> Path:
     from tqdm.auto import tqdm
 
     from ..data.cache import PlaneCache
+    from ..data.selection import select_cache
     from .backbones import build_denoisers, denoiser_fingerprint
     from .extractor import FeatureExtractor
 
     out = Path(cfg.features.output_dir)
     if cfg.features.dtype not in ("float16", "float32"):
         raise OrthodiffError(f"features.dtype={cfg.features.dtype!r}: use float16 or float32")
-    cache = PlaneCache(cfg.data.cache)
+    cache = select_cache(PlaneCache(cfg.data.cache), cfg.data.series)
     cache.check_splits(cfg.data.splits)  # the features will be used with these splits
     series = study_series(cache.index)
     planes = [plane for plane in PLANES if (series["plane"] == plane).any()]

@@ -7,7 +7,6 @@ val/test study; RUN/predictions_patient.csv aggregates per patient) or RUN/segme
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from ..config import save_config
 from ..errors import OrthodiffError
 from ..fileio import read_json, write_json, write_table
+from ..naming import safe_name
 from ..planes import PLANES
 from .scoring import MetricsLog, auroc_scores, patient_level
 from .studies import load_run_studies, resolve_labels, run_patients
@@ -61,6 +61,7 @@ class FinetuneResult:
 def run_finetune(cfg) -> FinetuneResult:
     """Train diagnosis or segmentation heads as ``cfg.finetune`` says; write ``finetune.output_dir``."""
     from ..data.cache import PlaneCache
+    from ..data.selection import select_cache
     from ..data.splits import load_splits
 
     ft = cfg.finetune
@@ -76,7 +77,7 @@ def run_finetune(cfg) -> FinetuneResult:
     _seed_everything(int(cfg.seed))
     out = Path(ft.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache = PlaneCache(cfg.data.cache)
+    cache = select_cache(PlaneCache(cfg.data.cache), cfg.data.series)
     cache.check_plane_size(cfg.data.plane_size)
     splits = load_splits(cfg.data.splits)
     cache.check_splits(splits)
@@ -214,7 +215,7 @@ def _segment(cfg, cache, patients, info, out: Path, metrics_log):
         metrics[split] = {"mean_dice": mean_dice(results, len(classes)), "series": len(results)}
         for result in results:
             series_id = series_of[(result["study_id"], result["plane"])]
-            stem = f"segmentations/{split}/{_safe(series_id)}"
+            stem = f"segmentations/{split}/{safe_name(series_id, 'series')}"
             pred, target = f"{stem}_pred.npy", f"{stem}_target.npy"
             _save_npy(out / pred, result["pred"])
             _save_npy(out / target, result["target"])
@@ -316,10 +317,6 @@ def _tensor_spacing(cache, series_id: str) -> str:
 
     affine = cache.geometry(series_id)["tensor_affine"]
     return json.dumps([round(float(v), 6) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)])
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
 def _seed_everything(seed: int) -> None:

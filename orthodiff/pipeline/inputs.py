@@ -13,19 +13,20 @@ from ..errors import OrthodiffError, ScanError
 from ..planes import PLANES
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
+ORIGIN = "_origin"  # the input a row came from (its folder for a file given alone)
 METADATA_COLUMNS = ("patient_id", "age", "sex", "height", "weight", "site", "field_strength")
 
 
 @dataclass
 class StudyInput:
-    """One study to predict: its series rows (manifest-like dicts) per plane, in sorted series order."""
+    """One study to predict: its series rows (manifest-like dicts) per plane, preferred first."""
 
     study_id: str
     rows: dict = field(default_factory=dict)  # {plane: [row, ...]}
     metadata: dict = field(default_factory=dict)
 
     def chosen(self, plane: str):
-        """The series used for ``plane`` (the first in series_id order, as training used), or None."""
+        """The series used for ``plane`` (the one training's ``data.series`` prefers), or None."""
         rows = self.rows.get(plane) or []
         return rows[0] if rows else None
 
@@ -34,23 +35,85 @@ class StudyInput:
         return [str(row["series_id"]) for rows in self.rows.values() for row in rows[1:]]
 
 
-def collect_studies(inputs) -> tuple[list[StudyInput], list[dict]]:
-    """(studies in study_id order, error rows {input, study_id, reason}) for the given paths."""
+def collect_studies(inputs, selection=None) -> tuple[list[StudyInput], list[dict]]:
+    """(studies in study_id order, error rows {input, study_id, reason}) for the given paths.
+
+    A study's identity is unique across all inputs: studies of different inputs that share a
+    study id (a scanner's StudyID counter, two folders named ``exam1``) stay apart and are named
+    by their StudyInstanceUID, else by their input path. ``selection`` (``data.series``) orders
+    each plane's series so that the preferred one is used.
+    """
     rows, errors = [], []
-    for path in inputs:
-        path = Path(path)
+    for path in dict.fromkeys(Path(p) for p in inputs):
         try:
             if path.is_dir():
                 found, problems = _scan_folder(path)
-                rows += found
+                rows += _with_origin(found, path)
                 errors += problems
             elif path.is_file():
-                rows += _file_rows(path)
+                found = _file_rows(path)
+                # files given one by one belong together when they share a folder (one exam's planes)
+                rows += _with_origin(found, path if path.suffix in MANIFEST_SUFFIXES else path.parent)
             else:
                 raise OrthodiffError(f"{path}: not found; give a DICOM folder, an image file or a manifest")
         except OrthodiffError as exc:
             errors.append({"input": str(path), "study_id": "", "reason": _one_line(exc)})
-    return _group(rows), errors
+    studies, unselected = _group(_unique_study_ids(rows), selection)
+    return studies, errors + unselected
+
+
+def _with_origin(rows: list[dict], origin: Path) -> list[dict]:
+    where = str(origin.resolve())
+    return [{**row, ORIGIN: where} for row in rows]
+
+
+def _unique_study_ids(rows: list[dict]) -> list[dict]:
+    """Rename study ids that different inputs share: to the StudyInstanceUID when known, else to
+    "<input path>/<study id>". Inputs holding one DICOM study (the same StudyInstanceUID, e.g. its
+    planes given as separate folders) stay one study."""
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault((str(row["study_id"]), row[ORIGIN]), []).append(row)
+    by_short: dict = {}
+    for short, origin in groups:
+        by_short.setdefault(short, []).append(origin)
+    for short, origins in by_short.items():
+        if len(origins) < 2:
+            continue
+        uids = {origin: _study_uid(groups[(short, origin)]) for origin in origins}
+        counts: dict = {}
+        for uid in uids.values():
+            counts[uid] = counts.get(uid, 0) + 1
+        for origin in origins:
+            uid = uids[origin]
+            if uid and counts[uid] == len(origins):
+                continue  # one study given in parts: keep its id
+            name = uid or f"{origin}/{short}"  # inputs sharing a UID hold parts of one study: merged
+            for row in groups[(short, origin)]:
+                series_id = str(row["series_id"])
+                rest = series_id[len(short) + 1:] if series_id.startswith(f"{short}/") else series_id
+                row["study_id"], row["series_id"] = name, f"{name}/{rest}"
+    return rows
+
+
+def _study_uid(rows: list[dict]) -> str:
+    """The StudyInstanceUID of a DICOM study's rows ("" when not DICOM or unreadable)."""
+    for row in rows:
+        if row.get("format") != "dicom":
+            continue
+        try:
+            import pydicom
+
+            from ..io.dicom import dicom_files_in
+
+            files = dicom_files_in(row["path"])
+            if files:
+                header = pydicom.dcmread(str(files[0]), stop_before_pixels=True, force=True,
+                                         specific_tags=["StudyInstanceUID"])
+                return str(header.get("StudyInstanceUID", "") or "")
+        except Exception:  # noqa: BLE001  an unreadable header just means: name by path
+            return ""
+    return ""
 
 
 def _scan_folder(folder: Path) -> tuple[list[dict], list[dict]]:
@@ -121,16 +184,36 @@ def _manifest_rows(path: Path) -> list[dict]:
     return frame.to_dict("records")
 
 
-def _group(rows: list[dict]) -> list[StudyInput]:
+def _group(rows: list[dict], selection=None) -> tuple[list[StudyInput], list[dict]]:
+    """Studies of ``rows``, each plane's series in preference order; error rows for studies
+    that the selection leaves without a series."""
+    import pandas as pd
+
+    from ..data.selection import filter_series, order_by_preference
+
+    if not rows:
+        return [], []
+    frame = pd.DataFrame(rows)
+    kept = order_by_preference(filter_series(frame, selection, "pipeline series selection"), selection)
+    errors = [{"input": str(Path(str(group["path"].iloc[0])).parent), "study_id": str(study),
+               "reason": f"study {study}: no series passes the pipeline's series selection ({_describe(selection)})"}
+              for study, group in frame.groupby("study_id", sort=True) if study not in set(kept["study_id"])]
     studies: dict[str, StudyInput] = {}
-    for row in sorted(rows, key=lambda r: (str(r["study_id"]), str(r["series_id"]))):
+    for row in kept.to_dict("records"):
+        row = {key: value for key, value in row.items() if key != ORIGIN}
         study = studies.setdefault(str(row["study_id"]), StudyInput(str(row["study_id"])))
         study.rows.setdefault(row["plane"], []).append(row)
         for column in METADATA_COLUMNS:
             value = row.get(column)
             if column not in study.metadata and _known(value):
                 study.metadata[column] = value
-    return [studies[key] for key in sorted(studies)]
+    return [studies[key] for key in sorted(studies)], errors
+
+
+def _describe(selection) -> str:
+    from ..data.selection import check_selection
+
+    return check_selection(selection).describe()
 
 
 def _known(value) -> bool:

@@ -4,7 +4,8 @@ in one directory that predicts a new study.
 Directory layout (safetensors and JSON only; nothing is unpickled when it is loaded)::
 
     pipeline.json                 format, version, labels, classes, thresholds, preprocessing,
-                                  head specs, provenance (written last: it marks the folder complete)
+                                  head specs, provenance, and the sha256 of every weight file and of
+                                  the spec (checked on load) (written last: it marks the folder complete)
     denoisers/<plane>/            config.json + model.safetensors (the classifier's denoisers)
     segment_denoisers/<plane>/    only when the segmentation run fine-tuned its own denoisers
     classifier.safetensors        the diagnosis head
@@ -13,6 +14,7 @@ Directory layout (safetensors and JSON only; nothing is unpickled when it is loa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import OrthodiffError, ScanError
-from ..fileio import atomic_directory, atomic_path, read_format_json, write_json
+from ..fileio import atomic_directory, atomic_path, read_format_json, read_json, write_json
 from ..io.volume import Volume
 from ..planes import PLANES
 
@@ -30,6 +32,9 @@ VERSION = 1
 CONFIG_NAME = "pipeline.json"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 SEGMENTER_WEIGHTS = "segmenter.safetensors"
+# parts of pipeline.json that decide the numbers; their checksums are recorded at export
+SPEC_KEYS = ("labels", "classes", "preprocessing", "classifier", "segmenter")
+EXPORT_HINT = "export the pipeline again (orthodiff export CLASSIFY_RUN --out DIR)"
 
 
 # ------------------------------------------------------------------------------- results
@@ -116,6 +121,11 @@ class OrthoDiffusionPipeline:
         return {p: tuple(int(v) for v in s) for p, s in self.config["preprocessing"]["plane_size"].items()}
 
     @property
+    def series_selection(self) -> dict | None:
+        """``data.series`` of the training run (None in pipelines saved before it was recorded)."""
+        return self.config["preprocessing"].get("series")
+
+    @property
     def planes(self) -> list[str]:
         wanted = set(self.config["classifier"]["planes"])
         if self.config.get("segmenter"):
@@ -167,6 +177,7 @@ class OrthoDiffusionPipeline:
                 "slice_spacing": cfg.data.slice_spacing,
                 "orientation": dict(PLANE_AXCODES),
                 "intensity_percentiles": list(INTENSITY_PERCENTILES),
+                "series": dataclasses.asdict(cfg.data.series),  # the selection training used
             },
             "classifier": spec,
             "segmenter": None,
@@ -212,7 +223,12 @@ class OrthoDiffusionPipeline:
                     for plane, denoiser in self.segment_denoisers.items():
                         denoiser.save_pretrained(staging / "segment_denoisers" / plane)
                 _save_module(self.segmenter, staging / SEGMENTER_WEIGHTS, save_file)
-            write_json(staging / CONFIG_NAME, self.config)
+            files = _file_checksums(staging)
+            # checksums of the spec as it reads back from JSON (tuples, numpy numbers normalised)
+            write_json(staging / CONFIG_NAME, {key: value for key, value in self.config.items() if key != "checksums"})
+            config = read_json(staging / CONFIG_NAME)
+            config["checksums"] = {"files": files, "spec": _spec_checksums(config)}
+            write_json(staging / CONFIG_NAME, config)
         return directory
 
     @classmethod
@@ -222,8 +238,9 @@ class OrthoDiffusionPipeline:
 
         directory = Path(directory)
         config = read_pipeline_config(directory)
+        verify_checksums(directory, config)
         classifier_spec = config["classifier"]
-        denoisers = load_denoisers(directory / "denoisers", planes=_denoiser_planes(config))
+        denoisers = _read_denoisers(load_denoisers, directory / "denoisers", _denoiser_planes(config))
         classifier = build_classifier(classifier_spec, config["labels"], denoisers)
         _load_weights(classifier, directory / CLASSIFIER_WEIGHTS)
         segment_denoisers = segmenter = None
@@ -232,7 +249,7 @@ class OrthoDiffusionPipeline:
             if seg_spec["denoisers"] == "denoisers":
                 segment_denoisers = {p: denoisers[p] for p in seg_spec["planes"]}
             else:
-                segment_denoisers = load_denoisers(directory / "segment_denoisers", planes=seg_spec["planes"])
+                segment_denoisers = _read_denoisers(load_denoisers, directory / "segment_denoisers", seg_spec["planes"])
             segmenter = build_segmenter(seg_spec, len(config["classes"]), segment_denoisers)
             _load_weights(segmenter, directory / SEGMENTER_WEIGHTS)
         return cls(config, denoisers, classifier, segment_denoisers, segmenter).to(device)
@@ -448,7 +465,65 @@ def read_pipeline_config(directory: Path) -> dict:
     for key in ("labels", "thresholds", "preprocessing", "classifier"):
         if key not in config:
             raise OrthodiffError(f"{path}: field {key!r} missing; the pipeline is damaged, save it again")
+    thresholds = config["thresholds"] if isinstance(config["thresholds"], dict) else {}
+    for label in config["labels"]:
+        value = thresholds.get(label, {}).get("value") if isinstance(thresholds.get(label), dict) else None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            found = "missing" if label not in thresholds else f"{thresholds[label]!r} is not a probability"
+            raise OrthodiffError(
+                f"{path}: the threshold of label {label!r} is {found}; give thresholds.{label}.value in [0, 1] "
+                f"or {EXPORT_HINT}"
+            )
     return config
+
+
+def verify_checksums(directory: Path, config: dict) -> None:
+    """Refuse, in one line, a weight file or head spec that differs from what was exported.
+    Pipelines written before checksums were recorded are read as they are."""
+    recorded = config.get("checksums")
+    if recorded is None:
+        return
+    directory = Path(directory)
+    for name, digest in sorted(recorded.get("files", {}).items()):
+        path = directory / name
+        if not path.is_file():
+            raise OrthodiffError(f"{path}: missing from the pipeline directory; copy the whole folder or {EXPORT_HINT}")
+        if _sha256(path) != digest:
+            raise OrthodiffError(
+                f"{path}: differs from the file exported with this pipeline (sha256 mismatch: truncated, damaged or "
+                f"replaced); copy it again from the original or {EXPORT_HINT}"
+            )
+    found = _spec_checksums(config)
+    changed = [key for key, digest in recorded.get("spec", {}).items() if found.get(key) != digest]
+    if changed:
+        raise OrthodiffError(
+            f"{directory / CONFIG_NAME}: {', '.join(changed)} edited since export (sha256 mismatch), which would "
+            f"silently change the predictions; restore the exported {CONFIG_NAME} or {EXPORT_HINT}"
+        )
+
+
+def _file_checksums(directory: Path) -> dict:
+    """sha256 of every file of the pipeline directory but pipeline.json, by relative path."""
+    return {path.relative_to(directory).as_posix(): _sha256(path)
+            for path in sorted(directory.rglob("*")) if path.is_file() and path.name != CONFIG_NAME}
+
+
+def _spec_checksums(config: dict) -> dict:
+    import hashlib
+    import json
+
+    return {key: hashlib.sha256(json.dumps(config.get(key), sort_keys=True, default=str).encode()).hexdigest()
+            for key in SPEC_KEYS}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _denoiser_planes(config: dict) -> list[str]:
@@ -486,11 +561,32 @@ def _load_weights(module: torch.nn.Module, path: Path) -> None:
     if not path.exists():
         raise OrthodiffError(f"{path}: weights file missing; the directory is incomplete")
     try:
-        module.load_state_dict(load_file(str(path)), strict=True)
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001  safetensors raises its own error types on a damaged file
+        raise OrthodiffError(
+            f"{path}: not a readable safetensors file ({_one_line(exc)}); it is truncated or damaged, copy it again or "
+            f"{EXPORT_HINT}"
+        ) from None
+    try:
+        module.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         first = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc).splitlines()[0])
         raise OrthodiffError(f"{path}: weights do not fit the head its JSON describes ({first}); the directory is damaged or mixed") from None
     module.eval()
+
+
+def _read_denoisers(load_denoisers, folder: Path, planes) -> dict:
+    """``load_denoisers`` with a damaged file (of a pipeline saved without checksums) as one line."""
+    try:
+        return load_denoisers(folder, planes=planes)
+    except OrthodiffError:
+        raise
+    except Exception as exc:  # noqa: BLE001  safetensors and JSON readers raise their own types
+        raise OrthodiffError(f"{folder}: a denoiser cannot be read ({_one_line(exc)}); copy it again or {EXPORT_HINT}") from None
+
+
+def _one_line(exc) -> str:
+    return " ".join(str(exc).split())
 
 
 def _save_module(module: torch.nn.Module, path: Path, save_file) -> None:

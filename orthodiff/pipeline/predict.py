@@ -5,6 +5,8 @@ Per study, OUT/<study_id>/ holds::
     prediction.json                        probability, threshold and decision per label; planes used,
                                            planes missing (with why); files per series
     segmentation_<plane>.nii.gz            uint8 labels on the series' own voxel grid and affine
+    segmentation_<plane>.dcm               the same as a DICOM Segmentation referencing the source
+                                           series (DICOM inputs only; segments named by class)
     segmentation_<plane>.png               overlay on three central slices
     heatmap_<label>_<plane>.nii.gz / .png  Grad-CAM in [0, 1] (uint8 x 1/255), series grid / overlay
     report.html                            one page with all of the above
@@ -16,6 +18,7 @@ and renamed when complete, so a folder that exists is whole.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Sequence
@@ -26,10 +29,16 @@ import numpy as np
 
 from ..errors import OrthodiffError, ScanError
 from ..fileio import atomic_directory, write_json, write_table
+from ..naming import safe_name
 from .inputs import StudyInput, collect_studies
+
+logger = logging.getLogger(__name__)
 
 PREDICTION_FORMAT = "orthodiff-prediction"
 ERROR_COLUMNS = ["input", "study_id", "reason"]
+STALE_AFTER_S = 600.0
+# staging and set-aside folders of fileio.atomic_directory: ".<name>.<8 random>.tmp", ".<name>.old-<pid>"
+_STAGING = re.compile(r"^\..+\.([A-Za-z0-9_]{8}\.tmp|old-\d+)$")
 
 
 @dataclass
@@ -65,7 +74,10 @@ def run_prediction(pipeline_dir, inputs: Sequence, out, explain: bool = True, pr
     pipeline = OrthoDiffusionPipeline.from_pretrained(pipeline_dir, device=device)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    studies, errors = collect_studies(inputs)
+    stale = clean_stale_staging(out)
+    if stale:
+        logger.info("removed %d unfinished folder(s) of an interrupted run from %s", len(stale), out)
+    studies, errors = collect_studies(inputs, selection=pipeline.series_selection)
     written, summary_rows = [], []
     for study in tqdm(studies, desc="predict", unit="study", disable=not progress or None, leave=False):
         try:
@@ -104,13 +116,14 @@ def predict_one(pipeline, study: StudyInput, out: Path, explain: bool = True, pi
         except ScanError as exc:
             notes[plane] = f"{plane} series {row['series_id']} unreadable: {_one_line(exc)}"
     prediction = pipeline.predict_study(volumes, study.study_id, metadata=study.metadata, explain=explain, notes=notes)
-    folder = out / safe_name(study.study_id)
+    folder = out / safe_name(study.study_id, "study")
     with atomic_directory(folder) as staging:
         summary = _write_study(pipeline, prediction, paths, study, staging, pipeline_dir)
     return summary
 
 
 def _write_study(pipeline, prediction, rows: dict, study: StudyInput, folder: Path, pipeline_dir) -> dict:
+    from .dicom_seg import source_datasets, write_dicom_seg
     from .gradcam import TARGET_DESCRIPTION
     from .report import heatmap_png, segmentation_png, write_report
 
@@ -125,7 +138,8 @@ def _write_study(pipeline, prediction, rows: dict, study: StudyInput, folder: Pa
         )
     ignored = study.ignored()
     if ignored:
-        summary["notes"].append(f"several series for one plane; used the first of each, ignored {', '.join(ignored)}")
+        summary["notes"].append(f"several series for one plane; used the preferred one of each (data.series.prefer), "
+                                f"ignored {', '.join(ignored)}")
     pictures: dict = {}
     segmentation_pictures: dict = {}
     for plane, item in prediction.series.items():
@@ -138,6 +152,13 @@ def _write_study(pipeline, prediction, rows: dict, study: StudyInput, folder: Pa
             segmentation_pictures[plane] = segmentation_png(folder / f"segmentation_{plane}.png", item.image_tensor,
                                                             item.segmentation_tensor).name
             entry["segmentation"] = {"nifti": name, "png": segmentation_pictures[plane], "classes": prediction.classes}
+            if row.get("format") == "dicom":
+                dicom_name = f"segmentation_{plane}.dcm"
+                try:
+                    write_dicom_seg(folder / dicom_name, item.segmentation, prediction.classes, source_datasets(row))
+                    entry["segmentation"]["dicom_seg"] = dicom_name
+                except Exception as exc:  # noqa: BLE001  the NIfTI and the diagnosis still stand
+                    summary["notes"].append(f"{plane} DICOM SEG not written: {type(exc).__name__}: {_one_line(exc)}")
         for label, heat in item.heatmaps.items():
             stem = f"heatmap_{safe_name(label)}_{plane}"
             _save_nifti(folder / f"{stem}.nii.gz", heat, item.source_affine, unit_interval=True)
@@ -187,10 +208,23 @@ def _study_source(study: StudyInput) -> str:
     return ""
 
 
-def safe_name(name: str) -> str:
-    """A folder or file name for a study id or label (other characters become '_')."""
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")
-    return cleaned or "study"
+def clean_stale_staging(out: Path, older_than: float = STALE_AFTER_S) -> list[str]:
+    """Remove staging folders that a killed run left in ``out``: hidden ``.<name>.<random>.tmp``
+    and ``.<name>.old-<pid>`` folders (the names ``atomic_directory`` gives), untouched for
+    ``older_than`` seconds. A live run holds its staging folder for the seconds it takes to
+    write one study, so an older one is nobody's. Returns the names removed."""
+    import shutil
+
+    removed = []
+    now = time.time()
+    for entry in sorted(Path(out).iterdir()):
+        if not (entry.is_dir() and not entry.is_symlink() and _STAGING.match(entry.name)):
+            continue
+        newest = max([entry.lstat().st_mtime] + [p.lstat().st_mtime for p in entry.rglob("*")])
+        if now - newest >= older_than:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry.name)
+    return removed
 
 
 def _one_line(exc) -> str:

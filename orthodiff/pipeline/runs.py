@@ -90,12 +90,13 @@ def segmenter_spec(run_dir: Path, info: dict, head: dict, cfg) -> dict:
 def training_ehr_stats(info: dict, cfg) -> dict:
     """The EHR standardisation the head was trained with (mean, std over its training studies)."""
     from ..data.cache import PlaneCache
+    from ..data.selection import select_cache
     from ..data.datasets import StudyDataset
     from ..data.splits import load_splits
     from ..finetune.studies import run_patients
 
     try:
-        cache = PlaneCache(info["cache"])
+        cache = select_cache(PlaneCache(info["cache"]), cfg.data.series)
         patients = run_patients(load_splits(info["splits"]), info.get("labels_fraction", 1.0))
     except (KeyError, OrthodiffError) as exc:
         raise OrthodiffError(

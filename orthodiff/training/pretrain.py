@@ -63,7 +63,7 @@ def run_pretraining(cfg: ExperimentConfig) -> dict[str, Path]:
 
     Every input is checked for every plane before the first step of the first plane.
     """
-    planes = resolve_planes(cfg.pretrain.plane)
+    planes = resolve_planes(cfg.pretrain.plane, held=cached_planes(cfg))
     check_pretrain_config(cfg)
     datasets = {plane: open_plane_dataset(cfg, plane) for plane in planes}
     output_dir = Path(cfg.pretrain.output_dir)
@@ -81,9 +81,10 @@ def run_pretraining(cfg: ExperimentConfig) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------- checks
-def resolve_planes(plane: str) -> list[str]:
+def resolve_planes(plane: str, held=None) -> list[str]:
+    """The planes to train; ``all`` means the planes the cache holds (``held``) when known."""
     if plane == "all":
-        return list(PLANES)
+        return [p for p in PLANES if p in held] if held else list(PLANES)
     if plane not in PLANES:
         raise OrthodiffError(f"pretrain.plane={plane!r}: use one of {', '.join(PLANES)} or all")
     return [plane]
@@ -126,15 +127,29 @@ def check_pretrain_config(cfg: ExperimentConfig) -> None:
     check_diffusion_config(cfg.diffusion)
 
 
+def cached_planes(cfg: ExperimentConfig) -> list[str]:
+    """Planes with selected series in ``data.cache`` (empty when there is no cache yet: the
+    dataset check then says what to do)."""
+    from ..data.cache import PlaneCache
+    from ..data.selection import select_cache
+
+    if not (Path(cfg.data.cache) / "cache.json").exists():
+        return []
+    cache = select_cache(PlaneCache(cfg.data.cache), cfg.data.series, one_per_plane=False)
+    return [p for p in PLANES if (cache.index["plane"] == p).any()]
+
+
 def open_plane_dataset(cfg: ExperimentConfig, plane: str):
     """The plane's training volumes: train + val patients of the splits file, or every patient."""
     from ..data.cache import PlaneCache
     from ..data.datasets import PlaneVolumeDataset
+    from ..data.selection import select_cache
 
     root = Path(cfg.data.cache)
     if not (root / "cache.json").exists():
         raise OrthodiffError(f"data.cache={root}: no prepared cache there; run `orthodiff prepare MANIFEST --out {root}`")
-    cache = PlaneCache(root)
+    # pretraining learns from every series that passes the filters (all echoes, all candidates)
+    cache = select_cache(PlaneCache(root), cfg.data.series, one_per_plane=False)
     cache.check_plane_size(cfg.data.plane_size)
     cache.check_slab(cfg.data.slab)
     patients = None
