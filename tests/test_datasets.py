@@ -12,7 +12,7 @@ import torch
 
 from orthodiff.data.cache import PlaneCache
 from orthodiff.data.datasets import PlaneVolumeDataset, StudyDataset, collate_studies
-from orthodiff.data.prepare import safe_name
+from orthodiff.fileio import safe_filename
 from orthodiff.errors import OrthodiffError
 
 SIZE = {"sagittal": [4, 8, 8], "coronal": [4, 8, 6], "axial": [3, 8, 8]}
@@ -79,8 +79,8 @@ def cache_dir(tmp_path):
         for name in series:
             plane = name.split("/")[0]
             series_id = f"{study}/{name}"
-            image = f"images/{safe_name(series_id)}.npy"
-            seg = f"segs/{safe_name(series_id)}.npy" if plane == "sagittal" else ""
+            image = f"images/{safe_filename(series_id)}.npy"
+            seg = f"segs/{safe_filename(series_id)}.npy" if plane == "sagittal" else ""
             (tmp_path / "images").mkdir(exist_ok=True)
             np.save(tmp_path / image, np.full((1, *SIZE[plane]), _fill(series_id), np.float16))
             if seg:

@@ -13,7 +13,7 @@ from pipeline_fixtures import dicom_exams, tiny_pipeline
 
 from orthodiff.cli import main
 from orthodiff.errors import OrthodiffError
-from orthodiff.naming import safe_name
+from orthodiff.fileio import safe_filename
 from orthodiff.pipeline.predict import run_prediction
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -195,7 +195,7 @@ def test_nifti_exams_in_folders_of_one_name_stay_apart(built, tmp_path):
     result = run_prediction(built["pipeline"], inputs, tmp_path / "out", explain=False)
     assert len(result.studies) == 2 and len(set(result.studies)) == 2
     for study in result.studies:
-        folder = tmp_path / "out" / safe_name(study, "study")
+        folder = tmp_path / "out" / safe_filename(study)
         summary = json.loads((folder / "prediction.json").read_text())
         parents = {Path(entry["source"]).parent for entry in summary["series"].values()}
         assert len(parents) == 1 and summary["planes_used"] == ["sagittal", "coronal"]
@@ -220,12 +220,12 @@ def test_study_ids_that_clean_to_one_name_get_their_own_folders(built, tmp_path)
 
 
 def test_one_naming_function_is_injective_for_predict_and_fine_tuning(built):
-    names = [safe_name(s) for s in ("a b/sagittal", "a?b/sagittal", "a_b/sagittal", "a_b_sagittal")]
+    names = [safe_filename(s) for s in ("a b/sagittal", "a?b/sagittal", "a_b/sagittal", "a_b_sagittal")]
     assert len(set(names)) == 4
-    assert len(safe_name("é" * 300).encode()) < 200
+    assert len(safe_filename("é" * 300).encode()) <= 200
     index = pd.read_csv(built["segment"] / "segmentations" / "index.csv")
     for row in index.itertuples():
-        assert row.pred == f"segmentations/{row.split}/{safe_name(row.series_id, 'series')}_pred.npy"
+        assert row.pred == f"segmentations/{row.split}/{safe_filename(row.series_id)}_pred.npy"
 
 
 def test_a_rerun_removes_what_a_killed_run_left_in_out(built, exams, tmp_path):

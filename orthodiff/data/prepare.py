@@ -258,11 +258,6 @@ def to_source_geometry(
 # --------------------------------------------------------------------------- the cache
 
 
-def safe_name(series_id: str) -> str:
-    """A file name for a series id: bounded in bytes and injective (see ``fileio.safe_filename``)."""
-    return safe_filename(series_id)
-
-
 @dataclass
 class PrepareResult:
     out: Path
@@ -463,7 +458,7 @@ def _stamps(row) -> dict:
 def _finished_record(out: Path, row) -> tuple[dict | None, bool]:
     """(the saved record, False) when the series is done from this same, unchanged source;
     (None, True) when it was done from a source that has changed since; else (None, False)."""
-    record_path = out / "records" / f"{safe_name(row['series_id'])}.json"
+    record_path = out / "records" / f"{safe_filename(row['series_id'])}.json"
     if not record_path.exists():
         return None, False
     try:
@@ -564,7 +559,7 @@ def _prepare_series_or_raise(row: dict, out: Path, size, slice_spacing, slab: st
         raise ScanError(f"cannot read the source ({exc.strerror or exc}); check that it exists and is readable") from None
     volume = load_series(row)
     image, tensor_affine = to_plane_tensor(volume, plane, size, slice_spacing=slice_spacing, slab=slab)
-    name = safe_name(row["series_id"])
+    name = safe_filename(row["series_id"])
     record = {
         "series_id": row["series_id"],
         "path": str(row["path"]),

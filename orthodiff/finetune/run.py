@@ -16,7 +16,7 @@ import numpy as np
 from ..config import save_config
 from ..errors import OrthodiffError
 from ..fileio import read_json, write_json, write_table
-from ..naming import safe_name
+from ..fileio import safe_filename
 from ..planes import PLANES
 from .scoring import MetricsLog, auroc_scores, patient_level
 from .studies import load_run_studies, resolve_labels, run_patients
@@ -215,7 +215,7 @@ def _segment(cfg, cache, patients, info, out: Path, metrics_log):
         metrics[split] = {"mean_dice": mean_dice(results, len(classes)), "series": len(results)}
         for result in results:
             series_id = series_of[(result["study_id"], result["plane"])]
-            stem = f"segmentations/{split}/{safe_name(series_id, 'series')}"
+            stem = f"segmentations/{split}/{safe_filename(series_id)}"
             pred, target = f"{stem}_pred.npy", f"{stem}_target.npy"
             _save_npy(out / pred, result["pred"])
             _save_npy(out / target, result["target"])

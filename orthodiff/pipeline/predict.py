@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OrthodiffError, ScanError
-from ..fileio import atomic_directory, write_json, write_table
-from ..naming import safe_name
+from ..fileio import atomic_directory, safe_filename, write_json, write_table
 from .inputs import StudyInput, collect_studies
 
 logger = logging.getLogger(__name__)
@@ -116,7 +115,7 @@ def predict_one(pipeline, study: StudyInput, out: Path, explain: bool = True, pi
         except ScanError as exc:
             notes[plane] = f"{plane} series {row['series_id']} unreadable: {_one_line(exc)}"
     prediction = pipeline.predict_study(volumes, study.study_id, metadata=study.metadata, explain=explain, notes=notes)
-    folder = out / safe_name(study.study_id, "study")
+    folder = out / safe_filename(study.study_id)
     with atomic_directory(folder) as staging:
         summary = _write_study(pipeline, prediction, paths, study, staging, pipeline_dir)
     return summary
@@ -160,7 +159,7 @@ def _write_study(pipeline, prediction, rows: dict, study: StudyInput, folder: Pa
                 except Exception as exc:  # noqa: BLE001  the NIfTI and the diagnosis still stand
                     summary["notes"].append(f"{plane} DICOM SEG not written: {type(exc).__name__}: {_one_line(exc)}")
         for label, heat in item.heatmaps.items():
-            stem = f"heatmap_{safe_name(label)}_{plane}"
+            stem = f"heatmap_{safe_filename(label)}_{plane}"
             _save_nifti(folder / f"{stem}.nii.gz", heat, item.source_affine, unit_interval=True)
             heatmap_png(folder / f"{stem}.png", item.image_tensor, item.heatmaps_tensor[label])
             pictures.setdefault(label, {})[plane] = f"{stem}.png"
