@@ -41,9 +41,10 @@ def merge_shards(manifests, out: str | Path, errors: str | Path | None = None):
             raise OrthodiffError(f"{errors_path}: errors file of shard {path.name} not found; scan that shard again")
         error_frames.append(pd.read_csv(errors_path, dtype=str, keep_default_na=False))
 
+    out = Path(out).resolve()
     problems = _merged_problems(error_frames)
     frame = pd.concat(frames, ignore_index=True, sort=False)
-    frame = _resolve_study_clashes(frame, problems)
+    frame = _resolve_study_clashes(frame, problems, out)
     label_columns = [c for c in frame.columns if c.startswith(LABEL_PREFIX)]
     others = [c for c in frame.columns if c not in label_columns and c != "_shard"]
     frame = frame[others + label_columns]
@@ -52,7 +53,6 @@ def merge_shards(manifests, out: str | Path, errors: str | Path | None = None):
         raise OrthodiffError(f"series {duplicate!r} is in two shard manifests; merge the manifests of one scan only, each shard once")
     frame = frame.sort_values(["patient_id", "study_id", "series_id"], kind="stable").reset_index(drop=True)
 
-    out = Path(out).resolve()
     errors_path = Path(errors).resolve() if errors else default_errors_path(out)
     error_list = [ScanProblem(path, reason) for path, reason in problems]
     write_table(errors_path, pd.DataFrame([[p.path, p.reason] for p in error_list], columns=ERROR_COLUMNS))
@@ -69,7 +69,7 @@ def _merged_problems(error_frames) -> list[tuple[str, str]]:
     return [row for row, count in seen.items() if NO_SERIES not in row[1] or count == len(error_frames)]
 
 
-def _resolve_study_clashes(frame, problems: list):
+def _resolve_study_clashes(frame, problems: list, out: Path):
     """A study id naming different studies (``study_key``) in different shards takes its long form."""
     owners = frame.groupby("study_id")["study_key"].nunique()
     clashing = set(owners[owners > 1].index)
@@ -87,7 +87,7 @@ def _resolve_study_clashes(frame, problems: list):
             frame.loc[mine, "study_id"] = long_id
             frame.loc[mine, labels] = float("nan")
         problems.append(
-            ("", f"study id {study!r} names different studies in different shards; they were renamed to their long ids "
+            (str(out), f"study id {study!r} names different studies in different shards; they were renamed to their long ids "
              "(StudyInstanceUID or folder path) and their labels dropped, give labels by the long id and merge again")
         )
     return frame
