@@ -123,8 +123,12 @@ def looks_like_dicom(path: str | Path) -> bool:
     return "SOPClassUID" in dataset or ("Rows" in dataset and "Columns" in dataset)
 
 
-def read_slice_header(path: str | Path) -> SliceHeader | None:
+def read_slice_header(path: str | Path, tagged_series: set | None = None) -> SliceHeader | None:
     """Header of one file, or None for a DICOM object that is not an image (reports, DICOMDIR).
+
+    The manifest's patient, study and sequence tags are read only for the first file of each
+    series when ``tagged_series`` (the series already tagged, updated here) is given: they are
+    the same on every slice, and converting them is most of the cost of a header.
 
     Raises ScanError for a file that cannot be parsed. Pixel data cut short is caught without
     decoding it (the bytes after the header are compared with Rows x Columns x bits) and noted in
@@ -165,7 +169,7 @@ def read_slice_header(path: str | Path) -> SliceHeader | None:
         instance_number=int(_float(dataset.get("InstanceNumber"), default=0)),
         image_type=tuple(image_type),
         sop_class=str(dataset.get("SOPClassUID", "") or ""),
-        tags=_manifest_tags(dataset),
+        tags=_series_tags(dataset, tagged_series),
         damage=damage,
     )
 
@@ -199,6 +203,16 @@ def _float(value, default: float = float("nan")) -> float:
         return float(value)
     except (TypeError, ValueError):
         return default
+
+
+def _series_tags(dataset, tagged_series: set | None) -> dict:
+    if tagged_series is None:
+        return _manifest_tags(dataset)
+    series_uid = str(dataset.get("SeriesInstanceUID", "") or "")
+    if series_uid in tagged_series:
+        return {}
+    tagged_series.add(series_uid)
+    return _manifest_tags(dataset)
 
 
 def _manifest_tags(dataset) -> dict:
@@ -264,9 +278,10 @@ def index_dicom_files(paths) -> tuple[list[DicomVolume], list[tuple[Path, str]]]
     """
     problems: list[tuple[Path, str]] = []
     by_series: dict[str, list[SliceHeader]] = defaultdict(list)
+    tagged: set = set()
     for path in sorted(Path(p) for p in paths):
         try:
-            header = read_slice_header(path)
+            header = read_slice_header(path, tagged)
         except ScanError as exc:
             problems.append((path, str(exc)))
             continue
@@ -280,6 +295,9 @@ def index_dicom_files(paths) -> tuple[list[DicomVolume], list[tuple[Path, str]]]
     for series_uid in sorted(by_series):
         headers = by_series[series_uid]
         folder = headers[0].path.parent
+        series_tags = next((h.tags for h in headers if h.tags), {})
+        for header in headers:
+            header.tags = series_tags
         parts, refused = _split_orientations(headers)
         for group in refused:
             problems.append((folder, f"{folder.name} (series {series_uid}): {len(group)} slice(s) lie at a slightly different "
