@@ -312,3 +312,16 @@ def test_shards_cover_the_archive_once_and_merge_to_the_whole_scan(tmp_path):
     assert "'visit1' names different studies" in errors["reason"].iloc[1]
     bad = runner.invoke(app, ["scan", str(archive), "--out", str(tmp_path / "x.parquet"), "--shard", "4/3"])
     assert bad.exit_code != 0 and "I/N" in str(bad.exception)
+
+
+def test_scan_command_refuses_a_bad_worker_count_in_one_line(tmp_path, capsys):
+    from orthodiff.cli import main
+
+    write_nifti(tmp_path / "arch" / "s1" / "a.nii.gz", oblique_affine("sagittal"))
+    for bad in ("0", "-3"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["scan", str(tmp_path / "arch"), "--out", str(tmp_path / "m.csv"), "--workers", bad])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert error.count("\n") == 0 and f"--workers {bad}" in error
+    assert not (tmp_path / "m.csv").exists()
