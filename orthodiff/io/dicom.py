@@ -147,31 +147,70 @@ def read_slice_header(path: str | Path, tagged_series: set | None = None) -> Sli
         raise ScanError(f"{path.name}: not a readable DICOM file ({type(exc).__name__}: {exc}); re-export it or remove it") from exc
     if "Rows" not in dataset or "Columns" not in dataset:
         return None
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+    if int(_float(_text(dataset, "NumberOfFrames"), default=1)) > 1:
         raise ScanError(
             f"{path.name}: enhanced multi-frame DICOM is not supported; convert the series with dcm2niix to NIfTI"
         )
     damage = _pixel_bytes_problem(path, dataset, pixel_offset)
-    missing = [key for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing") if key not in dataset]
+    try:
+        geometry = {key: _numbers(dataset, key) for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")}
+    except ScanError as exc:
+        raise ScanError(f"{path.name}: {exc}") from exc
+    missing = [key for key, values in geometry.items() if values is None]
     if missing:
         raise ScanError(f"{path.name}: DICOM image lacks {', '.join(missing)}; it has no 3D geometry, convert or remove it")
-    image_type = [str(value).upper() for value in (dataset.get("ImageType") or [])]
+    wrong = [key for key, size in (("ImageOrientationPatient", 6), ("ImagePositionPatient", 3), ("PixelSpacing", 2)) if len(geometry[key]) != size]
+    if wrong:
+        raise ScanError(f"{path.name}: {wrong[0]} holds {len(geometry[wrong[0]])} numbers; the geometry is broken, re-export the file")
     return SliceHeader(
         path=path,
-        series_uid=str(dataset.get("SeriesInstanceUID", "") or ""),
-        orientation=tuple(float(value) for value in dataset.ImageOrientationPatient),
-        position=np.asarray([float(value) for value in dataset.ImagePositionPatient]),
-        pixel_spacing=tuple(float(value) for value in dataset.PixelSpacing),
+        series_uid=_text(dataset, "SeriesInstanceUID") or "",
+        orientation=tuple(geometry["ImageOrientationPatient"]),
+        position=np.asarray(geometry["ImagePositionPatient"]),
+        pixel_spacing=tuple(geometry["PixelSpacing"]),
         rows=int(dataset.Rows),
         cols=int(dataset.Columns),
-        echo_time=_float(dataset.get("EchoTime")),
-        echo_number=int(_float(dataset.get("EchoNumbers"), default=0)),
-        instance_number=int(_float(dataset.get("InstanceNumber"), default=0)),
-        image_type=tuple(image_type),
-        sop_class=str(dataset.get("SOPClassUID", "") or ""),
+        echo_time=_float(_text(dataset, "EchoTime")),
+        echo_number=int(_float((_text(dataset, "EchoNumbers") or "").split("\\")[0], default=0)),
+        instance_number=int(_float(_text(dataset, "InstanceNumber"), default=0)),
+        image_type=tuple(value.strip().upper() for value in (_text(dataset, "ImageType") or "").split("\\") if value.strip()),
+        sop_class=_text(dataset, "SOPClassUID") or "",
         tags=_series_tags(dataset, tagged_series),
         damage=damage,
     )
+
+
+def _text(dataset, keyword: str) -> str | None:
+    """A text-valued element (DS, IS, CS, UI) as stored, values joined by backslashes; None if absent.
+
+    Read from the raw bytes: pydicom's conversion into DSfloat / IS objects is half the cost of a
+    header, and every slice of an archive pays it.
+    """
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in dataset:
+        return None
+    element = dataset.get_item(tag)
+    value = element.value
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("latin-1").strip(" \x00")
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(item) for item in value)
+    return str(value).strip()
+
+
+def _numbers(dataset, keyword: str) -> list[float] | None:
+    """A DS element's numbers; None when absent or empty, ScanError when not numbers."""
+    text = _text(dataset, keyword)
+    if not text:
+        return None
+    try:
+        return [float(value) for value in text.split("\\")]
+    except ValueError as exc:
+        raise ScanError(f"{keyword} {text!r} is not a list of numbers; the file's geometry is broken, re-export it") from exc
 
 
 def _pixel_bytes_problem(path: Path, dataset, pixel_offset: int) -> str:
