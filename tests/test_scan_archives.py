@@ -303,15 +303,18 @@ def test_shards_cover_the_archive_once_and_merge_to_the_whole_scan(tmp_path):
     merged = runner.invoke(app, ["scan", "--merge", *[str(tmp_path / f"m.shard{i}.parquet") for i in (1, 2, 3)], "--out", str(tmp_path / "m.parquet")])
     assert merged.exit_code == 0, merged.output
     frame = read_manifest(tmp_path / "m.parquet")
-    key = ["series_id", "study_id", "patient_id", "path", "plane"]
-    expected = whole.manifest.sort_values("series_id")[key].reset_index(drop=True)
-    assert frame.sort_values("series_id")[key].reset_index(drop=True).equals(expected)
+    key = ["series_id", "study_id", "patient_id", "path", "plane", "contrast", "study_key"]
+    assert frame[key].equals(whole.manifest[key])  # same rows in the same order
     assert {"zz1/visit1", "zz2/visit1"} <= set(frame["study_id"])
     errors = pd.read_csv(tmp_path / "m.errors.csv")
     assert errors["path"].tolist() == [str(archive / "broken.nii.gz"), str(tmp_path / "m.parquet")]
     assert "'visit1' names different studies" in errors["reason"].iloc[1]
     bad = runner.invoke(app, ["scan", str(archive), "--out", str(tmp_path / "x.parquet"), "--shard", "4/3"])
     assert bad.exit_code != 0 and "I/N" in str(bad.exception)
+    # More shards than top-level folders: the empty ones still write a manifest the merge joins.
+    empty = runner.invoke(app, ["scan", str(archive), "--out", str(tmp_path / "e.parquet"), "--shard", "40/40", "--workers", "1"])
+    assert empty.exit_code == 0, empty.output
+    assert read_manifest(tmp_path / "e.parquet").empty
 
 
 def test_scan_command_refuses_a_bad_worker_count_in_one_line(tmp_path, capsys):

@@ -180,7 +180,7 @@ def scan_archive(
 
     errors_list = [ScanProblem(str(path), reason) for path, reason in problems]
     _write_errors(errors_path, errors_list)
-    if frame.empty:
+    if frame.empty and shard is None:  # an empty shard is written: the merge joins it
         raise OrthodiffError(
             f"{archive}: no readable series found ({len(errors_list)} problem(s) in {errors_path}); "
             "the folder must hold NIfTI, NRRD/MHA, DICOM or MRNet files"

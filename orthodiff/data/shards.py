@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import OrthodiffError
+from ..planes import PLANES
 from .manifest import LABEL_PREFIX
 
 NO_SERIES = "has no series in the archive"
@@ -51,7 +52,9 @@ def merge_shards(manifests, out: str | Path, errors: str | Path | None = None):
     if frame["series_id"].duplicated().any():
         duplicate = frame.loc[frame["series_id"].duplicated(), "series_id"].iloc[0]
         raise OrthodiffError(f"series {duplicate!r} is in two shard manifests; merge the manifests of one scan only, each shard once")
-    frame = frame.sort_values(["patient_id", "study_id", "series_id"], kind="stable").reset_index(drop=True)
+    plane_rank = frame["plane"].map({plane: rank for rank, plane in enumerate(PLANES)})
+    order = frame.assign(_plane=plane_rank).sort_values(["patient_id", "study_id", "_plane", "series_id"], kind="stable").index
+    frame = frame.loc[order].reset_index(drop=True)  # the order of one whole-archive scan
 
     errors_path = Path(errors).resolve() if errors else default_errors_path(out)
     error_list = [ScanProblem(path, reason) for path, reason in problems]
