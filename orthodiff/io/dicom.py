@@ -168,8 +168,8 @@ def read_slice_header(path: str | Path, tagged_series: set | None = None) -> Sli
         orientation=tuple(geometry["ImageOrientationPatient"]),
         position=np.asarray(geometry["ImagePositionPatient"]),
         pixel_spacing=tuple(geometry["PixelSpacing"]),
-        rows=int(dataset.Rows),
-        cols=int(dataset.Columns),
+        rows=_uint(dataset, "Rows"),
+        cols=_uint(dataset, "Columns"),
         echo_time=_float(_text(dataset, "EchoTime")),
         echo_number=int(_float((_text(dataset, "EchoNumbers") or "").split("\\")[0], default=0)),
         instance_number=int(_float(_text(dataset, "InstanceNumber"), default=0)),
@@ -202,6 +202,24 @@ def _text(dataset, keyword: str) -> str | None:
     return str(value).strip()
 
 
+def _uint(dataset, keyword: str) -> int:
+    """A US element (Rows, Columns, BitsAllocated ...) from its stored bytes; 0 when absent or empty."""
+    from pydicom.datadict import tag_for_keyword
+
+    tag = tag_for_keyword(keyword)
+    if tag not in dataset:
+        return 0
+    element = dataset.get_item(tag)
+    value = element.value
+    if isinstance(value, (bytes, bytearray)):
+        little = getattr(element, "is_little_endian", True)
+        return int.from_bytes(value[:2], "little" if little is not False else "big") if len(value) >= 2 else 0
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _numbers(dataset, keyword: str) -> list[float] | None:
     """A DS element's numbers; None when absent or empty, ScanError when not numbers."""
     text = _text(dataset, keyword)
@@ -220,10 +238,10 @@ def _pixel_bytes_problem(path: Path, dataset, pixel_offset: int) -> str:
     if syntax is not None and syntax.is_compressed:
         return ""  # encapsulated frames have no fixed size; decoding them catches damage
     expected = (
-        int(dataset.Rows)
-        * int(dataset.Columns)
-        * int(dataset.get("SamplesPerPixel", 1) or 1)
-        * int(dataset.get("BitsAllocated", 16) or 16)
+        _uint(dataset, "Rows")
+        * _uint(dataset, "Columns")
+        * (_uint(dataset, "SamplesPerPixel") or 1)
+        * (_uint(dataset, "BitsAllocated") or 16)
         // 8
     )
     implicit = syntax is not None and syntax.is_implicit_VR
