@@ -11,7 +11,6 @@ goes on. Folders are read on every core; ``--shard I/N`` scans one part of a lar
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path

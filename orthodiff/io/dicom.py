@@ -18,6 +18,7 @@ along the slice normal ``row_cosine x column_cosine``. The affine maps (i, j, k)
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -180,16 +181,21 @@ def read_slice_header(path: str | Path, tagged_series: set | None = None) -> Sli
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _tag(keyword: str):
+    from pydicom.tag import Tag
+
+    return Tag(keyword)
+
+
 def _text(dataset, keyword: str) -> str | None:
     """A text-valued element (DS, IS, CS, UI) as stored, values joined by backslashes; None if absent.
 
     Read from the raw bytes: pydicom's conversion into DSfloat / IS objects is half the cost of a
     header, and every slice of an archive pays it.
     """
-    from pydicom.datadict import tag_for_keyword
-
-    tag = tag_for_keyword(keyword)
-    if tag is None or tag not in dataset:
+    tag = _tag(keyword)
+    if tag not in dataset:
         return None
     element = dataset.get_item(tag)
     value = element.value
@@ -204,9 +210,7 @@ def _text(dataset, keyword: str) -> str | None:
 
 def _uint(dataset, keyword: str) -> int:
     """A US element (Rows, Columns, BitsAllocated ...) from its stored bytes; 0 when absent or empty."""
-    from pydicom.datadict import tag_for_keyword
-
-    tag = tag_for_keyword(keyword)
+    tag = _tag(keyword)
     if tag not in dataset:
         return 0
     element = dataset.get_item(tag)
@@ -265,7 +269,7 @@ def _float(value, default: float = float("nan")) -> float:
 def _series_tags(dataset, tagged_series: set | None) -> dict:
     if tagged_series is None:
         return _manifest_tags(dataset)
-    series_uid = str(dataset.get("SeriesInstanceUID", "") or "")
+    series_uid = _text(dataset, "SeriesInstanceUID") or ""
     if series_uid in tagged_series:
         return {}
     tagged_series.add(series_uid)
