@@ -206,3 +206,17 @@ def test_dicom_detection_by_preamble_or_header(tmp_path, knee_dicom_dir):
     notes.write_text("not an image\n" * 20)
     assert looks_like_dicom(no_suffix)
     assert not looks_like_dicom(notes)
+
+
+def test_uncompressed_pixels_read_from_their_bytes_equal_pydicom(knee_dicom_dir, tmp_path):
+    import pydicom
+
+    from orthodiff.io.dicom import _native_pixels
+
+    dataset = pydicom.dcmread(sorted(knee_dicom_dir.iterdir())[0])  # big-endian, signed 16 bit
+    np.testing.assert_array_equal(_native_pixels(dataset), dataset.pixel_array)
+    written = write_dicom_series(tmp_path / "le", np.arange(6 * 5 * 3).reshape(6, 5, 3) - 20.0, oblique_affine("axial"))
+    little = pydicom.dcmread(written[1])
+    np.testing.assert_array_equal(_native_pixels(little), little.pixel_array)
+    dataset.BitsStored = 12  # values beyond the stored bits are pydicom's to mask: no shortcut
+    assert _native_pixels(dataset) is None
