@@ -68,9 +68,9 @@ def scan(
 ):
     """Find series, read their geometry, detect planes, group studies, write a manifest."""
     if merge:
-        from .data.shards import merge_shards
+        from .data.scan_merge import merge_scan_shards
 
-        typer.echo(merge_shards(archive, out).describe())
+        typer.echo(merge_scan_shards(archive, out).describe())
         return
     if len(archive) != 1:
         raise OrthodiffError(f"scan takes one archive folder, got {len(archive)}; to join shard manifests add --merge")

@@ -5,7 +5,7 @@ and echo, MRNet .npy) -> checks (2D, localizer, derived, damaged, NaN/Inf, const
 from geometry -> segmentations beside their series -> studies and patients -> labels, metadata
 and sequence columns -> manifest. Every problem becomes one row of the errors file and the scan
 goes on. Folders are read on every core; ``--shard I/N`` scans one part of a large archive and
-``orthodiff.data.shards`` merges the parts.
+``orthodiff.data.scan_merge`` merges the parts.
 """
 
 from __future__ import annotations

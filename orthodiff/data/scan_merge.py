@@ -19,7 +19,7 @@ from .manifest import LABEL_PREFIX
 NO_SERIES = "has no series in the archive"
 
 
-def merge_shards(manifests, out: str | Path, errors: str | Path | None = None):
+def merge_scan_shards(manifests, out: str | Path, errors: str | Path | None = None):
     """Merge shard manifests into ``out`` and their errors files into out's errors file."""
     import pandas as pd
 
