@@ -26,6 +26,15 @@ ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file or pr
 OverridesArgument = typer.Argument(None, help="key=value overrides, e.g. pretrain.max_steps=200 seed=1")
 
 
+def _workers(value: Optional[int], option: str = "--workers") -> int:
+    """A ``--workers`` value: None means every core (0 to the library); below 1 is one line."""
+    if value is None:
+        return 0
+    if value < 1:
+        raise OrthodiffError(f"{option} {value}: must be at least 1 (leave it out to use every core)")
+    return value
+
+
 def _config(files, overrides, section=None):
     from .config import load_config
 
@@ -40,9 +49,10 @@ def synth(
     seed: int = typer.Option(0, help="Seed; the same seed writes the same archive."),
     format: str = typer.Option("nifti", "--format", help="nifti or dicom."),
     matrix: int = typer.Option(128, help="In-plane matrix of the largest site (32 to 1024)."),
-    workers: int = typer.Option(0, help="Parallel processes (0: all cores)."),
+    workers: Optional[int] = typer.Option(None, help="Parallel processes (default: every core)."),
 ):
     """Write a synthetic archive: three planes per study, segmentations, labels and metadata."""
+    workers = _workers(workers)
     from .synth import synthesize_archive
 
     summary = synthesize_archive(out, joint=joint, studies=studies, seed=seed, fmt=format, matrix=matrix, workers=workers)
@@ -88,14 +98,31 @@ def prepare(
     manifest: Path = typer.Argument(..., help="Manifest written by `orthodiff scan`."),
     out: Path = typer.Option(..., "--out", "-o", help="Cache folder for plane tensors."),
     config: Optional[List[str]] = ConfigOption,
-    workers: int = typer.Option(0, help="Parallel processes (0: all cores)."),
+    workers: Optional[int] = typer.Option(None, help="Parallel processes (default: every core)."),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="I/N: prepare only shard I of N (1..N) into OUT/shards/I-of-N; then --merge."
+    ),
+    merge: bool = typer.Option(False, "--merge", help="Join the finished shards in OUT into one cache."),
     overrides: Optional[List[str]] = OverridesArgument,
 ):
     """Turn each series into a plane tensor (1, D, H, W), cached and resumable."""
+    workers = _workers(workers)
     cfg = _config(config, overrides, section="data")
+    if merge:
+        if shard is not None:
+            raise OrthodiffError("--merge joins every shard; give it without --shard")
+        from .data.shards import merge_shards
+
+        merged = merge_shards(manifest, out)
+        typer.echo(
+            f"Merged {merged['shards']} shards into {out}: {merged['series']} series prepared, {merged['errors']} "
+            f"failed (listed in {out / 'errors.csv'}). Index: {out / 'index.parquet'}."
+        )
+        return
     from .data.prepare import prepare_cache
     result = prepare_cache(
-        manifest, out, plane_size=cfg.data.plane_size, workers=workers, slice_spacing=cfg.data.slice_spacing
+        manifest, out, plane_size=cfg.data.plane_size, workers=workers, slice_spacing=cfg.data.slice_spacing,
+        slab=cfg.data.slab, shard=shard,
     )
     typer.echo(result.describe())
 

@@ -192,8 +192,16 @@ def load_config(
         path = resolve_config_path(file)
         try:
             layer = OmegaConf.load(path)
+        except YAMLError as exc:
+            raise OrthodiffError(f"config file {path}: {_describe_yaml(exc)}") from None
+        if not OmegaConf.is_dict(layer):
+            raise OrthodiffError(
+                f"config file {path}: the top level is a {type(layer).__name__.replace('Config', '').lower()}, "
+                "not a mapping; write keys such as `seed: 0` and `data:` at the top level"
+            )
+        try:
             merged = OmegaConf.merge(merged, layer)
-        except (OmegaConfBaseException, YAMLError) as exc:
+        except OmegaConfBaseException as exc:
             raise OrthodiffError(f"config file {path}: {_describe(exc)}") from exc
     for override in overrides:
         if "=" not in override:
@@ -229,6 +237,15 @@ def _describe(exc: Exception) -> str:
     if "not in struct" in message or "Key" in type(exc).__name__:
         return f"key {key or message} does not exist; check the spelling against configs/reference.yaml"
     return f"{message} (key {key})" if key else message
+
+
+def _describe_yaml(exc: Exception) -> str:
+    """A YAML syntax error as one line with its line and column (1-based), as editors count."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(exc, "context", None)
+    return f"invalid YAML at {where}{problem}" + (f" ({context})" if context else "") + "; fix the file's syntax"
 
 
 def config_to_dict(config: ExperimentConfig) -> dict:

@@ -55,6 +55,28 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging, ignore_errors=True)
 
 
+_SAFE_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+MAX_NAME_BYTES = 200  # leaves room under the usual 255-byte limit for suffixes and temporary names
+
+
+def safe_filename(identifier, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """A file name for any id: bounded in bytes and injective.
+
+    An id made only of ``[A-Za-z0-9._-]``, not starting with a dot and short enough, is its own
+    name. Any other id has its other characters replaced by ``_``, is cut to fit, and gets
+    ``-`` plus the first 16 hex digits of its sha256, so two ids never share a name.
+    """
+    import hashlib
+
+    text = str(identifier)
+    cleaned = "".join(c if c in _SAFE_CHARACTERS else "_" for c in text)
+    if cleaned == text and text and not text.startswith(".") and len(text.encode()) <= max_bytes:
+        return text
+    suffix = "-" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    head = cleaned.lstrip(".")[: max(0, max_bytes - len(suffix))]
+    return head + suffix
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -65,3 +65,18 @@ def test_shipped_presets_load():
 def test_unparsable_override_value_is_one_clear_line():
     with pytest.raises(OrthodiffError, match="not valid YAML"):
         load_config([], ["data.plane_size={sagittal:[4,16,16]}"])
+
+
+def test_yaml_whose_top_level_is_a_list_is_one_line(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- seed: 1\n- data: {}\n")
+    with pytest.raises(OrthodiffError, match=r"list.yaml: the top level is a list, not a mapping"):
+        load_config([path])
+
+
+def test_broken_yaml_names_its_line_and_column(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("seed: 1\ndata:\n  cache: [a, b\n  splits: x\n")
+    with pytest.raises(OrthodiffError, match=r"broken.yaml: invalid YAML at line 4, column 9") as info:
+        load_config([path])
+    assert "\n" not in str(info.value)

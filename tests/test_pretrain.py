@@ -84,7 +84,8 @@ def test_two_cpu_processes_train_in_sync(cache, tmp_path):
     assert [step for step, _ in checkpoints] == [2, 4]
     for _, path in checkpoints:
         assert len(list(path.glob("model*.safetensors"))) == 1
-        assert sorted(p.name for p in path.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+        assert sorted(p.name for p in path.glob("rng-*.json")) == ["rng-0.json", "rng-1.json"]
+        assert not list(path.glob("*.pkl")) and not list(path.glob("*.bin"))
     assert not list((tmp_path / "sagittal" / "checkpoints").glob(".*"))
     assert [r["step"] for r in read_metrics(tmp_path / "sagittal" / "metrics.jsonl")] == [1, 2, 3, 4]
     _assert_same(_weights(checkpoints[-1][1] / "model.safetensors"), rank0)
@@ -207,6 +208,8 @@ def test_bad_input_fails_before_training(cache, tmp_path, capsys):
     sagittal_only = write_fixture_cache(tmp_path / "sagittal-only", patients=2, planes=["sagittal"])
     with pytest.raises(OrthodiffError, match="no prepared coronal series"):
         run_pretraining(tiny_config(sagittal_only, tmp_path, "pretrain.plane=all"))
+    with pytest.raises(OrthodiffError, match=r"prepared with data.slab=crop, but data.slab=fit was asked"):
+        run_pretraining(tiny_config(cache, tmp_path, "data.slab=fit"))
     with pytest.raises(OrthodiffError, match="pretrain.tracker='mlflow'"):
         run_pretraining(tiny_config(cache, tmp_path, "pretrain.tracker=mlflow"))
     assert not (tmp_path / "sagittal").exists() and not (tmp_path / "config.yaml").exists()
@@ -248,3 +251,22 @@ def test_all_planes_train_in_turn_and_load_together(cache, tmp_path):
     assert {plane: d.plane for plane, d in denoisers.items()} == {p: p for p in outputs}
     first = {p: next(iter(d.state_dict().values())) for p, d in denoisers.items()}
     assert not torch.equal(first["sagittal"], first["coronal"])  # each plane has its own start
+
+
+def test_splits_of_another_manifest_stop_pretraining(tmp_path):
+    """A splits file made from another manifest would train on the few patients both share."""
+    from orthodiff.data.cache import PlaneCache
+    from orthodiff.data.fingerprint import data_fingerprint
+    from orthodiff.data.splits import make_splits
+    from orthodiff.fileio import read_json, write_json
+
+    cache_dir = write_fixture_cache(tmp_path / "cache", patients=6, planes=["sagittal"])
+    index = PlaneCache(cache_dir).index
+    meta = read_json(cache_dir / "cache.json")
+    write_json(cache_dir / "cache.json", {**meta, "manifest": "all.parquet", "manifest_fingerprint": data_fingerprint(index)})
+    other = make_splits(index[index["patient_id"] != "P0006"], tmp_path / "other.json", val_fraction=0.2, test_fraction=0.2)
+    with pytest.raises(OrthodiffError, match=r"other.json .* and .*cache.json \(manifest all.parquet\) come from different manifests"):
+        run_pretraining(tiny_config(cache_dir, tmp_path / "run", f"data.splits={other.path}"))
+    assert not (tmp_path / "run" / "sagittal").exists()
+    same = make_splits(index, tmp_path / "same.json", val_fraction=0.2, test_fraction=0.2)
+    run_pretraining(tiny_config(cache_dir, tmp_path / "run", f"data.splits={same.path}", "pretrain.max_steps=1"))

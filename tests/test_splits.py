@@ -136,3 +136,33 @@ def test_unknown_label_and_cli(tmp_path):
     main(["split", str(manifest), "--out", str(tmp_path / "cli.json"), "seed=2", "data.labels=[acl]"])
     splits = load_splits(tmp_path / "cli.json")
     assert splits.seed == 2 and splits.labels == ["acl"]
+
+
+def test_reuse_with_another_manifest_of_the_same_patients_is_refused(tmp_path):
+    frame = _manifest()
+    first = _split(tmp_path, frame=frame)
+    assert first.fingerprint and json.loads((tmp_path / "splits.json").read_text())["manifest_fingerprint"] == first.fingerprint
+    assert load_splits(tmp_path / "splits.json").fingerprint == first.fingerprint
+    fewer_series = frame[frame["plane"] == "sagittal"]  # same patients and labels, other series
+    with pytest.raises(OrthodiffError, match=r"splits.json: splits file exists but was made from another manifest"):
+        _split(tmp_path, frame=fewer_series)
+
+
+def test_cache_refuses_splits_of_another_manifest(tmp_path):
+    from orthodiff.data.cache import PlaneCache
+    from orthodiff.data.fingerprint import data_fingerprint
+    from orthodiff.fileio import write_json, write_table
+
+    frame = _manifest(20)
+    cache = tmp_path / "cache"
+    write_table(cache / "index.parquet", frame.assign(image="", seg=""))
+    write_json(cache / "cache.json", {"format_version": 1, "plane_size": {}, "manifest": "m.parquet",
+                                      "manifest_fingerprint": data_fingerprint(frame)})
+    same = _split(tmp_path, "same.json", frame=frame)
+    PlaneCache(cache).check_splits(same)
+    PlaneCache(cache).check_splits(tmp_path / "absent.json")  # no splits file: nothing to compare
+    other = _split(tmp_path, "other.json", frame=_manifest(12))
+    with pytest.raises(OrthodiffError, match=r"other.json \(manifest manifest\) and .*cache.json \(manifest m.parquet\) "
+                       r"come from different manifests"):
+        PlaneCache(cache).check_splits(tmp_path / "other.json")
+    assert other.fingerprint != same.fingerprint

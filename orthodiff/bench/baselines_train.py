@@ -49,6 +49,7 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
     cache = PlaneCache(cfg.data.cache)
     cache.check_plane_size(cfg.data.plane_size)
     splits = load_splits(cfg.data.splits)
+    cache.check_splits(splits)
     fraction = float(cfg.finetune.labels_fraction)
     patients = run_patients(splits, fraction)
     labels = resolve_labels(cache, cfg.data.labels, f"data.labels (cache {cache.root})")

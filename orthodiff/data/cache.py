@@ -44,6 +44,41 @@ class PlaneCache:
     def slice_spacing(self):
         return self.meta.get("slice_spacing")
 
+    @property
+    def fingerprint(self) -> str | None:
+        """The data fingerprint of the manifest it was prepared from (None for older caches)."""
+        return self.meta.get("manifest_fingerprint")
+
+    def check_splits(self, splits) -> None:
+        """Refuse a splits file (``Splits`` or path; a missing path is skipped) made from another manifest."""
+        from .fingerprint import check_same_data
+
+        if not hasattr(splits, "fingerprint"):
+            if not Path(splits).exists():
+                return
+            from .splits import load_splits
+
+            splits = load_splits(splits)
+        check_same_data(
+            self.fingerprint,
+            f"{self.root / 'cache.json'} (manifest {self.meta.get('manifest') or 'unknown'})",
+            splits.fingerprint,
+            f"{splits.path} (manifest {splits.manifest or 'unknown'})",
+        )
+
+    @property
+    def slab(self) -> str:
+        """How slices were fitted to D: crop (the central D; caches before this setting) or fit."""
+        return self.meta.get("slab", "crop")
+
+    def check_slab(self, slab: str) -> None:
+        """Raise when the run's ``data.slab`` differs from the cache's."""
+        if slab != self.slab:
+            raise OrthodiffError(
+                f"{self.root}: prepared with data.slab={self.slab}, but data.slab={slab} was asked; "
+                "prepare a new cache with that setting or use the matching config"
+            )
+
     def check_plane_size(self, plane_size: dict) -> None:
         """Raise when ``plane_size`` (e.g. a model's) differs from the cache's for any plane it names."""
         for plane, size in dict(plane_size).items():

@@ -15,25 +15,33 @@ So the first row is superior (sagittal, coronal) or anterior (axial), the first 
 anterior (sagittal) or the patient's right (coronal, axial). Reorientation only permutes and
 flips voxel axes (MONAI ``Orientation``); in-plane is then resized to H x W, slices are cropped
 or padded around the centre to D (optionally resampled first to ``slice_spacing`` mm), and image
-intensities are scaled from the 0.5th-99.5th percentiles to [-1, 1] and clipped.
+intensities are scaled from the 0.5th-99.5th percentiles to [-1, 1] and clipped. With
+``slab="fit"`` the slices are instead resampled so the whole acquired slab becomes D slices.
+
+Each cached series records the size, modification time and a fast content hash of its source
+(``source_stamp``); a rerun prepares again any series whose source changed, and says so.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 
 from ..errors import OrthodiffError, ScanError
-from ..fileio import atomic_path, read_json, write_json, write_table
+from ..fileio import atomic_path, read_json, safe_filename, write_json, write_table
 from ..io.volume import Volume
 from ..planes import PLANES, check_plane
+from .fingerprint import data_fingerprint
+from .source_stamp import source_stamp
 
 CACHE_FORMAT_VERSION = 1
 PLANE_AXCODES = {"sagittal": "RIP", "coronal": "AIL", "axial": "SPL"}
@@ -46,6 +54,8 @@ MIN_IN_PLANE = 16
 INTENSITY_PERCENTILES = (0.5, 99.5)
 INDEX_FLUSH_EVERY = 200  # rewrite index.parquet this often, so an interrupted run keeps its progress
 ERROR_COLUMNS = ["series_id", "path", "reason"]
+SLABS = ("crop", "fit")
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 # --------------------------------------------------------------------------- pure transforms
@@ -114,12 +124,15 @@ def to_plane_tensor(
     size,
     is_label: bool = False,
     slice_spacing: float | None = None,
+    slab: str = "crop",
 ) -> tuple[np.ndarray, np.ndarray]:
     """A series as a plane tensor (1, D, H, W) and its affine (tensor voxel (d, h, w) -> RAS mm).
 
     Images come back float32 in [-1, 1]; labels uint8 (nearest neighbour). ``slice_spacing`` (mm),
     when given, first resamples the slice axis to that thickness (useful for thin-slice 3D scans);
     without it the source slices are kept and cropped or padded around the centre to D.
+    ``slab="fit"`` resamples across slices instead, so the whole slab becomes D slices and
+    nothing at its edges is cut off.
     """
     import torch
     from monai.data import MetaTensor
@@ -137,7 +150,9 @@ def to_plane_tensor(
     # slice axis first, in-plane axes in the documented anatomical directions (permute and flip only)
     tensor = Orientation(axcodes=PLANE_AXCODES[plane], labels=_RAS_LABELS)(tensor)
     n_slices = tensor.shape[1]
-    if slice_spacing:
+    if check_slab(slab, slice_spacing) == "fit":
+        n_slices = depth
+    elif slice_spacing:
         thickness = float(np.linalg.norm(np.asarray(tensor.affine)[:3, 0]))
         n_slices = max(1, int(round(n_slices * thickness / float(slice_spacing))))
     resize = Resize(
@@ -158,6 +173,18 @@ def to_plane_tensor(
     out = tensor.as_tensor().numpy()
     out = np.rint(out).astype(np.uint8) if is_label else out.astype(np.float32, copy=False)
     return out, tensor_affine
+
+
+def check_slab(slab: str, slice_spacing=None) -> str:
+    """``data.slab``: crop or fit; fit decides the slice spacing itself, so it excludes slice_spacing."""
+    if slab not in SLABS:
+        raise OrthodiffError(f"data.slab={slab!r}: use crop (the central D slices) or fit (the whole slab as D slices)")
+    if slab == "fit" and slice_spacing:
+        raise OrthodiffError(
+            f"data.slab=fit resamples the whole slab to D slices, so data.slice_spacing={slice_spacing} cannot apply; "
+            "set data.slice_spacing=null or data.slab=crop"
+        )
+    return slab
 
 
 def _restore_lost_labels(oriented, resized, crop, area_resize) -> None:
@@ -232,9 +259,8 @@ def to_source_geometry(
 
 
 def safe_name(series_id: str) -> str:
-    """A file name for a series id: reversible percent-encoding, so two ids never collide."""
-    name = quote(str(series_id), safe="")
-    return "%2E" + name[1:] if name.startswith(".") else name
+    """A file name for a series id: bounded in bytes and injective (see ``fileio.safe_filename``)."""
+    return safe_filename(series_id)
 
 
 @dataclass
@@ -244,12 +270,21 @@ class PrepareResult:
     prepared: int
     skipped: int
     errors: list = field(default_factory=list)
+    changed: list = field(default_factory=list)  # series prepared again because their source changed
+    notes: list = field(default_factory=list)
 
     def describe(self) -> str:
         text = (
             f"Prepared {self.prepared} of {self.total} series into {self.out}; "
             f"{self.skipped} were already done and skipped; {len(self.errors)} failed"
         )
+        if self.changed:
+            text += (
+                f"; {len(self.changed)} had a changed source and were prepared again "
+                f"(first: {self.changed[0]})"
+            )
+        if self.notes:
+            text += "; " + "; ".join(self.notes)
         if self.errors:
             first = self.errors[0]
             text += f" (listed in {self.out / 'errors.csv'}; first: {first['series_id']}: {first['reason']})"
@@ -262,11 +297,15 @@ def prepare_cache(
     plane_size: dict,
     workers: int = 0,
     slice_spacing: float | None = None,
+    slab: str = "crop",
+    shard=None,
 ) -> PrepareResult:
     """Prepare every series of ``manifest`` (path or DataFrame) into the cache folder ``out``.
 
-    Resumable: a series whose files are complete is skipped. One bad series becomes a row of
-    ``errors.csv``; the rest goes on.
+    Resumable: a series whose files are complete and whose source is unchanged is skipped. One
+    bad series becomes a row of ``errors.csv``; the rest goes on. ``shard`` ("I/N") prepares
+    only that shard's series into ``out/shards/I-of-N`` (see ``shards``). A full disk stops the
+    run with one line; what was finished stays, and nothing is left half-written.
     """
     import pandas as pd
 
@@ -281,25 +320,61 @@ def prepare_cache(
         frame["series_id"] = frame["series_id"].astype(str)
     else:
         frame, manifest_path = read_manifest(manifest), str(Path(manifest).resolve())
+    fingerprint = data_fingerprint(frame)
     unknown = sorted(set(frame["plane"]) - set(PLANES))
     if unknown:
         raise OrthodiffError(f"{manifest_path or 'manifest'}: unknown plane(s) {unknown}; use {', '.join(PLANES)}")
     sizes = check_plane_size(plane_size, planes=sorted(set(frame["plane"])))
     if slice_spacing is not None and not float(slice_spacing) > 0:
         raise OrthodiffError(f"slice_spacing={slice_spacing!r}: must be a positive number of mm (or None)")
-    _write_cache_json(out, sizes, manifest_path, slice_spacing)
+    check_slab(slab, slice_spacing)
+    if int(workers) < 0:
+        raise OrthodiffError(f"workers={workers}: must be at least 1 (0: every core)")
+    shard_info = None
+    if shard is not None:
+        from .shards import parse_shard, shard_folder, shard_rows
 
-    records, tasks = {}, []
+        index, count = parse_shard(shard)
+        frame, out, shard_info = shard_rows(frame, index, count), shard_folder(out, index, count), [index, count]
+    settings = {"slice_spacing": slice_spacing, "slab": slab}
+    try:
+        return _prepare_into(out, frame, sizes, settings, workers, manifest_path, fingerprint, shard_info)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise OrthodiffError(_disk_full(out)) from None
+        raise
+
+
+def _disk_full(out: Path) -> str:
+    return (
+        f"{out}: the disk is full (no space left while writing the cache); free space there or prepare into "
+        "another folder with --out, then rerun: finished series are kept and nothing half-written remains"
+    )
+
+
+def _prepare_into(out: Path, frame, sizes, settings, workers, manifest_path, fingerprint, shard_info) -> PrepareResult:
+    import pandas as pd
+
+    notes = _write_cache_json(out, sizes, manifest_path, settings, fingerprint, shard_info)
+    records, tasks, changed = {}, [], []
     for row in frame.to_dict("records"):
-        done = _finished_record(out, row)
+        done, stale = _finished_record(out, row)
         if done is not None:
             records[row["series_id"]] = done
-        else:
-            tasks.append({"row": row, "out": str(out), "size": sizes[row["plane"]], "slice_spacing": slice_spacing})
+            continue
+        if stale:
+            changed.append(row["series_id"])
+        tasks.append({"row": row, "out": str(out), "size": sizes[row["plane"]], **settings})
     skipped = len(records)
 
     errors = []
     for count, result in enumerate(_run(tasks, workers), start=1):
+        if "disk_full" in result:
+            try:  # keep the finished series findable; this write may fail on the full disk too
+                _write_index(out, frame, records)
+            except OSError:
+                pass
+            raise OrthodiffError(_disk_full(out))
         if "reason" in result:
             errors.append(result)
         else:
@@ -309,12 +384,22 @@ def prepare_cache(
     errors.sort(key=lambda e: e["series_id"])
     write_table(out / "errors.csv", pd.DataFrame(errors, columns=ERROR_COLUMNS))
     _write_index(out, frame, records)
-    return PrepareResult(out=out, total=len(frame), prepared=len(records) - skipped, skipped=skipped, errors=errors)
+    return PrepareResult(
+        out=out,
+        total=len(frame),
+        prepared=len(records) - skipped,
+        skipped=skipped,
+        errors=errors,
+        changed=sorted(changed),
+        notes=notes,
+    )
 
 
-def _write_cache_json(out: Path, sizes: dict, manifest_path: str, slice_spacing) -> None:
+def _write_cache_json(out: Path, sizes: dict, manifest_path: str, settings: dict, fingerprint: str, shard) -> list:
+    """Write cache.json; refuse a cache made with other settings; notes for the summary."""
     meta_path = out / "cache.json"
     wanted = {plane: list(size) for plane, size in sizes.items()}
+    notes = []
     if meta_path.exists():
         existing = read_json(meta_path)
         if existing.get("plane_size") != wanted:
@@ -322,22 +407,31 @@ def _write_cache_json(out: Path, sizes: dict, manifest_path: str, slice_spacing)
                 f"{out}: this cache was prepared at plane_size {existing.get('plane_size')}, not {wanted}; "
                 "prepare into a new folder (--out NEW_CACHE) or delete this one"
             )
-        if existing.get("slice_spacing") != slice_spacing:
-            raise OrthodiffError(
-                f"{out}: this cache was prepared with slice_spacing={existing.get('slice_spacing')}, not "
-                f"{slice_spacing}; prepare into a new folder (--out NEW_CACHE) or delete this one"
+        for key, value in settings.items():
+            have = existing.get(key, "crop" if key == "slab" else None)  # caches before data.slab cropped
+            if have != value:
+                raise OrthodiffError(
+                    f"{out}: this cache was prepared with {key}={have}, not {value}; "
+                    "prepare into a new folder (--out NEW_CACHE) or delete this one"
+                )
+        if existing.get("manifest_fingerprint") not in (None, fingerprint):
+            notes.append(
+                f"the cache was prepared from another manifest before ({existing.get('manifest') or 'unknown'}); "
+                "its index now follows this one, so split this manifest again"
             )
-    write_json(
-        meta_path,
-        {
-            "format_version": CACHE_FORMAT_VERSION,
-            "plane_size": wanted,
-            "slice_spacing": slice_spacing,
-            "orientation": PLANE_AXCODES,
-            "intensity_percentiles": list(INTENSITY_PERCENTILES),
-            "manifest": manifest_path,
-        },
-    )
+    meta = {
+        "format_version": CACHE_FORMAT_VERSION,
+        "plane_size": wanted,
+        **settings,
+        "orientation": PLANE_AXCODES,
+        "intensity_percentiles": list(INTENSITY_PERCENTILES),
+        "manifest": manifest_path,
+        "manifest_fingerprint": fingerprint,
+    }
+    if shard is not None:
+        meta["shard"] = list(shard)
+    write_json(meta_path, meta)
+    return notes
 
 
 def _seg_path(row) -> str:
@@ -346,20 +440,35 @@ def _seg_path(row) -> str:
     return seg if isinstance(seg, str) else ""
 
 
-def _finished_record(out: Path, row) -> dict | None:
-    """The saved record of a series whose files are all written for this same source, else None."""
+def _stamps(row) -> dict:
+    """Source stamps of the row's image (and segmentation); OSError when a source is unreadable."""
+    stamps = {"source": source_stamp(row["path"])}
+    if _seg_path(row):
+        stamps["seg_source"] = source_stamp(_seg_path(row))
+    return stamps
+
+
+def _finished_record(out: Path, row) -> tuple[dict | None, bool]:
+    """(the saved record, False) when the series is done from this same, unchanged source;
+    (None, True) when it was done from a source that has changed since; else (None, False)."""
     record_path = out / "records" / f"{safe_name(row['series_id'])}.json"
     if not record_path.exists():
-        return None
+        return None, False
     try:
         record = read_json(record_path)
     except (OSError, ValueError):
-        return None
+        return None, False
     same_source = record.get("path") == str(row["path"]) and record.get("seg_path", "") == _seg_path(row)
-    files = [record["image"]] + ([record["seg"]] if record.get("seg") else [])
-    if same_source and all((out / name).exists() for name in files):
-        return record
-    return None
+    files = [record.get("image", "")] + ([record["seg"]] if record.get("seg") else [])
+    if not (same_source and all(name and (out / name).exists() for name in files)):
+        return None, False
+    if "source" not in record:  # prepared before sources were stamped: cannot tell, so prepare again
+        return None, False
+    try:
+        unchanged = all(record.get(key) == value for key, value in _stamps(row).items())
+    except OSError:
+        unchanged = False
+    return (record, False) if unchanged else (None, True)
 
 
 def _run(tasks: list, workers: int):
@@ -379,11 +488,17 @@ def _run(tasks: list, workers: int):
         # fork (as torch's DataLoader does on Linux) starts workers at once; spawn elsewhere
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         context = multiprocessing.get_context(method)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread) as pool:
+        pool = ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
+        )
+        futures = []
+        try:
             futures = [pool.submit(_prepare_series, task) for task in tasks]
             for future in as_completed(futures):
                 yield future.result()
                 progress.update()
+        finally:  # stopped early (full disk, Ctrl-C): drop the queued series, do not wait for them
+            pool.shutdown(wait=True, cancel_futures=True)
     progress.close()
 
 
@@ -393,37 +508,56 @@ def _progress(total: int):
     return tqdm(total=total, desc="prepare", unit="series", disable=None, leave=False)
 
 
-def _one_thread() -> None:
-    """Each worker process uses one thread; the pool supplies the parallelism."""
+def _worker_init(parent_pid: int) -> None:
+    """Each worker uses one thread (the pool supplies the parallelism) and exits when its parent
+    dies: a killed ``prepare`` would otherwise leave its idle workers holding their memory."""
     import torch
 
     torch.set_num_threads(1)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int, every_s: float = 0.5) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(every_s)
+    os._exit(1)
 
 
 def _prepare_series(task: dict) -> dict:
-    """Prepare one series; return its record, or ``{series_id, path, reason}`` when it fails."""
+    """Prepare one series; its record, ``{series_id, path, reason}`` when it fails, or
+    ``{disk_full}`` when the cache's disk is full (which stops the run)."""
     row, out = task["row"], Path(task["out"])
     try:
-        return _prepare_series_or_raise(row, out, task["size"], task["slice_spacing"])
+        return _prepare_series_or_raise(row, out, task["size"], task["slice_spacing"], task.get("slab", "crop"))
     except OrthodiffError as exc:
         return {"series_id": row["series_id"], "path": str(row["path"]), "reason": _one_line(exc)}
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            return {"disk_full": str(out)}
+        reason = f"unexpected {type(exc).__name__} while preparing: {exc}"
+        return {"series_id": row["series_id"], "path": str(row["path"]), "reason": _one_line(reason)}
     except Exception as exc:  # a reader or transform failing on odd data must not stop the run
         reason = f"unexpected {type(exc).__name__} while preparing: {exc}"
         return {"series_id": row["series_id"], "path": str(row["path"]), "reason": _one_line(reason)}
 
 
-def _prepare_series_or_raise(row: dict, out: Path, size, slice_spacing) -> dict:
+def _prepare_series_or_raise(row: dict, out: Path, size, slice_spacing, slab: str = "crop") -> dict:
     from ..io.volume import read_volume
     from .manifest import load_series
 
     plane = row["plane"]
+    try:
+        stamps = _stamps(row)  # before reading: a source replaced meanwhile is caught next run
+    except OSError as exc:
+        raise ScanError(f"cannot read the source ({exc.strerror or exc}); check that it exists and is readable") from None
     volume = load_series(row)
-    image, tensor_affine = to_plane_tensor(volume, plane, size, slice_spacing=slice_spacing)
+    image, tensor_affine = to_plane_tensor(volume, plane, size, slice_spacing=slice_spacing, slab=slab)
     name = safe_name(row["series_id"])
     record = {
         "series_id": row["series_id"],
         "path": str(row["path"]),
         "seg_path": _seg_path(row),
+        **stamps,
         "image": f"images/{name}.npy",
         "seg": "",
         "source_shape": json.dumps([int(v) for v in volume.array.shape]),
@@ -445,7 +579,8 @@ def _prepare_series_or_raise(row: dict, out: Path, size, slice_spacing) -> dict:
             )
         try:
             seg, _ = to_plane_tensor(
-                Volume(label_volume.array, volume.affine), plane, size, is_label=True, slice_spacing=slice_spacing
+                Volume(label_volume.array, volume.affine), plane, size, is_label=True, slice_spacing=slice_spacing,
+                slab=slab,
             )
         except ScanError as exc:
             raise ScanError(f"segmentation {row['seg_path']}: {exc}") from exc

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import OrthodiffError
 from ..fileio import read_json, write_json
+from .fingerprint import data_fingerprint
 
 SPLITS_FORMAT_VERSION = 1
 SPLIT_NAMES = ("train", "val", "test")
@@ -34,6 +35,8 @@ class Splits:
     seed: int
     warnings: list = field(default_factory=list)
     path: Path | None = None
+    fingerprint: str | None = None  # of the manifest it was made from (see data.fingerprint)
+    manifest: str = ""
 
     def subset(self, fraction: float) -> list:
         """Training patients of the ``fraction`` subset (1.0: all of them)."""
@@ -110,6 +113,7 @@ def make_splits(
         )
     per_patient = patient_labels(frame, labels)
     patients = list(per_patient.index)
+    fingerprint = data_fingerprint(frame)
     if len(patients) < 3 and (val_fraction > 0 or test_fraction > 0):
         raise OrthodiffError(f"{source}: only {len(patients)} patient(s); train/val/test needs at least 3")
     settings = {
@@ -124,6 +128,12 @@ def make_splits(
     if out.exists():
         existing = load_splits(out)
         _check_reusable(out, read_json(out)["settings"], settings, fractions)
+        if existing.fingerprint and existing.fingerprint != fingerprint:
+            raise OrthodiffError(
+                f"{out}: splits file exists but was made from another manifest ({existing.manifest or 'unknown'}, "
+                f"data fingerprint {existing.fingerprint[:12]} vs {fingerprint[:12]} of {source}); delete it to "
+                "split anew or give another --out path"
+            )
         return existing
 
     y = per_patient.to_numpy()
@@ -146,12 +156,15 @@ def make_splits(
         seed=int(seed),
         warnings=notes,
         path=out,
+        fingerprint=fingerprint,
+        manifest=source,
     )
     write_json(
         out,
         {
             "format_version": SPLITS_FORMAT_VERSION,
             "manifest": source,
+            "manifest_fingerprint": fingerprint,
             "settings": settings,
             "train": splits.train,
             "val": splits.val,
@@ -186,6 +199,8 @@ def load_splits(path) -> Splits:
             seed=int(data["settings"]["seed"]),
             warnings=list(data.get("warnings", [])),
             path=path,
+            fingerprint=data.get("manifest_fingerprint"),
+            manifest=str(data.get("manifest", "")),
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise OrthodiffError(

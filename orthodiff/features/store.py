@@ -73,6 +73,7 @@ def run_extraction(cfg) -> Path:
     if cfg.features.dtype not in ("float16", "float32"):
         raise OrthodiffError(f"features.dtype={cfg.features.dtype!r}: use float16 or float32")
     cache = PlaneCache(cfg.data.cache)
+    cache.check_splits(cfg.data.splits)  # the features will be used with these splits
     series = study_series(cache.index)
     planes = [plane for plane in PLANES if (series["plane"] == plane).any()]
     if not planes:

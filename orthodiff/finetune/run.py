@@ -79,6 +79,7 @@ def run_finetune(cfg) -> FinetuneResult:
     cache = PlaneCache(cfg.data.cache)
     cache.check_plane_size(cfg.data.plane_size)
     splits = load_splits(cfg.data.splits)
+    cache.check_splits(splits)
     patients = run_patients(splits, ft.labels_fraction)
     save_config(cfg, out / "config.yaml")
     metrics_log = MetricsLog(out / "metrics.jsonl")

@@ -1,21 +1,39 @@
-"""Training-state checkpoints: ``<plane dir>/checkpoints/step-XXXXXX`` via ``accelerator.save_state``.
+"""Training-state checkpoints: ``<plane dir>/checkpoints/step-XXXXXX``, safetensors + JSON only.
+
+Accelerate's ``save_state``/``load_state`` pickle the registered objects and the RNG states, and
+unpickling a tampered folder runs its code. So the resumable state is written here instead:
+
+    model.safetensors               raw (non-EMA) weights
+    optimizer.safetensors/.json     optimizer state (moments, step counts, parameter groups)
+    scheduler.json                  LR schedule position
+    ema.safetensors/.json           EMA shadow weights and counters
+    scaler.json                     fp16 loss-scaler state (fp16 runs only)
+    rng-<rank>.safetensors/.json    Python, NumPy and torch RNG states of each process
+    run.json                        what was trained, the step, and size + sha256 of every file
 
 A checkpoint is written into a hidden temporary folder and renamed when every process has
-finished, so a crash never leaves a half checkpoint that resume would pick up. Each holds
-``run.json`` describing what was trained, so a resume with another model is refused.
+finished, so a crash never leaves a half checkpoint; ``run.json`` is written last. Resume takes
+the newest checkpoint whose files all match their recorded size and hash, and says which
+damaged ones it passed over. Nothing here ever unpickles: any ``*.pkl`` in a folder is ignored.
 """
 
 from __future__ import annotations
 
+import hashlib
+import random
 import re
 import shutil
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from ..errors import OrthodiffError
 from ..fileio import read_json, write_json
+from .state_files import load_state, save_state
 
 RUN_INFO = "run.json"
+CHECKPOINT_FORMAT = "orthodiff-training-state"
 _NAME = re.compile(r"^step-(\d{6,})$")
 
 
@@ -42,7 +60,7 @@ def latest_checkpoint(directory: Path) -> Optional[tuple[int, Path]]:
 
 
 class TrainingProgress:
-    """The optimizer-step counter, registered with Accelerate so it travels with each checkpoint."""
+    """The optimizer-step counter, saved with each checkpoint."""
 
     def __init__(self) -> None:
         self.step = 0
@@ -54,8 +72,64 @@ class TrainingProgress:
         self.step = int(state["step"])
 
 
-def save_checkpoint(accelerator, directory: Path, step: int, run_info: dict, keep: int) -> Path:
-    """Save the accelerator state at ``step`` on every process; the main process publishes and prunes."""
+class ResumableState:
+    """Everything a resumed run needs to continue bit for bit: model, optimizer, LR schedule, EMA,
+    step and RNG states. The sampler position follows from the step (see ``sampling``)."""
+
+    def __init__(self, accelerator, model, optimizer, lr_scheduler, ema, progress: TrainingProgress):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.lr_scheduler, self.ema, self.progress = lr_scheduler, ema, progress
+
+    def save(self, folder: Path) -> list[str]:
+        """Write this process's part into ``folder``; the file names written."""
+        from safetensors.torch import save_file
+
+        from ..fileio import atomic_path
+
+        accelerator = self.accelerator
+        files = save_state(folder, f"rng-{accelerator.process_index}", _rng_state())
+        if not accelerator.is_main_process:
+            return files
+        weights = accelerator.unwrap_model(self.model).state_dict()
+        with atomic_path(folder / "model.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}, str(tmp))
+        files.append("model.safetensors")
+        files += save_state(folder, "optimizer", self.optimizer.state_dict())
+        files += save_state(folder, "scheduler", self.lr_scheduler.state_dict())
+        files += save_state(folder, "ema", self.ema.state_dict())
+        if accelerator.scaler is not None:
+            files += save_state(folder, "scaler", accelerator.scaler.state_dict())
+        return files
+
+    def load(self, folder: Path) -> None:
+        """Read every part first (so a damaged file changes nothing), then apply them."""
+        from safetensors.torch import load_file
+
+        accelerator = self.accelerator
+        info = read_json(folder / RUN_INFO)
+        weights = load_file(str(folder / "model.safetensors"))
+        optimizer = load_state(folder, "optimizer")
+        scheduler = load_state(folder, "scheduler")
+        ema = load_state(folder, "ema")
+        scaler = load_state(folder, "scaler") if (folder / "scaler.json").exists() else None
+        own_rng = folder / f"rng-{accelerator.process_index}.json"
+        rng = load_state(folder, f"rng-{accelerator.process_index}") if own_rng.exists() else None
+
+        accelerator.unwrap_model(self.model).load_state_dict(weights)
+        self.optimizer.load_state_dict(optimizer)
+        self.lr_scheduler.load_state_dict(scheduler)
+        self.ema.load_state_dict(ema)
+        if scaler is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(scaler)
+        self.progress.step = int(info["step"])
+        # Accelerate counts micro-batches to decide when gradients synchronise
+        accelerator.step = self.progress.step * int(accelerator.gradient_accumulation_steps)
+        if rng is not None:
+            _set_rng_state(rng)
+
+
+def save_checkpoint(accelerator, directory: Path, step: int, run_info: dict, keep: int, state: ResumableState) -> Path:
+    """Save the state at ``step`` on every process; the main process publishes and prunes."""
     directory = Path(directory)
     final = directory / checkpoint_name(step)
     staging = directory / f".{checkpoint_name(step)}.tmp"
@@ -64,10 +138,12 @@ def save_checkpoint(accelerator, directory: Path, step: int, run_info: dict, kee
             shutil.rmtree(staging)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    state.save(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json(staging / RUN_INFO, {**run_info, "step": step})
+        files = {path.name: _file_record(path) for path in sorted(staging.iterdir()) if path.is_file()}
+        info = {"format": CHECKPOINT_FORMAT, **run_info, "step": step, "world_size": accelerator.num_processes}
+        write_json(staging / RUN_INFO, {**info, "files": files})
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
@@ -75,6 +151,55 @@ def save_checkpoint(accelerator, directory: Path, step: int, run_info: dict, kee
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def damage(path: Path) -> Optional[str]:
+    """Why the checkpoint at ``path`` cannot be resumed, or None when every file is intact."""
+    path = Path(path)
+    try:
+        info = read_json(path / RUN_INFO)
+    except (OSError, ValueError) as exc:
+        return f"{RUN_INFO} is unreadable ({exc.__class__.__name__})"
+    if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT or not isinstance(info.get("files"), dict):
+        return "it is in an older format (Accelerate's pickled state), which orthodiff never loads"
+    for name in ("model.safetensors", "optimizer.json", "scheduler.json", "ema.json"):
+        if name not in info["files"]:
+            return f"{RUN_INFO} lists no {name}"
+    for name, expected in info["files"].items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != expected.get("bytes"):
+            return f"{name} is {file.stat().st_size} bytes, {expected.get('bytes')} were written"
+        if _sha256(file) != expected.get("sha256"):
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def resumable_checkpoint(directory: Path) -> Optional[tuple[int, Path, list[str]]]:
+    """The newest intact checkpoint as (step, path, notes on newer damaged ones); None when there
+    is no checkpoint. Checkpoints that are all damaged are one line naming the newest and why."""
+    checkpoints = list_checkpoints(directory)
+    notes = []
+    for step, path in reversed(checkpoints):
+        reason = damage(path)
+        if reason is None:
+            return step, path, notes
+        notes.append(f"{path.name} is damaged ({reason})")
+    if not checkpoints:
+        return None
+    raise OrthodiffError(
+        f"{directory}: no intact checkpoint to resume from ({'; '.join(notes)}); delete the damaged folders "
+        "or set pretrain.resume=false to start over"
+    )
+
+
+def resume_note(step: int, path: Path, notes: list[str]) -> str:
+    """One line: where a run resumes, and which damaged checkpoints it passed over."""
+    text = f"resumed from {path} (step {step})"
+    if notes:
+        text += f"; skipped {', '.join(notes)}"
+    return text
 
 
 def check_resumable(path: Path, run_info: dict) -> None:
@@ -95,3 +220,35 @@ def _first_difference(saved, wanted) -> str:
             if saved.get(key) != wanted.get(key):
                 return f"{key} {saved.get(key)} in the checkpoint vs {wanted.get(key)} now"
     return f"{saved} in the checkpoint vs {wanted} now"
+
+
+def _file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _rng_state() -> dict:
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(tuple(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

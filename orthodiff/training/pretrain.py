@@ -10,7 +10,8 @@ Layout of ``pretrain.output_dir``::
 
     config.yaml                       the resolved config
     denoisers/<plane>/                config.json + model.safetensors (EMA weights)
-    <plane>/checkpoints/step-XXXXXX/  accelerate state (model, optimizer, LR, EMA, step)
+    <plane>/checkpoints/step-XXXXXX/  training state as safetensors + JSON (model, optimizer, LR, EMA,
+                                      RNG, step; see ``checkpoints``), never pickle
     <plane>/metrics.jsonl             loss, lr, grad_norm, volumes_per_s per logged step
     <plane>/previews/step-XXXXXX.png  mid-slices: inputs, noised inputs, DDIM samples
     <plane>/wandb/ or <plane>/logs/   tracker files
@@ -33,7 +34,15 @@ from ..errors import OrthodiffError
 from ..models.denoiser import ARCHITECTURE_FIELDS, Denoiser, check_denoiser_config, check_plane_size, describe
 from ..models.diffusion import check_diffusion_config, diffusion_loss, make_noise_scheduler, min_snr_weights, training_target
 from ..planes import PLANES
-from .checkpoints import TrainingProgress, check_resumable, latest_checkpoint, list_checkpoints, save_checkpoint
+from .checkpoints import (
+    ResumableState,
+    TrainingProgress,
+    check_resumable,
+    list_checkpoints,
+    resumable_checkpoint,
+    resume_note,
+    save_checkpoint,
+)
 from .sampling import StepSeededBatchSampler, derived_seed, step_generator
 from .tracking import (
     MetricsLog,
@@ -60,7 +69,7 @@ def run_pretraining(cfg: ExperimentConfig) -> dict[str, Path]:
     output_dir = Path(cfg.pretrain.output_dir)
     for plane in planes:
         if cfg.pretrain.resume:
-            latest = latest_checkpoint(output_dir / plane / "checkpoints")
+            latest = resumable_checkpoint(output_dir / plane / "checkpoints")
             if latest is not None:
                 check_resumable(latest[1], run_info(cfg, plane))
 
@@ -127,12 +136,14 @@ def open_plane_dataset(cfg: ExperimentConfig, plane: str):
         raise OrthodiffError(f"data.cache={root}: no prepared cache there; run `orthodiff prepare MANIFEST --out {root}`")
     cache = PlaneCache(root)
     cache.check_plane_size(cfg.data.plane_size)
+    cache.check_slab(cfg.data.slab)
     patients = None
     splits_path = Path(cfg.data.splits)
     if splits_path.exists():
         from ..data.splits import load_splits
 
         splits = load_splits(splits_path)
+        cache.check_splits(splits)
         patients = list(splits.train) + list(splits.val)
     dataset = PlaneVolumeDataset(cache, plane, patient_ids=patients)
     if len(dataset) == 0:
@@ -206,16 +217,16 @@ def train_plane(cfg: ExperimentConfig, plane: str, dataset) -> Path:
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema.to(device)
     progress = TrainingProgress()
-    accelerator.register_for_checkpointing(ema, progress)
+    state = ResumableState(accelerator, model, optimizer, lr_scheduler, ema, progress)
 
     info = run_info(cfg, plane)
     metrics = MetricsLog(plane_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
-    latest = latest_checkpoint(checkpoint_dir) if p.resume else None
+    latest = resumable_checkpoint(checkpoint_dir) if p.resume else None
     if latest is not None:
         check_resumable(latest[1], info)
-        accelerator.load_state(str(latest[1]))
+        state.load(latest[1])
         ema.to(device)
-        accelerator.print(f"pretrain {plane}: resumed from {latest[1]} (step {progress.step})")
+        accelerator.print(f"pretrain {plane}: " + resume_note(*latest))
     elif accelerator.is_main_process and list_checkpoints(checkpoint_dir):
         accelerator.print(f"pretrain {plane}: pretrain.resume=false, removing old checkpoints in {checkpoint_dir}")
         shutil.rmtree(checkpoint_dir)
@@ -247,6 +258,7 @@ def train_plane(cfg: ExperimentConfig, plane: str, dataset) -> Path:
     )
     noise_scheduler = make_noise_scheduler(cfg.diffusion)
     loop = _Loop(cfg, plane, accelerator, model, ema, optimizer, lr_scheduler, noise_scheduler, progress, metrics)
+    loop.state = state
     try:
         loop.run(iter(loader), checkpoint_dir, info, last_checkpoint=latest[1] if latest else None)
         accelerator.wait_for_everyone()
@@ -309,7 +321,9 @@ class _Loop:
             if p.preview_every and step % p.preview_every == 0:
                 self.preview(step, clean)
             if step % p.checkpoint_every == 0 or step == p.max_steps:
-                self.last_checkpoint = save_checkpoint(accelerator, checkpoint_dir, step, info, int(p.keep_checkpoints))
+                self.last_checkpoint = save_checkpoint(
+                    accelerator, checkpoint_dir, step, info, int(p.keep_checkpoints), self.state
+                )
         bar.close()
 
     def train_step(self, batches):
