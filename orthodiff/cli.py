@@ -88,7 +88,7 @@ def scan(
 
     result = scan_archive(
         archive[0], out, labels=labels, metadata=metadata, check_voxels=check_voxels,
-        keep_localizers=keep_localizers, keep_series=keep_series, workers=workers, shard=shard,
+        keep_localizers=keep_localizers, keep_series=keep_series, workers=_workers(workers) or None, shard=shard,
     )  # fmt: skip
     typer.echo(result.describe())
 

@@ -26,7 +26,7 @@ from ..planes import PLANES, plane_from_affine
 from .diagnostic import derived_reason, localizer_reason
 from .manifest import LABEL_PREFIX
 from .sequence import CONTRASTS, FLOAT_COLUMNS, SEQUENCE_COLUMNS, TEXT_COLUMNS, read_sidecar, sequence_fields
-from .walk import Shard, walk_archive
+from .walk import walk_archive
 from .study_tables import (
     METADATA_FIELDS,
     LabelTable,
@@ -140,7 +140,7 @@ def scan_archive(
     keep_localizers: bool = False,
     keep_series: str | Path | None = None,
     workers: int | None = None,
-    shard: str | Shard | None = None,
+    shard: str | tuple | None = None,
 ) -> ScanResult:
     """Scan ``archive`` and write the manifest ``out`` (.parquet or .csv) and its errors file.
 
@@ -153,14 +153,14 @@ def scan_archive(
     ``shard`` ("I/N") scans only that part of the archive's top-level folders.
     """
     from ..fileio import write_table
-    from .walk import parse_shard
+    from .shards import parse_shard
     from .workers import resolve_workers
 
     archive = Path(archive).resolve()
     if not archive.is_dir():
         raise OrthodiffError(f"{archive}: archive folder not found; pass the folder that holds the scans")
     workers = resolve_workers(workers)
-    shard = shard if isinstance(shard, Shard) or shard is None else parse_shard(shard)
+    shard = None if shard is None else parse_shard(shard)
     out = Path(out).resolve()
     errors_path = Path(errors).resolve() if errors else default_errors_path(out)
     labels_path = _table_path(labels, archive / "labels.csv", "--labels")

@@ -13,37 +13,13 @@ it) lands in exactly one shard.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import OrthodiffError
 from ..io.dicom import access_problem
 
 
-@dataclass(frozen=True)
-class Shard:
-    index: int  # 1-based
-    count: int
-
-    def __str__(self) -> str:
-        return f"{self.index}/{self.count}"
-
-
-def parse_shard(text: str | None) -> Shard | None:
-    """``"2/8"`` -> Shard(2, 8); None stays None; anything else is a one-line error."""
-    if text is None or str(text).strip() == "":
-        return None
-    parts = str(text).split("/")
-    try:
-        index, count = (int(part) for part in parts)
-    except ValueError:
-        index = count = 0
-    if len(parts) != 2 or count < 1 or not 1 <= index <= count:
-        raise OrthodiffError(f"--shard {text!r}: expected I/N with 1 <= I <= N (e.g. 3/16); fix the option")
-    return Shard(index, count)
-
-
-def walk_archive(archive: Path, problems: list, shard: Shard | None = None):
+def walk_archive(archive: Path, problems: list, shard: tuple[int, int] | None = None):
     """Yield (folder, sorted file names) for every folder under ``archive`` (hidden ones skipped).
 
     Problems (folders that cannot be entered, broken links, links to folders walked already) are
@@ -109,17 +85,18 @@ def _walk(folder: Path, archive: Path, problems, visited: set, links: list, unit
         yield from _walk(subfolder, archive, problems, visited, links, None)
 
 
-def _shard_units(archive: Path, problems, shard: Shard | None) -> set | None:
-    """Names of the top-level entries this shard walks (None: all). Loose top-level files go to shard 1."""
-    if shard is None or shard.count == 1:
+def _shard_units(archive: Path, problems, shard: tuple[int, int] | None) -> set | None:
+    """Names of the top-level entries shard (I, N) walks (None: all). Loose top-level files go to shard 1."""
+    if shard is None or shard[1] == 1:
         return None
+    index, count = shard
     try:
         entries = sorted(entry.name for entry in os.scandir(archive) if not entry.name.startswith("."))
     except OSError as exc:
         raise OrthodiffError(f"{archive}: archive folder cannot be read: {access_problem(exc)}") from exc
     folders = [name for name in entries if (archive / name).is_dir()]
-    mine = {name for rank, name in enumerate(folders) if rank % shard.count == shard.index - 1}
-    if shard.index == 1:
+    mine = {name for rank, name in enumerate(folders) if rank % count == index - 1}
+    if index == 1:
         mine |= {name for name in entries if name not in folders}
     return mine
 
