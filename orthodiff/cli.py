@@ -61,18 +61,35 @@ def synth(
 
 @app.command()
 def scan(
-    archive: Path = typer.Argument(..., help="Folder tree of DICOM, NIfTI, NRRD/MHA or MRNet files."),
+    archive: List[Path] = typer.Argument(..., help="Folder tree of DICOM, NIfTI, NRRD/MHA or MRNet files (with --merge: the shard manifests)."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest to write (.parquet or .csv)."),
     labels: Optional[Path] = typer.Option(None, help="Labels CSV (default: labels.csv in the archive)."),
     metadata: Optional[Path] = typer.Option(None, help="Metadata CSV (default: metadata.csv in the archive)."),
     check_voxels: bool = typer.Option(
         True, "--check-voxels/--headers-only", help="Read every series once to catch NaN, constant or corrupt data."
     ),
+    keep_localizers: bool = typer.Option(False, "--keep-localizers", help="Keep series judged localizers or scouts."),
+    keep_series: Optional[Path] = typer.Option(
+        None, help="Text file of SeriesInstanceUIDs or archive paths to keep whatever they are judged (default: keep_series.txt in the archive)."
+    ),
+    workers: Optional[int] = typer.Option(None, help="Parallel processes (default: every core)."),
+    shard: Optional[str] = typer.Option(None, help="I/N: scan only shard I of N of the archive's top-level folders."),
+    merge: bool = typer.Option(False, "--merge", help="Join shard manifests (and their errors files) given as arguments into --out."),
 ):
     """Find series, read their geometry, detect planes, group studies, write a manifest."""
+    if merge:
+        from .data.scan_merge import merge_scan_shards
+
+        typer.echo(merge_scan_shards(archive, out).describe())
+        return
+    if len(archive) != 1:
+        raise OrthodiffError(f"scan takes one archive folder, got {len(archive)}; to join shard manifests add --merge")
     from .data.scan import scan_archive
 
-    result = scan_archive(archive, out, labels=labels, metadata=metadata, check_voxels=check_voxels)
+    result = scan_archive(
+        archive[0], out, labels=labels, metadata=metadata, check_voxels=check_voxels,
+        keep_localizers=keep_localizers, keep_series=keep_series, workers=_workers(workers) or None, shard=shard,
+    )  # fmt: skip
     typer.echo(result.describe())
 
 

@@ -1,15 +1,16 @@
 """``orthodiff scan``: find every series in an archive folder tree and write the manifest.
 
-Walk -> one record per 3D volume (NIfTI, NRRD/MHA, DICOM folders split by series and echo,
-MRNet .npy) -> checks (2D, localizer, damaged, NaN/Inf, constant) -> plane from geometry ->
-segmentations beside their series -> studies and patients -> labels and metadata -> manifest.
-Every problem becomes one row of the errors file and the scan goes on.
+Walk -> one record per 3D volume (NIfTI, NRRD/MHA, DICOM folders split by series, orientation
+and echo, MRNet .npy) -> checks (2D, localizer, derived, damaged, NaN/Inf, constant) -> plane
+from geometry -> segmentations beside their series -> studies and patients -> labels, metadata
+and sequence columns -> manifest. Every problem becomes one row of the errors file and the scan
+goes on. Folders are read on every core; ``--shard I/N`` scans one part of a large archive and
+``orthodiff.data.scan_merge`` merges the parts.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OrthodiffError, ScanError
-from ..io.dicom import DicomVolume, index_dicom_files, looks_like_dicom, read_dicom_volume
+from ..io.dicom import DicomVolume, access_problem, index_dicom_files, looks_like_dicom, read_dicom_volume
 from ..io.mrnet import SPLITS as MRNET_SPLITS
 from ..io.mrnet import mrnet_affine, mrnet_shape, read_mrnet
 from ..io.volume import ITK_SUFFIXES, NIFTI_SUFFIXES, read_volume, read_volume_header, suffix_of
 from ..planes import PLANES, plane_from_affine
+from .diagnostic import derived_reason, localizer_reason
 from .manifest import LABEL_PREFIX
+from .sequence import CONTRASTS, FLOAT_COLUMNS, SEQUENCE_COLUMNS, TEXT_COLUMNS, read_sidecar, sequence_fields
+from .walk import walk_archive
 from .study_tables import (
     METADATA_FIELDS,
     LabelTable,
@@ -42,6 +46,7 @@ IGNORED_SUFFIXES = frozenset(
     ".csv .tsv .json .txt .md .rst .pdf .xml .html .log .yaml .yml .py .ipynb .sh .png .jpg .jpeg "
     ".gif .bmp .svg .zip .tar .pkl .parquet .raw .zraw .bval .bvec".split()
 )
+KEEP_SERIES_NAME = "keep_series.txt"  # series kept although judged localizer or derived
 MANIFEST_COLUMNS = [
     "patient_id", "study_id", "series_id", "plane", "path", "format",
     "series_uid", "echo_index", "echo_time",
@@ -49,6 +54,7 @@ MANIFEST_COLUMNS = [
     "normal_x", "normal_y", "normal_z",
     "seg_path",
     "joint", "site", "field_strength", "age", "sex", "height", "weight",
+    *SEQUENCE_COLUMNS, "study_key",
 ]  # fmt: skip
 INT_COLUMNS = ("echo_index", "n_slices", "rows", "cols")
 ERROR_COLUMNS = ["path", "reason"]
@@ -71,6 +77,7 @@ class FoundSeries:
     name: str  # file stem or folder name: segmentations pair on it
     series_uid: str = ""
     echo_index: int = -1
+    echo_rank: int = -1  # rank among the echoes of its series (and orientation); names "echoN"
     echo_time: float = math.nan
     tags: dict = field(default_factory=dict)  # DICOM patient/study/site tags
     dicom: DicomVolume | None = None
@@ -99,7 +106,23 @@ class ScanResult:
         lines += [f"  {problem.reason}" for problem in self.errors[:5]]
         if len(self.errors) > 5:
             lines.append(f"  ... and {len(self.errors) - 5} more in {self.errors_path.name}")
+        if len(frame) and "contrast" in frame.columns:
+            lines.append(contrast_table(frame))
         return "\n".join(lines)
+
+
+def contrast_table(frame) -> str:
+    """Series counts, contrast x plane (fat-suppressed ones also counted apart), as text."""
+    width = max(len(plane) for plane in PLANES) + 2
+    fat = frame["fat_suppressed"] == 1.0
+    rows = [("contrast".ljust(12) + "".join(plane.rjust(width) for plane in PLANES) + "total".rjust(width))]
+    for name in CONTRASTS:
+        for label, mask in ((name, frame["contrast"] == name), (f"  {name} fs", (frame["contrast"] == name) & fat)):
+            if label.startswith("  ") and (not mask.any() or name == "stir"):
+                continue
+            counts = [int((mask & (frame["plane"] == plane)).sum()) for plane in PLANES]
+            rows.append(label.ljust(12) + "".join(str(c).rjust(width) for c in counts) + str(sum(counts)).rjust(width))
+    return "\n".join(rows)
 
 
 def default_errors_path(manifest_path: str | Path) -> Path:
@@ -114,27 +137,40 @@ def scan_archive(
     metadata: str | Path | None = None,
     errors: str | Path | None = None,
     check_voxels: bool = True,
+    keep_localizers: bool = False,
+    keep_series: str | Path | None = None,
+    workers: int | None = None,
+    shard: str | tuple | None = None,
 ) -> ScanResult:
     """Scan ``archive`` and write the manifest ``out`` (.parquet or .csv) and its errors file.
 
     ``labels`` / ``metadata`` default to labels.csv / metadata.csv in the archive (optional there).
     ``check_voxels`` reads every series once to catch damage that headers do not show (corrupt
     compressed data, NaN/Inf, constant images); False checks headers and file lengths only.
+    ``keep_localizers`` keeps series judged localizers or scouts; ``keep_series`` (default:
+    keep_series.txt in the archive, optional) lists SeriesInstanceUIDs or archive-relative paths
+    kept whatever they are judged. ``workers`` processes read folders (None: every core);
+    ``shard`` ("I/N") scans only that part of the archive's top-level folders.
     """
     from ..fileio import write_table
+    from .shards import parse_shard
+    from .workers import resolve_workers
 
     archive = Path(archive).resolve()
     if not archive.is_dir():
         raise OrthodiffError(f"{archive}: archive folder not found; pass the folder that holds the scans")
+    workers = resolve_workers(workers)
+    shard = None if shard is None else parse_shard(shard)
     out = Path(out).resolve()
     errors_path = Path(errors).resolve() if errors else default_errors_path(out)
     labels_path = _table_path(labels, archive / "labels.csv", "--labels")
     metadata_path = _table_path(metadata, archive / "metadata.csv", "--metadata")
+    keep_path = _table_path(keep_series, archive / KEEP_SERIES_NAME, "--keep-series")
+    options = ScanOptions(check_voxels, keep_localizers, _read_keep_list(keep_path, archive))
     problems: list[tuple[Path, str]] = []
     archive_info = _archive_info(archive, problems)
-    found, segmentations = _discover(archive, problems)
-    series = [s for s in found if _accept(s, archive, check_voxels, problems)]
-    _attach_segmentations(series, segmentations, archive, check_voxels, problems)
+    series, segmentations = _discover(archive, options, workers, shard, problems)
+    _attach_segmentations(series, segmentations, archive, check_voxels, problems, workers)
 
     metadata_table, metadata_problems = read_metadata_csv(metadata_path) if metadata_path else (MetadataTable(), [])
     problems += metadata_problems
@@ -143,13 +179,33 @@ def scan_archive(
 
     errors_list = [ScanProblem(str(path), reason) for path, reason in problems]
     _write_errors(errors_path, errors_list)
-    if frame.empty:
+    if frame.empty and shard is None:  # an empty shard is written: the merge joins it
         raise OrthodiffError(
             f"{archive}: no readable series found ({len(errors_list)} problem(s) in {errors_path}); "
             "the folder must hold NIfTI, NRRD/MHA, DICOM or MRNet files"
         )
     write_table(out, frame)
     return ScanResult(manifest=frame, errors=errors_list, manifest_path=out, errors_path=errors_path, archive=archive)
+
+
+@dataclass(frozen=True)
+class ScanOptions:
+    """What every folder task needs to judge its series."""
+
+    check_voxels: bool = True
+    keep_localizers: bool = False
+    keep: frozenset = frozenset()  # SeriesInstanceUIDs and archive-relative paths kept on purpose
+
+
+def _read_keep_list(path: Path | None, archive: Path) -> frozenset:
+    """One SeriesInstanceUID or archive-relative path per line; '#' starts a comment."""
+    if path is None:
+        return frozenset()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OrthodiffError(f"--keep-series {path}: cannot be read ({exc}); give a text file with one series per line") from exc
+    return frozenset(line.split("#", 1)[0].strip().strip("/") for line in lines if line.split("#", 1)[0].strip())
 
 
 def _archive_info(archive: Path, problems) -> dict:
@@ -190,39 +246,66 @@ def _write_errors(path: Path, problems: list[ScanProblem]) -> None:
 # --- finding series -------------------------------------------------------------------------
 
 
-def _discover(archive: Path, problems) -> tuple[list[FoundSeries], list[tuple[Path, str]]]:
-    """Walk the tree in sorted order; return series and (segmentation path, series name) pairs."""
+def _discover(archive: Path, options: ScanOptions, workers: int, shard, problems) -> tuple[list[FoundSeries], list]:
+    """Walk the tree (one shard of it) in sorted order and read its folders on ``workers`` processes.
+
+    Returns the accepted series and (segmentation path, series name) pairs, in walk order.
+    """
+    from .workers import process_map
+
+    tasks = [(folder, files, archive, options) for folder, files in walk_archive(archive, problems, shard) if files]
+    series: list[FoundSeries] = []
+    segmentations: list[tuple[Path, str]] = []
+    for found, pairs, folder_problems in process_map(_scan_folder, tasks, workers):
+        series += found
+        segmentations += pairs
+        problems += folder_problems
+    return series, segmentations
+
+
+def _scan_folder(task) -> tuple[list[FoundSeries], list, list]:
+    """One folder's files -> (accepted series, segmentation pairs, problems). Runs in a worker."""
+    folder, filenames, archive, options = task
+    problems: list[tuple[Path, str]] = []
     found: list[FoundSeries] = []
     segmentations: list[tuple[Path, str]] = []
-    for dirpath, dirnames, filenames in os.walk(archive):
-        dirnames[:] = sorted(name for name in dirnames if not name.startswith("."))
-        folder = Path(dirpath)
-        dicom_files = []
-        for name in sorted(filenames):
-            path = folder / name
-            if name.startswith(".") or not path.is_file():
-                continue
-            suffix = suffix_of(name)
-            stem = name[: len(name) - len(suffix)] if suffix else name
-            if suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
-                base = segmentation_base(stem)
-                if base is not None:
-                    segmentations.append((path, base))
-                else:
-                    _add_image_file(found, path, stem, suffix, archive, problems)
-            elif suffix == ".npy":
-                _add_mrnet_file(found, path, stem, archive, problems)
-            elif suffix in IGNORED_SUFFIXES or name.lower().endswith(".raw.gz") or name.upper() == "DICOMDIR":
-                continue
-            elif looks_like_dicom(path):
-                dicom_files.append(path)
+    dicom_files = []
+    for name in filenames:
+        path = folder / name
+        suffix = suffix_of(name)
+        stem = name[: len(name) - len(suffix)] if suffix else name
+        if suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
+            base = segmentation_base(stem)
+            if base is not None:
+                segmentations.append((path, base))
             else:
-                problems.append(
-                    (path, f"{_rel(path, archive)}: not a recognised scan (NIfTI, NRRD/MHA, DICOM or MRNet .npy); convert or remove it")
-                )
-        if dicom_files:
-            _add_dicom_folder(found, folder, dicom_files, archive, problems)
-    return found, segmentations
+                _add_image_file(found, path, stem, suffix, archive, problems)
+        elif suffix == ".npy":
+            _add_mrnet_file(found, path, stem, archive, problems)
+        elif suffix in IGNORED_SUFFIXES or name.lower().endswith(".raw.gz") or name.upper() == "DICOMDIR":
+            continue
+        elif looks_like_dicom(path):
+            dicom_files.append(path)
+        else:
+            reason = _open_problem(path) or "not a recognised scan (NIfTI, NRRD/MHA, DICOM or MRNet .npy); convert or remove it"
+            problems.append((path, f"{_rel(path, archive)}: {reason}"))
+    if dicom_files:
+        _add_dicom_folder(found, folder, dicom_files, archive, problems)
+    accepted = [series for series in found if _accept(series, archive, options, problems)]
+    for series in accepted:
+        if series.dicom is not None:
+            series.dicom.tags = {}  # already copied to the series; halves what travels back
+    return accepted, segmentations, problems
+
+
+def _open_problem(path: Path) -> str | None:
+    """Why a file cannot be opened for reading (permission, vanished), or None when it can."""
+    try:
+        with open(path, "rb") as handle:
+            handle.read(1)
+    except OSError as exc:
+        return access_problem(exc)
+    return None
 
 
 def segmentation_base(stem: str) -> str | None:
@@ -240,7 +323,15 @@ def _add_image_file(found, path: Path, stem: str, suffix: str, archive: Path, pr
         problems.append((path, _relative_reason(str(exc), path, archive)))
         return
     fmt = "nifti" if suffix in NIFTI_SUFFIXES else "itk"
-    found.append(FoundSeries(path=path, format=fmt, shape=header.shape, affine=header.affine, name=stem))
+    tags, problem = read_sidecar(path)  # dcm2niix's BIDS sidecar, when present
+    if problem:
+        problems.append((path, f"{_rel(path.parent, archive)}/{problem}"))
+    found.append(
+        FoundSeries(
+            path=path, format=fmt, shape=header.shape, affine=header.affine, name=stem,
+            echo_time=tags.get("echo_time", math.nan), tags=tags,
+        )  # fmt: skip
+    )
 
 
 def _add_mrnet_file(found, path: Path, stem: str, archive: Path, problems) -> None:
@@ -274,6 +365,7 @@ def _add_dicom_folder(found, folder: Path, files, archive: Path, problems) -> No
                 name=folder.name,
                 series_uid=volume.series_uid,
                 echo_index=volume.echo_index,
+                echo_rank=volume.echo_rank,
                 echo_time=volume.echo_time,
                 tags=volume.tags,
                 dicom=volume,
@@ -284,7 +376,7 @@ def _add_dicom_folder(found, folder: Path, files, archive: Path, problems) -> No
 # --- checking series ------------------------------------------------------------------------
 
 
-def _accept(series: FoundSeries, archive: Path, check_voxels: bool, problems) -> bool:
+def _accept(series: FoundSeries, archive: Path, options: ScanOptions, problems) -> bool:
     """Plane from geometry and the checks that make a series usable; False (and a problem) if not."""
     where = _series_label(series, archive)
     reason = _shape_problem(series.shape)
@@ -295,7 +387,9 @@ def _accept(series: FoundSeries, archive: Path, check_voxels: bool, problems) ->
             reason = "its affine is degenerate (in-plane axes parallel); fix the file's geometry"
     if reason is None and series.mrnet is not None and series.plane != series.mrnet[1]:
         reason = f"MRNet geometry gives {series.plane}, folder says {series.mrnet[1]}"  # guards mrnet_affine
-    if reason is None and check_voxels:
+    if reason is None and series.mrnet is None:
+        reason = _not_diagnostic(series, archive, options)
+    if reason is None and options.check_voxels:
         try:
             reason = voxel_problem(_load(series).array)
         except ScanError as exc:
@@ -304,6 +398,24 @@ def _accept(series: FoundSeries, archive: Path, check_voxels: bool, problems) ->
         problems.append((series.path, f"{where}: {reason}"))
         return False
     return True
+
+
+def _not_diagnostic(series: FoundSeries, archive: Path, options: ScanOptions) -> str | None:
+    """Why a series is a localizer or a derived image (unless kept on purpose), else None."""
+    keys = {series.series_uid, _rel(series.path, archive)} - {""}
+    if keys & options.keep:
+        return None
+    volume = series.dicom
+    image_type = volume.image_type if volume is not None else series.tags.get("image_type", ())
+    description = " ".join(str(series.tags.get(key) or "") for key in ("series_description", "protocol_name"))
+    derived = derived_reason(image_type, volume.sop_class if volume is not None else "", description)
+    if derived:
+        return f"{derived}; skipped, only acquired volumes are used (list it in {KEEP_SERIES_NAME} to keep it)"
+    step = float(np.linalg.norm(series.affine[:3, 2]))
+    localizer = localizer_reason(image_type, description, int(series.shape[2]), step, volume.part_count if volume else 1)
+    if localizer and not options.keep_localizers:
+        return f"{localizer}; skipped, not a diagnostic volume (scan with --keep-localizers to keep it)"
+    return None
 
 
 def _shape_problem(shape: tuple) -> str | None:
@@ -334,14 +446,23 @@ def _load(series: FoundSeries):
     return read_volume(series.path)
 
 
-def _attach_segmentations(series: list[FoundSeries], segmentations, archive: Path, check_voxels: bool, problems) -> None:
+def _attach_segmentations(series: list[FoundSeries], segmentations, archive: Path, check_voxels: bool, problems, workers: int = 1) -> None:
     """A ``<name>_seg`` file labels every series named ``<name>`` in the same folder."""
+    from .workers import process_map
+
     by_key: dict[tuple, list[FoundSeries]] = defaultdict(list)
     for item in series:
         if item.format != "mrnet":
             by_key[(item.path.parent, item.name)].append(item)
     claimed: dict[tuple, Path] = {}
-    for path, base in sorted(segmentations):
+    pairs = sorted(segmentations)
+    checks = [
+        (path, by_key[(path.parent, base)][0].shape, by_key[(path.parent, base)][0].affine, check_voxels)
+        for path, base in pairs
+        if by_key.get((path.parent, base))
+    ]
+    reasons = dict(zip([check[0] for check in checks], process_map(_segmentation_problem_task, checks, workers)))
+    for path, base in pairs:
         key = (path.parent, base)
         targets = by_key.get(key, [])
         if not targets:
@@ -352,7 +473,7 @@ def _attach_segmentations(series: list[FoundSeries], segmentations, archive: Pat
         if key in claimed:
             problems.append((path, f"{_rel(path, archive)}: second segmentation of {base!r} (kept {claimed[key].name}); remove one"))
             continue
-        reason = _segmentation_problem(path, targets[0], check_voxels)
+        reason = reasons.get(path)
         if reason:
             problems.append((path, f"{_rel(path, archive)}: {reason}"))
             continue
@@ -361,7 +482,12 @@ def _attach_segmentations(series: list[FoundSeries], segmentations, archive: Pat
             target.seg_path = str(path)
 
 
-def _segmentation_problem(path: Path, series: FoundSeries, check_voxels: bool) -> str | None:
+def _segmentation_problem_task(task) -> str | None:
+    path, shape, affine, check_voxels = task
+    return _segmentation_problem(path, shape, affine, check_voxels)
+
+
+def _segmentation_problem(path: Path, shape: tuple, affine: np.ndarray, check_voxels: bool) -> str | None:
     try:
         header = read_volume_header(path)
         if check_voxels:
@@ -370,10 +496,10 @@ def _segmentation_problem(path: Path, series: FoundSeries, check_voxels: bool) -
                 return "segmentation has NaN/Inf voxels; fix it"
     except ScanError as exc:
         return _strip_path(str(exc), path)
-    if tuple(header.shape) != tuple(series.shape):
-        return f"segmentation shape {tuple(header.shape)} differs from its series {tuple(series.shape)}; resample it onto the series grid"
-    tolerance = 0.05 * float(np.min(np.linalg.norm(series.affine[:3, :3], axis=0)))
-    if not np.allclose(header.affine, series.affine, atol=tolerance):
+    if tuple(header.shape) != tuple(shape):
+        return f"segmentation shape {tuple(header.shape)} differs from its series {tuple(shape)}; resample it onto the series grid"
+    tolerance = 0.05 * float(np.min(np.linalg.norm(affine[:3, :3], axis=0)))
+    if not np.allclose(header.affine, affine, atol=tolerance):
         return "segmentation affine differs from its series (another grid or orientation); resample it onto the series grid"
     return None
 
@@ -404,11 +530,12 @@ def mrnet_study_id(split: str, exam: str) -> str:
     return f"mrnet-{split}-{exam}"
 
 
-def _study_ids(series: list[FoundSeries], archive: Path) -> list[str]:
+def _study_ids(series: list[FoundSeries], archive: Path) -> tuple[list[str], list[str]]:
     """Study of each series: MRNet exam, DICOM StudyID / StudyInstanceUID, else the parent folder.
 
     A short name (StudyID, folder name) shared by different studies falls back to the long one
     (StudyInstanceUID, folder path in the archive), so two patients' "visit1" never merge.
+    Returns (study ids, long ids); the long ids (``study_key``) let shards be merged the same way.
     """
     keys, short, long = [], {}, {}
     for item in series:
@@ -429,13 +556,14 @@ def _study_ids(series: list[FoundSeries], archive: Path) -> list[str]:
     owners = defaultdict(set)
     for key in set(keys):
         owners[short[key]].add(key)
-    return [short[key] if len(owners[short[key]]) == 1 else long[key] for key in keys]
+    ids = [short[key] if len(owners[short[key]]) == 1 else long[key] for key in keys]
+    return ids, [f"{key[0]}:{long[key]}" for key in keys]
 
 
 def _series_ids(series: list[FoundSeries], studies: list[str]) -> list[str]:
     """``<study>/<plane>`` (+ ``/echoN``); clashes get the file or folder name, then a number."""
     bases = [
-        f"{study}/{item.plane}" + (f"/echo{item.echo_index + 1}" if item.echo_index >= 0 else "")
+        f"{study}/{item.plane}" + (f"/echo{item.echo_rank + 1}" if item.echo_rank >= 0 else "")
         for item, study in zip(series, studies)
     ]
     counts = Counter(bases)
@@ -485,10 +613,10 @@ def _manifest_frame(series, archive: Path, archive_info: dict, metadata: Metadat
     import pandas as pd
 
     series = sorted(series, key=lambda s: (str(s.path), s.series_uid, s.echo_index))
-    studies = _study_ids(series, archive)
+    studies, study_keys = _study_ids(series, archive)
     series_ids = _series_ids(series, studies)
     records = []
-    for item, study, series_id in zip(series, studies, series_ids):
+    for item, study, series_id, study_key in zip(series, studies, series_ids, study_keys):
         row = metadata.rows.get(study)
         patient = (row or {}).get("patient_id") or item.tags.get("patient_id") or study
         if item.mrnet is not None:
@@ -517,6 +645,8 @@ def _manifest_frame(series, archive: Path, archive_info: dict, metadata: Metadat
             "seg_path": item.seg_path,
         }
         record.update(_metadata_fields(item, row, archive_info))
+        record.update(sequence_fields(item.tags, item.echo_time))
+        record["study_key"] = study_key
         for name in metadata.extra_columns:
             if name not in record:
                 record[name] = (row or {}).get(name, "")
@@ -537,8 +667,11 @@ def _manifest_frame(series, archive: Path, archive_info: dict, metadata: Metadat
     frame = pd.DataFrame.from_records(records, columns=columns)
     for column in INT_COLUMNS:
         frame[column] = frame[column].astype("int64")
-    for column in ("echo_time", "field_strength", "age", "height", "weight") + tuple(LABEL_PREFIX + n for n in labels.names):
+    numeric = ("echo_time", "field_strength", "age", "height", "weight") + FLOAT_COLUMNS
+    for column in numeric + tuple(LABEL_PREFIX + n for n in labels.names):
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    for column in TEXT_COLUMNS + ("study_key",):
+        frame[column] = frame[column].fillna("").astype(str)
     plane_rank = frame["plane"].map({plane: rank for rank, plane in enumerate(PLANES)})
     order = frame.assign(_plane=plane_rank).sort_values(["patient_id", "study_id", "_plane", "series_id"], kind="stable").index
     return frame.loc[order].reset_index(drop=True)
@@ -554,7 +687,8 @@ def _slice_normal(affine: np.ndarray) -> np.ndarray:
 def _series_label(series: FoundSeries, archive: Path) -> str:
     label = _rel(series.path, archive)
     if series.format == "dicom":
-        label += f" (series {series.series_uid}" + (f", echo {series.echo_index + 1}" if series.echo_index >= 0 else "") + ")"
+        part = series.dicom.part_label if series.dicom is not None else ""
+        label += f" (series {series.series_uid}" + (f", {part}" if part else "") + ")"
     return label
 
 

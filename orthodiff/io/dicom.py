@@ -2,7 +2,13 @@
 
 A folder may hold several series (grouped by SeriesInstanceUID), and one series may hold several
 echoes or contrasts (a multi-echo T2 map stores 8 echoes under one UID). Each of those becomes
-its own volume: split by EchoTime, else EchoNumbers, else by repeated slice positions.
+its own volume: split by slice orientation first (a three-plane localizer holds three stacks),
+then by EchoTime, else EchoNumbers, else by repeated slice positions. Whether a volume is
+diagnostic (localizer, derived image) is judged by the scan, not here, so a series kept on
+purpose can still be read.
+
+Compressed transfer syntaxes (JPEG, JPEG Lossless, JPEG-LS, JPEG 2000, RLE) are decoded by
+pydicom's pixel handlers through the pylibjpeg plugins and pyjpegls, which are dependencies.
 
 Geometry: voxel axis i runs along the DICOM row cosine (across columns, spacing PixelSpacing[1]),
 j along the column cosine (across rows, PixelSpacing[0]), k across slices, sorted by position
@@ -12,6 +18,7 @@ along the slice normal ``row_cosine x column_cosine``. The affine maps (i, j, k)
 
 from __future__ import annotations
 
+import functools
 import os
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -27,6 +34,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 DICOM_SUFFIXES = ("", ".dcm", ".dicom", ".ima")
 _POSITION_DECIMALS = 3  # slice positions equal to 1 micrometre are the same position
 _SPACING_TOLERANCE = 0.1  # slice steps may differ by 10 % before the series counts as gapped
+_COSINE_TOLERANCE = 2e-3  # direction cosines this close are one orientation (about 0.1 degree)
+_PIXEL_SPACING_TOLERANCE = 1e-3  # mm; PixelSpacing differing by more splits nothing: it is refused
 
 
 @dataclass
@@ -43,7 +52,8 @@ class SliceHeader:
     echo_time: float
     echo_number: int
     instance_number: int
-    is_localizer: bool
+    image_type: tuple  # ImageType values, upper case
+    sop_class: str
     tags: dict = field(default_factory=dict)  # patient / study / site tags for the manifest
     damage: str = ""  # why the pixel data is unusable (truncated), "" when it looks whole
 
@@ -61,15 +71,30 @@ class DicomVolume:
     rows: int
     cols: int
     tags: dict
+    part_index: int = -1  # rank of its slice orientation when the series mixes several, else -1
+    part_count: int = 1  # how many slice orientations the series holds
+    echo_rank: int = -1  # rank among the echoes / contrasts of its orientation, -1 when alone
+    image_type: tuple = ()
+    sop_class: str = ""
 
     @property
     def shape(self) -> tuple:
         return (self.cols, self.rows, len(self.files))
 
     @property
+    def part_label(self) -> str:
+        """"orientation 2 of 3, echo 2" style words naming the volume inside its series."""
+        words = []
+        if self.part_index >= 0:
+            words.append(f"orientation {self.part_index + 1} of {self.part_count}")
+        if self.echo_rank >= 0:
+            words.append(f"echo {self.echo_rank + 1}")
+        return ", ".join(words)
+
+    @property
     def label(self) -> str:
-        echo = f" echo {self.echo_index + 1}" if self.echo_index >= 0 else ""
-        return f"{self.folder} (series {self.series_uid}{echo})"
+        part = f", {self.part_label}" if self.part_label else ""
+        return f"{self.folder} (series {self.series_uid}{part})"
 
 
 def has_dicom_preamble(path: str | Path) -> bool:
@@ -99,8 +124,12 @@ def looks_like_dicom(path: str | Path) -> bool:
     return "SOPClassUID" in dataset or ("Rows" in dataset and "Columns" in dataset)
 
 
-def read_slice_header(path: str | Path) -> SliceHeader | None:
+def read_slice_header(path: str | Path, tagged_series: set | None = None) -> SliceHeader | None:
     """Header of one file, or None for a DICOM object that is not an image (reports, DICOMDIR).
+
+    The manifest's patient, study and sequence tags are read only for the first file of each
+    series when ``tagged_series`` (the series already tagged, updated here) is given: they are
+    the same on every slice, and converting them is most of the cost of a header.
 
     Raises ScanError for a file that cannot be parsed. Pixel data cut short is caught without
     decoding it (the bytes after the header are compared with Rows x Columns x bits) and noted in
@@ -113,34 +142,97 @@ def read_slice_header(path: str | Path) -> SliceHeader | None:
         with open(path, "rb") as handle:
             dataset = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
             pixel_offset = handle.tell()
+    except OSError as exc:
+        raise ScanError(f"{path.name}: {access_problem(exc)}") from exc
     except Exception as exc:
         raise ScanError(f"{path.name}: not a readable DICOM file ({type(exc).__name__}: {exc}); re-export it or remove it") from exc
     if "Rows" not in dataset or "Columns" not in dataset:
         return None
-    if int(dataset.get("NumberOfFrames", 1) or 1) > 1:
+    if int(_float(_text(dataset, "NumberOfFrames"), default=1)) > 1:
         raise ScanError(
             f"{path.name}: enhanced multi-frame DICOM is not supported; convert the series with dcm2niix to NIfTI"
         )
     damage = _pixel_bytes_problem(path, dataset, pixel_offset)
-    missing = [key for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing") if key not in dataset]
+    try:
+        geometry = {key: _numbers(dataset, key) for key in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing")}
+    except ScanError as exc:
+        raise ScanError(f"{path.name}: {exc}") from exc
+    missing = [key for key, values in geometry.items() if values is None]
     if missing:
         raise ScanError(f"{path.name}: DICOM image lacks {', '.join(missing)}; it has no 3D geometry, convert or remove it")
-    image_type = [str(value).upper() for value in (dataset.get("ImageType") or [])]
+    wrong = [key for key, size in (("ImageOrientationPatient", 6), ("ImagePositionPatient", 3), ("PixelSpacing", 2)) if len(geometry[key]) != size]
+    if wrong:
+        raise ScanError(f"{path.name}: {wrong[0]} holds {len(geometry[wrong[0]])} numbers; the geometry is broken, re-export the file")
     return SliceHeader(
         path=path,
-        series_uid=str(dataset.get("SeriesInstanceUID", "") or ""),
-        orientation=tuple(float(value) for value in dataset.ImageOrientationPatient),
-        position=np.asarray([float(value) for value in dataset.ImagePositionPatient]),
-        pixel_spacing=tuple(float(value) for value in dataset.PixelSpacing),
-        rows=int(dataset.Rows),
-        cols=int(dataset.Columns),
-        echo_time=_float(dataset.get("EchoTime")),
-        echo_number=int(_float(dataset.get("EchoNumbers"), default=0)),
-        instance_number=int(_float(dataset.get("InstanceNumber"), default=0)),
-        is_localizer="LOCALIZER" in image_type,
-        tags=_manifest_tags(dataset),
+        series_uid=_text(dataset, "SeriesInstanceUID") or "",
+        orientation=tuple(geometry["ImageOrientationPatient"]),
+        position=np.asarray(geometry["ImagePositionPatient"]),
+        pixel_spacing=tuple(geometry["PixelSpacing"]),
+        rows=_uint(dataset, "Rows"),
+        cols=_uint(dataset, "Columns"),
+        echo_time=_float(_text(dataset, "EchoTime")),
+        echo_number=int(_float((_text(dataset, "EchoNumbers") or "").split("\\")[0], default=0)),
+        instance_number=int(_float(_text(dataset, "InstanceNumber"), default=0)),
+        image_type=tuple(value.strip().upper() for value in (_text(dataset, "ImageType") or "").split("\\") if value.strip()),
+        sop_class=_text(dataset, "SOPClassUID") or "",
+        tags=_series_tags(dataset, tagged_series),
         damage=damage,
     )
+
+
+@functools.lru_cache(maxsize=None)
+def _tag(keyword: str):
+    from pydicom.tag import Tag
+
+    return Tag(keyword)
+
+
+def _text(dataset, keyword: str) -> str | None:
+    """A text-valued element (DS, IS, CS, UI) as stored, values joined by backslashes; None if absent.
+
+    Read from the raw bytes: pydicom's conversion into DSfloat / IS objects is half the cost of a
+    header, and every slice of an archive pays it.
+    """
+    tag = _tag(keyword)
+    if tag not in dataset:
+        return None
+    element = dataset.get_item(tag)
+    value = element.value
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("latin-1").strip(" \x00")
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(item) for item in value)
+    return str(value).strip()
+
+
+def _uint(dataset, keyword: str) -> int:
+    """A US element (Rows, Columns, BitsAllocated ...) from its stored bytes; 0 when absent or empty."""
+    tag = _tag(keyword)
+    if tag not in dataset:
+        return 0
+    element = dataset.get_item(tag)
+    value = element.value
+    if isinstance(value, (bytes, bytearray)):
+        little = getattr(element, "is_little_endian", True)
+        return int.from_bytes(value[:2], "little" if little is not False else "big") if len(value) >= 2 else 0
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _numbers(dataset, keyword: str) -> list[float] | None:
+    """A DS element's numbers; None when absent or empty, ScanError when not numbers."""
+    text = _text(dataset, keyword)
+    if not text:
+        return None
+    try:
+        return [float(value) for value in text.split("\\")]
+    except ValueError as exc:
+        raise ScanError(f"{keyword} {text!r} is not a list of numbers; the file's geometry is broken, re-export it") from exc
 
 
 def _pixel_bytes_problem(path: Path, dataset, pixel_offset: int) -> str:
@@ -150,10 +242,10 @@ def _pixel_bytes_problem(path: Path, dataset, pixel_offset: int) -> str:
     if syntax is not None and syntax.is_compressed:
         return ""  # encapsulated frames have no fixed size; decoding them catches damage
     expected = (
-        int(dataset.Rows)
-        * int(dataset.Columns)
-        * int(dataset.get("SamplesPerPixel", 1) or 1)
-        * int(dataset.get("BitsAllocated", 16) or 16)
+        _uint(dataset, "Rows")
+        * _uint(dataset, "Columns")
+        * (_uint(dataset, "SamplesPerPixel") or 1)
+        * (_uint(dataset, "BitsAllocated") or 16)
         // 8
     )
     implicit = syntax is not None and syntax.is_implicit_VR
@@ -174,6 +266,16 @@ def _float(value, default: float = float("nan")) -> float:
         return default
 
 
+def _series_tags(dataset, tagged_series: set | None) -> dict:
+    if tagged_series is None:
+        return _manifest_tags(dataset)
+    series_uid = _text(dataset, "SeriesInstanceUID") or ""
+    if series_uid in tagged_series:
+        return {}
+    tagged_series.add(series_uid)
+    return _manifest_tags(dataset)
+
+
 def _manifest_tags(dataset) -> dict:
     """Patient, study and acquisition tags the manifest can use (empty strings when absent)."""
 
@@ -192,7 +294,39 @@ def _manifest_tags(dataset) -> dict:
         "field_strength": _float(dataset.get("MagneticFieldStrength")),
         "body_part": text("BodyPartExamined").lower(),
         "series_number": text("SeriesNumber"),
+        # what tells sequences apart (orthodiff.data.sequence turns these into manifest columns)
+        "series_description": text("SeriesDescription"),
+        "protocol_name": text("ProtocolName"),
+        "manufacturer": text("Manufacturer"),
+        "manufacturer_model": text("ManufacturerModelName"),
+        "repetition_time": _float(dataset.get("RepetitionTime")),
+        "inversion_time": _float(dataset.get("InversionTime")),
+        "flip_angle": _float(dataset.get("FlipAngle")),
+        "scanning_sequence": _multi_text(dataset.get("ScanningSequence")),
+        "sequence_variant": _multi_text(dataset.get("SequenceVariant")),
+        "acquisition_type": text("MRAcquisitionType").upper(),
+        "scan_options": _multi_text(dataset.get("ScanOptions")) if "ScanOptions" in dataset else None,
     }
+
+
+def _multi_text(value) -> str:
+    """A multi-valued string tag as DICOM writes it, values joined by backslashes."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(item).strip() for item in value)
+    return str(value).strip()
+
+
+def access_problem(exc: OSError) -> str:
+    """The real reason a file or folder cannot be opened, and what to do, for one errors line."""
+    import errno
+
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied; give the scanning account read access (chmod/chown) or remove it"
+    if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOENT:
+        return "file vanished during the scan (deleted or moved); scan again once the archive is stable"
+    return f"cannot be read ({exc.strerror or type(exc).__name__}); check the disk or network share"
 
 
 def index_dicom_files(paths) -> tuple[list[DicomVolume], list[tuple[Path, str]]]:
@@ -200,13 +334,15 @@ def index_dicom_files(paths) -> tuple[list[DicomVolume], list[tuple[Path, str]]]
 
     A damaged file is reported and removes only the volume it belongs to; a file whose header
     cannot be read at all is reported alone (the volume it belonged to then shows a gap, also
-    reported).
+    reported). A series holding several slice orientations becomes one volume per orientation
+    (``part_index``); slices that disagree only slightly in orientation are refused.
     """
     problems: list[tuple[Path, str]] = []
     by_series: dict[str, list[SliceHeader]] = defaultdict(list)
+    tagged: set = set()
     for path in sorted(Path(p) for p in paths):
         try:
-            header = read_slice_header(path)
+            header = read_slice_header(path, tagged)
         except ScanError as exc:
             problems.append((path, str(exc)))
             continue
@@ -220,21 +356,70 @@ def index_dicom_files(paths) -> tuple[list[DicomVolume], list[tuple[Path, str]]]
     for series_uid in sorted(by_series):
         headers = by_series[series_uid]
         folder = headers[0].path.parent
-        if any(header.is_localizer for header in headers):
-            problems.append((folder, f"{folder.name}: series {series_uid} is a localizer (ImageType LOCALIZER); skipped, nothing to do"))
-            continue
-        groups = _split_volumes(headers)
-        for echo_index, group in enumerate(groups):
-            index = echo_index if len(groups) > 1 else -1
+        series_tags = next((h.tags for h in headers if h.tags), {})
+        for header in headers:
+            header.tags = series_tags
+        parts, refused = _split_orientations(headers)
+        for group in refused:
+            problems.append((folder, f"{folder.name} (series {series_uid}): {len(group)} slice(s) lie at a slightly different "
+                             "orientation from the rest of their plane; the slices disagree in orientation, re-export the series"))
+        ranked = [(part, echo, group) for part, part_headers in enumerate(parts) for echo, group in enumerate(_split_echoes(part_headers))]
+        echoes_per_part = defaultdict(int)
+        for part, _, _ in ranked:
+            echoes_per_part[part] += 1
+        for rank, (part, echo, group) in enumerate(ranked):
+            volume_index = rank if len(ranked) > 1 else -1
+            part_index = part if len(parts) > 1 else -1
+            echo_rank = echo if echoes_per_part[part] > 1 else -1
             try:
-                volumes.append(_volume_from_headers(folder, series_uid, index, group))
+                volume = _volume_from_headers(folder, series_uid, volume_index, group, part_index, len(parts), echo_rank)
             except ScanError as exc:
                 problems.append((folder, str(exc)))
+                continue
+            volumes.append(volume)
     return volumes, problems
 
 
-def _split_volumes(headers: list[SliceHeader]) -> list[list[SliceHeader]]:
-    """Split one series into 3D volumes: by orientation, then echo time / number, then repeats.
+def _split_orientations(headers: list[SliceHeader]) -> tuple[list[list[SliceHeader]], list[list[SliceHeader]]]:
+    """Cluster slices by orientation. Returns (parts, refused).
+
+    Parts are ordered by plane (sagittal, coronal, axial). Two clusters of the same plane are
+    not a localizer's planes but slices that disagree: the smaller ones are refused.
+    """
+    from ..planes import PLANES
+
+    clusters: list[list[SliceHeader]] = []
+    for header in sorted(headers, key=lambda h: (h.instance_number, str(h.path))):
+        for cluster in clusters:
+            if np.max(np.abs(np.subtract(cluster[0].orientation, header.orientation))) <= _COSINE_TOLERANCE:
+                cluster.append(header)
+                break
+        else:
+            clusters.append([header])
+    if len(clusters) == 1:
+        return clusters, []
+    by_plane: dict[str, list[list[SliceHeader]]] = defaultdict(list)
+    for cluster in clusters:
+        by_plane[_plane_of(cluster[0].orientation)].append(cluster)
+    parts, refused = [], []
+    for plane in sorted(by_plane, key=lambda p: PLANES.index(p) if p in PLANES else len(PLANES)):
+        ranked = sorted(by_plane[plane], key=len, reverse=True)
+        parts.append(ranked[0])
+        refused += ranked[1:]
+    return parts, refused
+
+
+def _plane_of(orientation: tuple) -> str:
+    from ..planes import plane_from_normal, slice_normal
+
+    try:
+        return plane_from_normal(slice_normal(orientation[:3], orientation[3:]))
+    except ValueError:
+        return "degenerate"  # refused later with its own reason
+
+
+def _split_echoes(headers: list[SliceHeader]) -> list[list[SliceHeader]]:
+    """Split one orientation of a series into volumes: by echo time / number, then repeats.
 
     Volumes come out ordered by echo time (then echo number, then acquisition order).
     """
@@ -248,35 +433,57 @@ def _split_volumes(headers: list[SliceHeader]) -> list[list[SliceHeader]]:
             echo_key = (0.0, header.echo_number)
         else:
             echo_key = (0.0, 0)
-        orientation_key = tuple(round(value, 3) for value in header.orientation)
-        groups[(echo_key, orientation_key)].append(header)
+        groups[echo_key].append(header)
 
     volumes: list[list[SliceHeader]] = []
-    for key in sorted(groups, key=lambda k: (k[0], k[1])):
+    for key in sorted(groups):
         volumes.extend(_split_repeated_positions(groups[key]))
     return volumes
 
 
 def _split_repeated_positions(headers: list[SliceHeader]) -> list[list[SliceHeader]]:
     """Several contrasts under one echo key repeat each slice position: the n-th repeat in
-    instance order goes to volume n."""
+    instance order goes to volume n. When only a few positions repeat, those are duplicated
+    files, not contrasts: the group stays whole and the volume check names the duplicates."""
     by_position: dict[tuple, list[SliceHeader]] = defaultdict(list)
     for header in sorted(headers, key=lambda h: (h.instance_number, str(h.path))):
-        by_position[tuple(np.round(header.position, _POSITION_DECIMALS))].append(header)
-    repeats = max(len(group) for group in by_position.values())
-    if repeats == 1:
+        by_position[_position_key(header)].append(header)
+    counts = [len(group) for group in by_position.values()]
+    repeats = max(counts)
+    if repeats == 1 or sum(count == repeats for count in counts) * 2 < len(counts):
         return [headers]
     return [[group[n] for group in by_position.values() if len(group) > n] for n in range(repeats)]
 
 
-def _volume_from_headers(folder: Path, series_uid: str, echo_index: int, headers) -> DicomVolume:
+def _position_key(header: SliceHeader) -> tuple:
+    return tuple(np.round(header.position, _POSITION_DECIMALS))
+
+
+def _volume_from_headers(
+    folder: Path, series_uid: str, echo_index: int, headers, part_index: int = -1, part_count: int = 1, echo_rank: int = -1
+) -> DicomVolume:
     first = headers[0]
-    where = f"{folder.name} (series {series_uid}" + (f", echo {echo_index + 1})" if echo_index >= 0 else ")")
+    words = [f"orientation {part_index + 1} of {part_count}"] if part_index >= 0 else []
+    words += [f"echo {echo_rank + 1}"] if echo_rank >= 0 else []
+    where = f"{folder.name} (series {series_uid}" + "".join(f", {word}" for word in words) + ")"
     damaged = [h.path.name for h in headers if h.damage]
     if damaged:
         raise ScanError(f"{where}: skipped because file(s) {', '.join(damaged[:3])} are damaged; re-export the series")
+    duplicates = _duplicated_slices(headers)
+    if duplicates:
+        raise ScanError(
+            f"{where}: duplicated slice, files {' and '.join(duplicates)} share one position and echo; "
+            "remove the extra copy and scan again"
+        )
     if {(h.rows, h.cols) for h in headers} != {(first.rows, first.cols)}:
         raise ScanError(f"{where}: slices differ in matrix size; the series is not one volume, split or remove it")
+    spacings = np.asarray([h.pixel_spacing for h in headers], float)
+    if np.ptp(spacings, axis=0).max() > _PIXEL_SPACING_TOLERANCE:
+        odd = next(h for h in headers if np.abs(np.subtract(h.pixel_spacing, first.pixel_spacing)).max() > _PIXEL_SPACING_TOLERANCE)
+        raise ScanError(
+            f"{where}: slices differ in PixelSpacing ({first.path.name} {_mm(first.pixel_spacing)}, "
+            f"{odd.path.name} {_mm(odd.pixel_spacing)}); the series is not one volume, re-export it"
+        )
     if len(headers) < 3:
         raise ScanError(f"{where}: only {len(headers)} slice(s), a 2D image; a 3D series needs at least 3 slices")
     row_cosine = np.asarray(first.orientation[:3], float)
@@ -320,15 +527,35 @@ def _volume_from_headers(folder: Path, series_uid: str, echo_index: int, headers
         rows=first.rows,
         cols=first.cols,
         tags=dict(first.tags),
+        part_index=part_index,
+        part_count=part_count,
+        echo_rank=echo_rank,
+        image_type=first.image_type,
+        sop_class=first.sop_class,
     )
+
+
+def _duplicated_slices(headers) -> list[str]:
+    """File names of the first slice position that occurs more than once, else []."""
+    by_position: dict[tuple, list[str]] = defaultdict(list)
+    for header in headers:
+        by_position[_position_key(header)].append(header.path.name)
+    repeated = [sorted(names) for names in by_position.values() if len(names) > 1]
+    return min(repeated)[:2] if repeated else []
+
+
+def _mm(values) -> str:
+    return "x".join(f"{float(value):g}" for value in values) + " mm"
 
 
 def dicom_files_in(folder: str | Path) -> list[Path]:
     """The DICOM files directly inside ``folder`` (not in subfolders)."""
     folder = Path(folder)
-    return sorted(
-        entry for entry in folder.iterdir() if entry.is_file() and not entry.name.startswith(".") and looks_like_dicom(entry)
-    )
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise ScanError(f"{folder}: {access_problem(exc)}") from exc
+    return [entry for entry in entries if entry.is_file() and not entry.name.startswith(".") and looks_like_dicom(entry)]
 
 
 def index_dicom_folder(folder: str | Path) -> tuple[list[DicomVolume], list[tuple[Path, str]]]:
@@ -342,13 +569,19 @@ def read_dicom_volume(volume: DicomVolume, dtype=np.float32) -> Volume:
 
     slices = []
     for path in volume.files:
+        dataset = None
         try:
             dataset = pydicom.dcmread(str(path), force=True)
-            pixels = dataset.pixel_array.astype(np.float32)
+            pixels = _native_pixels(dataset)
+            pixels = (dataset.pixel_array if pixels is None else pixels).astype(np.float32)
+        except OSError as exc:
+            raise ScanError(f"{path}: {access_problem(exc)}") from exc
         except Exception as exc:
+            syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+            what = f" ({syntax.name})" if syntax is not None and syntax.is_compressed else ""
             raise ScanError(
-                f"{path}: DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc}); "
-                "the file is damaged or needs a decoder (pip install pylibjpeg)"
+                f"{path}: DICOM pixel data{what} cannot be decoded ({type(exc).__name__}: {exc}); "
+                "the file is damaged, re-export it (decoders: pip install -e . installs pylibjpeg and pyjpegls)"
             ) from exc
         slope = _float(dataset.get("RescaleSlope"), default=1.0)
         intercept = _float(dataset.get("RescaleIntercept"), default=0.0)
@@ -358,6 +591,30 @@ def read_dicom_volume(volume: DicomVolume, dtype=np.float32) -> Volume:
     array = np.stack(slices, axis=-1).astype(dtype, copy=False)
     meta = {"series_uid": volume.series_uid, "echo_index": volume.echo_index, "echo_time": volume.echo_time}
     return Volume(array=array, affine=volume.affine.copy(), meta=meta)
+
+
+def _native_pixels(dataset) -> np.ndarray | None:
+    """The (rows, cols) pixels of an uncompressed single-sample slice, straight from its bytes.
+
+    pydicom's general pixel path costs milliseconds per file whatever the image size; an archive
+    of millions of small slices pays that many times. Anything unusual (compressed, several
+    samples or frames, BitsStored below BitsAllocated) returns None and takes pydicom's path.
+    """
+    meta = getattr(dataset, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax is None or syntax.is_compressed or syntax.is_deflated:
+        return None
+    rows, cols, bits = _uint(dataset, "Rows"), _uint(dataset, "Columns"), _uint(dataset, "BitsAllocated")
+    if (_uint(dataset, "SamplesPerPixel") or 1) != 1 or bits not in (8, 16, 32) or _uint(dataset, "BitsStored") != bits:
+        return None
+    if int(_float(_text(dataset, "NumberOfFrames"), default=1)) > 1 or _tag("PixelData") not in dataset:
+        return None
+    data = dataset.get_item(_tag("PixelData")).value
+    if not isinstance(data, (bytes, bytearray)) or len(data) < rows * cols * bits // 8:
+        return None
+    kind = "i" if _uint(dataset, "PixelRepresentation") == 1 else "u"
+    dtype = np.dtype(f"{kind}{bits // 8}").newbyteorder("<" if syntax.is_little_endian else ">")
+    return np.frombuffer(data, dtype=dtype, count=rows * cols).reshape(rows, cols)
 
 
 def read_dicom_series(folder: str | Path, series_uid: str | None = None, echo_index: int | None = None) -> Volume:

@@ -52,8 +52,26 @@ def read_volume(path: str | Path, dtype=np.float32) -> Volume:
     except ScanError:
         raise
     except Exception as exc:  # the readers raise many types for a broken file
-        raise ScanError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); the file is corrupt or truncated") from exc
+        raise ScanError(f"{path}: {_unreadable(path, exc, 'cannot be read')}") from exc
     return volume
+
+
+def _unreadable(path: Path, exc: Exception, what: str) -> str:
+    """The real reason a reader failed: no permission, a vanished file, else damage."""
+    from .dicom import access_problem
+
+    if isinstance(exc, OSError) and not isinstance(exc, EOFError):
+        problem = exc
+    else:
+        problem = None  # SimpleITK and nibabel wrap I/O errors: open the file to tell them apart
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+        except OSError as error:
+            problem = error
+    if problem is not None and (isinstance(problem, (PermissionError, FileNotFoundError)) or problem.errno is not None):
+        return access_problem(problem)
+    return f"{what} ({type(exc).__name__}: {exc}); the file is corrupt or truncated"
 
 
 def _read_nifti(path: Path, dtype) -> Volume:
@@ -107,7 +125,7 @@ def read_volume_header(path: str | Path) -> VolumeHeader:
     except ScanError:
         raise
     except Exception as exc:
-        raise ScanError(f"{path}: header cannot be read ({type(exc).__name__}: {exc}); the file is corrupt or truncated") from exc
+        raise ScanError(f"{path}: {_unreadable(path, exc, 'header cannot be read')}") from exc
     return header
 
 

@@ -1,0 +1,40 @@
+"""Running independent tasks on every core: checked worker counts and an ordered process map."""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import OrthodiffError
+
+
+def resolve_workers(workers: int | None, option: str = "--workers") -> int:
+    """None means every core; a count must be a positive whole number (one line otherwise)."""
+    if workers is None:
+        return os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise OrthodiffError(f"{option} {workers!r}: must be a positive number of processes; omit it to use every core")
+    return workers
+
+
+def process_map(function, tasks: list, workers: int, chunksize: int = 4):
+    """``[function(task) for task in tasks]`` on ``workers`` processes, results in task order.
+
+    Forked workers (spawned where fork is missing) each run one thread; one task or one worker
+    runs in this process.
+    """
+    workers = min(workers, len(tasks))
+    if workers <= 1:
+        return [function(task) for task in tasks]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    context = multiprocessing.get_context(method)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread) as pool:
+        return list(pool.map(function, tasks, chunksize=max(1, min(chunksize, len(tasks) // (workers * 4) or 1))))
+
+
+def _one_thread() -> None:
+    """Numerical libraries use one thread per worker; the pool supplies the parallelism."""
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[name] = "1"
