@@ -19,7 +19,7 @@ from .anatomy import JOINT_CLASSES, JOINTS
 from .population import StudySpec, sample_population
 
 FORMATS = ("nifti", "dicom")
-_ARCHIVE_FILES = ("archive.json", "labels.csv", "metadata.csv")
+_ARCHIVE_FILES = ("archive.json", "labels.csv", "metadata.csv", "preview.png")
 
 
 @dataclass

@@ -197,12 +197,13 @@ def _wrap_in_soft_tissue(tissues, labels, x, y, z, ids, lm) -> None:
     tissues[deep] = ids["muscle"]
 
     Z = z[None, None, :]
-    joint = (Z > -28) & (Z < top_patella + 4)
+    bend = 0.015 * dx * dx  # rounded, not boxed, compartments
+    joint = (Z > -28 + bend) & (Z < top_patella + 4 - bend)
     front = dy > 0
     tissues[deep & joint & front] = ids["fat"]
     hoffa = deep & front & (Z > -14) & (Z < lm["patella_inferior"][2] + 6) & (np.abs(dx) < 24)
     tissues[hoffa] = ids["fat_pad"]
-    popliteal = deep & ~front & (Z > -30) & (Z < 55) & (np.abs(dx) < 13) & (dy > -(yc - ymin)[None, None, :] - 22)
+    popliteal = deep & ~front & ((dx / 15.0) ** 2 + ((Z - 12.0) / 42.0) ** 2 < 1) & (dy > -(yc - ymin)[None, None, :] - 24)
     tissues[popliteal] = ids["fat"]
     # Prefemoral fat: a thin layer on the front of the femur above the trochlea.
     pre = deep & front & (Z > top_patella - 15) & (Z < top_patella + 45) & (Y < lm["femur_anterior_above_patella"][1] + 7)
