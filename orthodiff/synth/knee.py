@@ -40,6 +40,7 @@ class KneeAtlas:
     landmarks: dict              # name -> (3,) template-frame point (mm)
     femur_lut: np.ndarray        # bool per tissue id: belongs to the femur group
     tibia_lut: np.ndarray
+    fat: int                     # tissue id of fat
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,29 @@ def _landmarks(labels: np.ndarray, origin: np.ndarray, spacing: float) -> dict:
     # Flexion axis: through the centres of the posterior condyles' curvature (about 20 mm in).
     post = (lm["lateral_condyle_posterior"] + lm["medial_condyle_posterior"]) / 2
     lm["flexion_centre"] = np.array([0.0, post[1] + 20.0, (lm["lateral_condyle"][2] + lm["medial_condyle"][2]) / 2 + 20.0])
-    notch_x = (lm["lateral_condyle"][0] + lm["medial_condyle"][0]) / 2
-    lm["notch"] = np.array([notch_x, post[1] + 12, lm["flexion_centre"][2]])
-    # Cruciates: ACL from the lateral wall of the notch (posterior, high) to the anterior
-    # intercondylar area; PCL from the medial wall (anterior) to the back of the tibia, below the plateau.
-    lm["acl_femur"] = np.array([notch_x + 7, post[1] + 8, lm["flexion_centre"][2] - 2])
-    lm["acl_tibia"] = np.array([notch_x - 2, 10.0, 0.0])
-    lm["pcl_femur"] = np.array([notch_x - 6, post[1] + 26, lm["flexion_centre"][2] - 4])
+    # The notch: its walls where it is open behind the condyles, its roof (Blumensaat's line) along it.
+    femoral = (labels == 5) | (labels == 1)
+    axes = [origin[a] + spacing * np.arange(labels.shape[a]) for a in range(3)]
+
+    def at(axis, value):
+        return int(np.argmin(np.abs(axes[axis] - value)))
+
+    open_x = axes[0][~femoral[:, at(1, -5.0), at(2, 20.0)] & (np.abs(axes[0]) < 20)]
+    wall_medial, wall_lateral = float(open_x.min()), float(open_x.max())
+    notch_x = (wall_medial + wall_lateral) / 2
+
+    def roof(y):
+        column = axes[2][femoral[at(0, notch_x), at(1, y), :]]
+        return float(column[column > 5].min())
+
+    lm["notch"] = np.array([notch_x, 4.0, roof(4.0)])
+    # Cruciates: the ACL from the back of the lateral wall, high, to the anterior intercondylar area;
+    # the PCL from the front of the medial wall, under the roof, bowing back and down to the back of
+    # the tibia below the plateau.
+    lm["acl_femur"] = np.array([wall_lateral - 2, -8.0, roof(4.0) - 4])
+    lm["acl_tibia"] = np.array([notch_x, 14.0, 0.0])
+    lm["pcl_femur"] = np.array([wall_medial + 2, 8.0, roof(8.0) - 3])
+    lm["pcl_bend"] = np.array([wall_medial + 3, -8.0, 12.0])
     rear = tibia[np.abs(tibia[:, 2] + 8) < 2]
     lm["pcl_tibia"] = np.array([notch_x, rear[:, 1].min() + 2, -9.0])
     for name, side, z in (("mcl_tibia", -1, -45.0), ("tibia_lateral", 1, -20.0)):
@@ -147,7 +164,7 @@ def knee_atlas() -> KneeAtlas:
     femur_lut, tibia_lut = np.zeros(n, bool), np.zeros(n, bool)
     femur_lut[[ids[t] for t in FEMUR_GROUP]] = True
     tibia_lut[[ids[t] for t in TIBIA_GROUP]] = True
-    return KneeAtlas(tissues, origin, spacing, landmarks, femur_lut, tibia_lut)
+    return KneeAtlas(tissues, origin, spacing, landmarks, femur_lut, tibia_lut, ids["fat"])
 
 
 def _wrap_in_soft_tissue(tissues, labels, x, y, z, ids, lm) -> None:
@@ -253,35 +270,45 @@ def paint_knee(canvas: Canvas, pose: KneePose) -> dict:
     import torch.nn.functional as F
 
     atlas = knee_atlas()
-    # Where each voxel comes from, for both bones, on a grid 4x coarser: the map is smooth (affine
-    # plus a low-frequency warp), so trilinear upsampling of coordinates loses nothing visible.
+    # Where each voxel comes from (femur's transform, in atlas voxels), on a grid 4x coarser: the
+    # map is smooth (affine plus a low-frequency warp), so trilinear upsampling loses nothing visible.
     coarse = [np.linspace(axis[0], axis[-1], max(2, (len(axis) + 3) // 4 + 1)) for axis in canvas.axes]
     p = np.stack(np.meshgrid(*coarse, indexing="ij"), -1)
     q = p / pose.scale + np.stack([_warp(pose, a, p[..., 0], p[..., 1], p[..., 2]) for a in range(3)], -1)
     centre = atlas.landmarks["flexion_centre"]
-    qt = (q - centre) @ pose.tibia_rotation() + centre  # row vectors: R^T (q - c) + c
-    # Soft tissue: the femur's above a plane through the joint line that bisects the flexion angle.
+    # Soft tissue follows the femur well above the joint line and the tibia well below it, and a
+    # blend of the two across a 40 mm band around the plane that bisects the flexion angle: muscle
+    # and fat bend with the knee instead of breaking at a seam.
     bisector = rotation("x", -pose.flexion_deg / 2) @ np.array([0.0, 0.0, 1.0])
-    side = (q - centre) @ bisector + centre[2]
-    index = [(points - atlas.origin) / atlas.spacing for points in (q, qt)]  # atlas voxel units
-    channels = np.concatenate([index[0], index[1], side[..., None]], -1)
+    weight = np.clip(0.5 + ((q - centre) @ bisector + centre[2]) / 40.0, 0.0, 1.0)
+    channels = np.concatenate([(q - atlas.origin) / atlas.spacing, weight[..., None]], -1)
     field = torch.from_numpy(np.ascontiguousarray(np.moveaxis(channels, -1, 0)[None], dtype=np.float32))
     field = F.interpolate(field, size=canvas.shape, mode="trilinear", align_corners=True)[0].numpy()
+    femur_index, weight = list(field[:3]), field[3]
+    # The tibia's source is an affine function of the femur's: R^T (q - c) + c, in atlas voxels.
+    turn = pose.tibia_rotation().T.astype(np.float32)
+    c = ((centre - atlas.origin) / atlas.spacing).astype(np.float32)
+    rel = [femur_index[a] - c[a] for a in range(3)]
+    tibia_index = [turn[a, 0] * rel[0] + turn[a, 1] * rel[1] + turn[a, 2] * rel[2] + c[a] for a in range(3)]
+    del rel
+    soft_index = [t + weight * (f - t) for f, t in zip(femur_index, tibia_index)]
     shape = atlas.tissues.shape
     flat_atlas = atlas.tissues.ravel()
 
-    def nearest(first: int) -> np.ndarray:  # nearest atlas voxel, clamped to its border
+    def nearest(index) -> np.ndarray:  # nearest atlas voxel, clamped to its border
         flat = np.zeros(canvas.shape, np.int32)
         for axis in range(3):
-            coord = field[first + axis]
+            coord = index[axis]
             np.clip(coord, 0, shape[axis] - 1, out=coord)
+            coord += 0.5
             flat *= shape[axis]
-            flat += (coord + 0.5).astype(np.int32)
+            flat += coord.astype(np.int32)
         return flat_atlas[flat]
 
-    from_femur, from_tibia = nearest(0), nearest(3)
-    above = field[6] > 0
-    labels = np.where(above, from_femur, from_tibia)
+    labels = nearest(soft_index)
+    from_femur, from_tibia = nearest(femur_index), nearest(tibia_index)
+    # Bones and cartilage come only from their own bone's transform; the blend's copies become fat.
+    labels = np.where(atlas.femur_lut[labels] | atlas.tibia_lut[labels], np.uint8(atlas.fat), labels)
     labels = np.where(atlas.tibia_lut[from_tibia], from_tibia, labels)
     labels = np.where(atlas.femur_lut[from_femur], from_femur, labels)
     canvas.labels[...] = labels
@@ -302,7 +329,9 @@ def _draw_soft_structures(canvas: Canvas, pose: KneePose, atlas: KneeAtlas) -> d
 
     soft = ("air", "fat", "muscle", "fluid", "edema", "fat_pad")
     acl = Capsule(tuple(at("acl_femur", "femur")), tuple(at("acl_tibia", "tibia")), 3.5 * s, (1.0, 1.6, 1.0))
-    pcl = Capsule(tuple(at("pcl_femur", "femur")), tuple(at("pcl_tibia", "tibia")), 4.5 * s)
+    bend = at("pcl_bend", "femur")
+    pcl_top = Capsule(tuple(at("pcl_femur", "femur")), tuple(bend), 4.0 * s)
+    pcl = Capsule(tuple(bend), tuple(at("pcl_tibia", "tibia")), 4.0 * s)  # the part a tear is drawn on
     mcl = Capsule(tuple(at("medial_epicondyle", "femur", (-1.5, 0, 0))), tuple(at("mcl_tibia", "tibia", (-1.5, 0, 0))),
                   1.5 * s, (1.0, 5.0, 1.0))
     lcl = Capsule(tuple(at("lateral_epicondyle", "femur", (1.0, -4, -2))), tuple(at("fibular_head", "tibia", (1.0, 0, 0))), 2.3 * s)
@@ -311,7 +340,7 @@ def _draw_soft_structures(canvas: Canvas, pose: KneePose, atlas: KneeAtlas) -> d
     quad_top = lm["patella_superior"] + np.array([0.0, -8.0, 45.0])
     quadriceps = Capsule(tuple(at("patella_superior", "femur", (0, 0, -3))), tuple(to_subject(pose, quad_top, "femur", atlas)),
                          2.6 * s, (6.0, 1.0, 1.0))
-    for name, shape in (("acl", acl), ("pcl", pcl), ("mcl", mcl), ("lcl", lcl), ("patellar_tendon", patellar),
+    for name, shape in (("acl", acl), ("pcl", pcl_top), ("pcl", pcl), ("mcl", mcl), ("lcl", lcl), ("patellar_tendon", patellar),
                         ("quadriceps_tendon", quadriceps)):
         canvas.paint(shape, name, only=soft)
     # A thin film of normal joint fluid in the suprapatellar recess.
