@@ -322,3 +322,16 @@ def test_lesions_move_with_the_anatomy():
         centres.append(changed.mean(0))
     spread = np.ptp(np.array(centres), axis=0)
     assert spread[:2].max() > 3.0, spread  # in-plane pixels
+
+
+def test_preview_shows_each_label_and_belongs_to_the_archive(tmp_path):
+    from orthodiff.plotting import pyplot
+    from orthodiff.synth.preview import write_preview
+
+    synthesize_archive(tmp_path / "arc", studies=1, seed=0, **SMALL)
+    path = write_preview(tmp_path / "arc" / "preview.png", joint="knee", seed=0, subjects=1, matrix=48)
+    picture = pyplot().imread(path)
+    rows = 1 + len(JOINT_LABELS["knee"])  # one normal row, then one per label
+    assert picture.shape[0] > 2.5 * picture.shape[1] and picture.shape[0] / picture.shape[1] > rows / 3 * 0.8
+    synthesize_archive(tmp_path / "arc", studies=1, seed=1, **SMALL)  # a rerun replaces it, as part of the archive
+    assert not (tmp_path / "arc" / "preview.png").exists()

@@ -32,7 +32,7 @@ def write_preview(path, joint: str = "knee", seed: int = 0, subjects: int = 3, m
                      rendered[which]))
 
     plt = pyplot()
-    fig, axes = plt.subplots(len(rows), len(PLANES), figsize=(3.0 * len(PLANES), 3.0 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), len(PLANES), figsize=(2.3 * len(PLANES), 2.4 * len(rows)), squeeze=False)
     for r, (title, series, reference) in enumerate(rows):
         for c, plane in enumerate(PLANES):
             ax = axes[r, c]
@@ -46,6 +46,6 @@ def write_preview(path, joint: str = "knee", seed: int = 0, subjects: int = 3, m
                 k = int(np.argmax(change)) if change.max() > 0 else k
             shown = _display(image, k)
             ax.imshow(shown, cmap="gray", vmin=0, vmax=float(np.percentile(image, 99.5)) or 1.0, interpolation="nearest")
-            ax.set_title(f"{title}\n{plane} slice {k + 1}/{image.shape[2]}", fontsize=7)
+            ax.set_title(f"{title}\n{plane} slice {k + 1}/{image.shape[2]}", fontsize=6)
     fig.tight_layout()
     return save_png(fig, Path(path))
