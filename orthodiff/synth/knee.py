@@ -315,11 +315,6 @@ def paint_knee(canvas: Canvas, pose: KneePose) -> dict:
     return _draw_soft_structures(canvas, pose, atlas)
 
 
-def _axes(canvas: Canvas):
-    x, y, z = canvas.axes
-    return x[:, None, None], y[None, :, None], z[None, None, :]
-
-
 def _draw_soft_structures(canvas: Canvas, pose: KneePose, atlas: KneeAtlas) -> dict:
     lm = atlas.landmarks
     s = float(np.mean(pose.scale))
@@ -355,22 +350,21 @@ def _draw_soft_structures(canvas: Canvas, pose: KneePose, atlas: KneeAtlas) -> d
         landmarks[name] = at(name, "femur")
     for name in ("lateral_plateau", "medial_plateau", "lateral_plateau_posterior", "medial_plateau_posterior"):
         landmarks[name] = at(name, "tibia")
-    landmarks["menisci"] = {name: _meniscus(canvas, pose, name, atlas) for name in ("medial_meniscus", "lateral_meniscus")}
+    landmarks["menisci"] = {name: _meniscus(pose, name, atlas) for name in ("medial_meniscus", "lateral_meniscus")}
     return landmarks
 
 
 @lru_cache(maxsize=4)
-def _meniscus_extent(name: str) -> tuple:
-    atlas = knee_atlas()
+def _meniscus_extent(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and half-extent of one meniscus in the atlas (mm)."""
     from .anatomy import tissue_table
 
+    atlas = knee_atlas()
     pts = _points(atlas.tissues == tissue_table("knee").ids[name], atlas.origin, atlas.spacing)
-    centre = (pts.min(0) + pts.max(0)) / 2
-    radii = (pts.max(0) - pts.min(0)) / 2
-    return centre, radii, float(pts[:, 2].min())
+    return (pts.min(0) + pts.max(0)) / 2, (pts.max(0) - pts.min(0)) / 2
 
 
-def _meniscus(canvas, pose, name, atlas) -> tuple:
+def _meniscus(pose: KneePose, name: str, atlas: KneeAtlas) -> tuple:
     """A meniscus' centre (subject frame), its in-plane radii (mm) and the tibia's rotation."""
-    centre, radii, _ = _meniscus_extent(name)
+    centre, radii = _meniscus_extent(name)
     return to_subject(pose, centre, "tibia", atlas), radii[:2] * np.mean(pose.scale), pose.tibia_rotation()
