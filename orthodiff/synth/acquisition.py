@@ -31,14 +31,16 @@ _PLANE_AXES = {
 # Medians of hand-placed regions on its middle slices: muscle 1060-1340, femoral cartilage about
 # 3000, so muscle/cartilage is about 0.4-0.5 (here 0.27/0.50); the menisci and cruciates are near the
 # noise floor; the air's Rayleigh mean 290 gives sigma 231, about 0.03 of the brightest tissue
-# (7260, the 99.9th percentile), which sets the 3 T noise below (0.028-0.036 of fluid).
+# (7260, the 99.9th percentile) at its 0.625 x 0.625 x 3 mm voxels (1.2 mm3). Noise relative to
+# signal falls with voxel volume: at these sites' 4-8 mm3 voxels it would be 0.005-0.009; fat
+# suppression and accelerated acquisition give some back, hence 0.010-0.014 of fluid at 3 T.
 _BASE_INTENSITY = {
     "air": 0.0, "fat": 0.15, "muscle": 0.27, "cortex": 0.02, "marrow": 0.16, "marrow_edema": 0.55,
     "cartilage": 0.50, "fibrocartilage": 0.035, "ligament": 0.04, "tendon": 0.03, "injured": 0.42,
     "fluid": 0.95, "edema": 0.62, "skin": 0.30,
 }
 # Relative texture amplitude per kind: trabecular marrow, muscle fibres, fat septa.
-_TEXTURE = {"marrow": 0.45, "marrow_edema": 0.25, "muscle": 0.15, "fat": 0.3, "cartilage": 0.08, "injured": 0.2,
+_TEXTURE = {"marrow": 0.25, "marrow_edema": 0.25, "muscle": 0.15, "fat": 0.3, "cartilage": 0.08, "injured": 0.2,
             "edema": 0.15}
 
 
@@ -66,11 +68,11 @@ class SiteProfile:
 
 SITES = (
     SiteProfile("Northgate University Hospital", 0.45, 0.8, 150.0, 1.0, 1.0, 3.0, 0.3, (20, 24),
-                {"fat": 0.13, "cartilage": 0.52}, 30.0, 1800.0, 0.028, 0.30, 0.05, 0.05),
+                {"fat": 0.13, "cartilage": 0.52}, 30.0, 1800.0, 0.012, 0.30, 0.05, 0.05),
     SiteProfile("Riverside Orthopaedic Clinic", 0.30, 0.2, 160.0, 0.875, 0.875, 4.0, 0.4, (16, 20),
-                {"fat": 0.18, "fluid": 0.85, "cartilage": 0.45, "muscle": 0.30, "marrow": 0.19}, 38.0, 1000.0, 0.036, 0.45, 0.12, 0.10),
+                {"fat": 0.18, "fluid": 0.85, "cartilage": 0.45, "muscle": 0.30, "marrow": 0.19}, 38.0, 1000.0, 0.010, 0.45, 0.12, 0.10),
     SiteProfile("Lakeside Imaging Centre", 0.25, 0.5, 140.0, 1.0, 1.0, 3.5, 0.0, (18, 22),
-                {"fat": 0.15, "fluid": 1.0, "cartilage": 0.55, "marrow": 0.17}, 25.0, 2500.0, 0.032, 0.35, 0.08, 0.08),
+                {"fat": 0.15, "fluid": 1.0, "cartilage": 0.55, "marrow": 0.17}, 25.0, 2500.0, 0.014, 0.35, 0.08, 0.08),
 )
 SITE_BY_NAME = {site.name: site for site in SITES}
 # 1.5 T has roughly half the signal-to-noise ratio of 3 T.
