@@ -1,7 +1,6 @@
 """The synthetic archive generator: layout, geometry, determinism, labels and what labels do."""
 
 import copy
-from pathlib import Path
 import subprocess
 import sys
 
@@ -219,15 +218,10 @@ def test_cli_reports_a_bad_joint_on_one_line():
 
 
 # ------------------------------------------------------------------ knees from the real template
-SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
-KNEE_NRRD = SHARED / "knee_labelmap" / "SAG_3D_DESS_RIGHT_bones_cart_men_fib-label.nrrd"
-
-
-@pytest.mark.skipif(not KNEE_NRRD.exists(), reason="../shared/data (the real knee label map) is not on this machine")
-def test_shipped_knee_template_regenerates_from_the_real_label_map(tmp_path):
+def test_shipped_knee_template_regenerates_from_the_real_label_map(tmp_path, knee_labelmap_path):
     from orthodiff.synth.template import TEMPLATE_PATH, build_template, load_template, save_template
 
-    rebuilt = load_template(save_template(build_template(KNEE_NRRD), tmp_path / "knee_template.npz"))
+    rebuilt = load_template(save_template(build_template(knee_labelmap_path), tmp_path / "knee_template.npz"))
     shipped = load_template(TEMPLATE_PATH)
     assert TEMPLATE_PATH.stat().st_size < 400_000
     assert np.array_equal(rebuilt.labels, shipped.labels)
