@@ -50,6 +50,7 @@ def synth(
     format: str = typer.Option("nifti", "--format", help="nifti or dicom."),
     matrix: int = typer.Option(128, help="In-plane matrix of the largest site (32 to 1024)."),
     workers: Optional[int] = typer.Option(None, help="Parallel processes (default: every core)."),
+    preview: bool = typer.Option(False, "--preview", help="Also write OUT/preview.png: three planes of a few subjects, with and without each label."),
 ):
     """Write a synthetic archive: three planes per study, segmentations, labels and metadata."""
     workers = _workers(workers)
@@ -57,6 +58,10 @@ def synth(
 
     summary = synthesize_archive(out, joint=joint, studies=studies, seed=seed, fmt=format, matrix=matrix, workers=workers)
     typer.echo(summary.describe())
+    if preview:
+        from .synth.preview import write_preview
+
+        typer.echo(f"Preview: {write_preview(out / 'preview.png', joint=joint, seed=seed, matrix=matrix)}")
 
 
 @app.command()

@@ -215,3 +215,117 @@ def test_cli_reports_a_bad_joint_on_one_line():
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "elbow" in lines[0]
+
+
+# ------------------------------------------------------------------ knees from the real template
+def test_shipped_knee_template_regenerates_from_the_real_label_map(tmp_path, knee_labelmap_path):
+    from orthodiff.synth.template import TEMPLATE_PATH, build_template, load_template, save_template
+
+    rebuilt = load_template(save_template(build_template(knee_labelmap_path), tmp_path / "knee_template.npz"))
+    shipped = load_template(TEMPLATE_PATH)
+    assert TEMPLATE_PATH.stat().st_size < 400_000
+    assert np.array_equal(rebuilt.labels, shipped.labels)
+    np.testing.assert_array_equal(rebuilt.origin, shipped.origin)
+    assert set(np.unique(shipped.labels).tolist()) == set(range(11))
+
+
+def test_every_knee_structure_is_present():
+    anatomy = subject_anatomy(_spec_without_labels(), matrix=64)
+    for tissue in ("femur", "femur_cortex", "tibia", "patella", "fibula", "femoral_cartilage", "tibial_cartilage",
+                   "patellar_cartilage", "medial_meniscus", "lateral_meniscus", "acl", "pcl", "mcl", "lcl",
+                   "patellar_tendon", "quadriceps_tendon", "fat_pad", "fat", "muscle", "skin", "fluid"):
+        assert anatomy.canvas.count(tissue) > 0, tissue
+
+
+def test_pd_fat_suppressed_ordering_of_tissue_intensities():
+    from orthodiff.synth.acquisition import SITES, _sample_grid, tissue_intensities
+
+    anatomy = subject_anatomy(_spec_without_labels(), matrix=48)
+    kinds = [anatomy.table.kinds[i] for i in range(len(anatomy.table.names))]
+    for site in SITES:
+        value = dict(zip(kinds, tissue_intensities(anatomy, site)[0]))
+        assert value["fluid"] == max(value.values())
+        assert value["cortex"] < value["fat"] < value["muscle"] < value["cartilage"] < value["fluid"]
+        assert value["fat"] <= value["marrow"] < value["muscle"]  # fatty marrow is dark with fat suppression
+        assert max(value["fibrocartilage"], value["ligament"], value["tendon"]) < value["fat"]
+    # And in a rendered series: fluid (an effusion) > muscle > suppressed fat, per voxel tissue.
+    import torch
+    import torch.nn.functional as F
+    from dataclasses import replace
+
+    from orthodiff.synth.acquisition import SITE_BY_NAME, sample_pose
+    from orthodiff.synth.study import render_study
+
+    spec = replace(_spec_without_labels().with_labels(joint_effusion=1), field_strength=3.0)
+    series = render_study(spec, 64)["sagittal"]
+    anatomy = subject_anatomy(spec, 64)
+    rng = np.random.default_rng(spec.study_seed)
+    pose = sample_pose(rng, spec.side, "knee")
+    grid = _sample_grid(anatomy, pose, series.geometry)
+    tissue = F.grid_sample(torch.from_numpy(anatomy.canvas.labels.astype(np.float32))[None, None], grid, mode="nearest",
+                           align_corners=True)[0, 0].permute(2, 1, 0).numpy().astype(int)
+    ids = anatomy.canvas.ids
+    median = {name: np.median(series.image[tissue == ids[name]]) for name in ("fluid", "muscle", "fat")}
+    assert median["fluid"] > 2 * median["muscle"] and median["muscle"] > median["fat"], median
+    assert SITE_BY_NAME[spec.site] is not None
+
+
+def test_documented_ranges_of_pose_size_and_field_of_view():
+    from orthodiff.synth import acquisition
+    from orthodiff.synth.knee import sample_knee_pose
+
+    rng = np.random.default_rng(0)
+    poses = [sample_knee_pose(rng, rng, 1.0) for _ in range(400)]
+    flexion = np.array([p.flexion_deg for p in poses])
+    tibial = np.array([p.tibial_rotation_deg for p in poses])
+    shape = np.array([p.scale for p in poses])
+    assert flexion.min() >= 0 and flexion.max() <= 30 and flexion.std() > 6
+    assert np.abs(tibial).max() <= 8 and tibial.std() > 3
+    assert shape.min() >= 0.92 and shape.max() <= 1.08
+    sizes = [(s.height / 172.0) ** 0.8 for s in sample_population("knee", 400, seed=1)]
+    assert 0.85 <= min(sizes) and max(sizes) <= 1.16 and np.ptp(sizes) > 0.15
+
+    site = acquisition.SITES[0]
+    turns, misses, fovs = [], [], []
+    for side in (1, -1) * 100:
+        pose = acquisition.sample_pose(rng, side, "knee")
+        turns.append(np.degrees(np.arctan2(pose.matrix[1, 0] * side, pose.matrix[0, 0] * side)))
+        g = acquisition.sample_geometry("sagittal", "knee", site, pose, 128, rng)
+        centre = g.origin + (g.cols - 1) / 2 * g.pixel_mm * g.row_dir + (g.rows - 1) / 2 * g.pixel_mm * g.col_dir \
+            + (g.slices - 1) / 2 * g.spacing_mm * g.normal
+        miss = centre - pose.matrix @ np.asarray(acquisition.JOINT_CENTRE["knee"]) - pose.offset
+        misses.append([miss @ g.row_dir, miss @ g.col_dir, miss @ g.normal])
+        fovs.append(g.pixel_mm * g.rows / site.fov_mm)
+    misses = np.abs(np.array(misses))
+    lo, hi = acquisition.KNEE_LEG_ROTATION_DEG
+    assert lo - 6 <= min(turns) and max(turns) <= hi + 6 and np.ptp(turns) > 15
+    assert misses[:, :2].max() <= acquisition.KNEE_CENTRING_MM + 1e-6 and misses[:, :2].max() > 10
+    assert misses[:, 2].max() <= acquisition.KNEE_SLAB_SHIFT_MM + 1e-6
+    assert 0.9 - 1e-6 <= min(fovs) and max(fovs) <= 1.1 + 1e-6
+
+
+def test_lesions_move_with_the_anatomy():
+    """The same label lands on different voxels in different subjects (as it would in real exams)."""
+    centres = []
+    for spec in sample_population("knee", 5, seed=2):
+        normal = spec.with_labels(**{name: 0 for name in spec.labels})
+        before = render_study(normal, 48)["sagittal"].image.astype(float)
+        after = render_study(normal.with_labels(acl_tear=1), 48)["sagittal"].image.astype(float)
+        changed = np.argwhere(np.abs(after - before) > 0)
+        assert len(changed) > 0
+        centres.append(changed.mean(0))
+    spread = np.ptp(np.array(centres), axis=0)
+    assert spread[:2].max() > 3.0, spread  # in-plane pixels
+
+
+def test_preview_shows_each_label_and_belongs_to_the_archive(tmp_path):
+    from orthodiff.plotting import pyplot
+    from orthodiff.synth.preview import write_preview
+
+    synthesize_archive(tmp_path / "arc", studies=1, seed=0, **SMALL)
+    path = write_preview(tmp_path / "arc" / "preview.png", joint="knee", seed=0, subjects=1, matrix=48)
+    picture = pyplot().imread(path)
+    rows = 1 + len(JOINT_LABELS["knee"])  # one normal row, then one per label
+    assert picture.shape[0] > 2.5 * picture.shape[1] and picture.shape[0] / picture.shape[1] > rows / 3 * 0.8
+    synthesize_archive(tmp_path / "arc", studies=1, seed=1, **SMALL)  # a rerun replaces it, as part of the archive
+    assert not (tmp_path / "arc" / "preview.png").exists()

@@ -47,12 +47,20 @@ def _bone_bruise(anatomy: Anatomy, bone: str, centre, radii) -> None:
 
 
 # --------------------------------------------------------------------------------------------- knee
+# Knee landmarks are points in the subject's frame, carried there by their own bone (knee.py), so
+# each edit follows that subject's size, shape, flexion and rotation. Offsets into the tibia are
+# turned with it.
+def _in_tibia(anatomy, point, offset):
+    return np.asarray(point) + anatomy.landmarks["tibia_rotation"] @ np.asarray(offset, float)
+
+
 def _acl_tear(anatomy, rng):
     lm, s = anatomy.landmarks, anatomy.landmarks["scale"]
     _ligament_gap(anatomy, rng, lm["acl"], "acl")
-    if rng.random() < 0.7:  # the pivot-shift bruises of the lateral femoral condyle and tibia
-        _bone_bruise(anatomy, "femur", (20 * s, -2 * s, 6 * s), (9 * s, 10 * s, 6 * s))
-        _bone_bruise(anatomy, "tibia", (22 * s, -20 * s, lm["plateau"] - 6 * s), (9 * s, 8 * s, 6 * s))
+    if rng.random() < 0.7:  # the pivot-shift bruises of the lateral femoral condyle and posterolateral tibia
+        _bone_bruise(anatomy, "femur", lm["lateral_condyle"] + [0, 4 * s, 9 * s], (9 * s, 10 * s, 6 * s))
+        _bone_bruise(anatomy, "tibia", _in_tibia(anatomy, lm["lateral_plateau_posterior"], (0, 4 * s, -8 * s)),
+                     (9 * s, 8 * s, 6 * s))
 
 
 def _pcl_tear(anatomy, rng):
@@ -61,11 +69,12 @@ def _pcl_tear(anatomy, rng):
 
 def _meniscal_tear(name: str) -> Edit:
     def edit(anatomy, rng):
-        (cx, cy, z0), (rx, ry) = anatomy.landmarks["menisci"][name]
+        centre, (rx, ry), turn = anatomy.landmarks["menisci"][name]
         horn = -1 if rng.random() < 0.75 else 1  # most tears are in the posterior horn
-        centre = (cx + rng.uniform(-4, 4), cy + horn * ry * 0.8, z0 + rng.uniform(1.5, 2.5))
+        offset = (rng.uniform(-4, 4), horn * ry * 0.75, rng.uniform(-0.6, 0.6))
         tilt = rotation("x", rng.uniform(-25, 25))
-        anatomy.canvas.paint(Box(centre, (rx * 0.7, ry * 0.22, 0.9), tilt), "fluid", only=(name,))
+        anatomy.canvas.paint(Box(tuple(centre + turn @ np.asarray(offset)), (rx * 0.6, ry * 0.25, 0.9), tilt @ turn.T),
+                             "fluid", only=(name,))
     return edit
 
 
@@ -79,26 +88,30 @@ def _lcl_injury(anatomy, rng):
 
 def _cartilage_defect(anatomy, rng):
     lm, s = anatomy.landmarks, anatomy.landmarks["scale"]
-    canvas, t = anatomy.canvas, lm["cartilage_mm"]
+    canvas = anatomy.canvas
     site = rng.integers(3)
     if site < 2:  # weight-bearing femoral condyle (medial or lateral)
-        side = -1 if site == 0 else 1
-        centre = np.array([side * 20 * s + rng.uniform(-4, 4), rng.uniform(-12, 4) * s, 3.0 - t / 2])
+        surface = lm["medial_condyle_cartilage" if site == 0 else "lateral_condyle_cartilage"]
+        centre = surface + [rng.uniform(-4, 4), rng.uniform(-6, 4), 1.0]
         canvas.paint(Ellipsoid(tuple(centre), (5 * s, 6 * s, 4 * s)), "fluid", only=("femoral_cartilage",))
-        _bone_bruise(anatomy, "femur", centre + [0, 0, 6 * s], (6 * s, 7 * s, 4 * s))
+        _bone_bruise(anatomy, "femur", centre + [0, 0, 7 * s], (6 * s, 7 * s, 4 * s))
     else:  # patellar facet
-        centre = np.asarray(lm["patella"]) + [rng.uniform(-8, 8) * s, -9 * s - t / 2, rng.uniform(-5, 5) * s]
+        centre = lm["patellar_cartilage"] + [rng.uniform(-7, 7) * s, -1.0, rng.uniform(-5, 5) * s]
         canvas.paint(Ellipsoid(tuple(centre), (6 * s, 4 * s, 6 * s)), "fluid", only=("patellar_cartilage",))
-        _bone_bruise(anatomy, "patella", centre + [0, 6 * s, 0], (6 * s, 4 * s, 6 * s))
+        _bone_bruise(anatomy, "patella", centre + [0, 7 * s, 0], (6 * s, 4 * s, 6 * s))
 
 
 def _joint_effusion(anatomy, rng):
-    s, canvas = anatomy.landmarks["scale"], anatomy.canvas
+    lm, s, canvas = anatomy.landmarks, anatomy.landmarks["scale"], anatomy.canvas
     grade = rng.uniform(0.7, 1.3)
-    canvas.paint(Ellipsoid((0, 25 * s, 46 * s), (24 * s, 6 * s * grade, 20 * s * grade)), "fluid", only=SOFT_ONLY)
-    for side in (-1, 1):  # side recesses and posterior recess (axial and sagittal)
-        canvas.paint(Ellipsoid((side * 33 * s, 10 * s, 24 * s), (4 * s * grade, 16 * s, 14 * s)), "fluid", only=SOFT_ONLY)
-        canvas.paint(Ellipsoid((side * 18 * s, -37 * s, 14 * s), (8 * s, 4 * s * grade, 8 * s)), "fluid", only=SOFT_ONLY)
+    # The suprapatellar pouch, between the quadriceps tendon and the prefemoral fat (sagittal).
+    canvas.paint(Ellipsoid(tuple(lm["pouch"] + [0, 4 * s, 6 * s]), (22 * s, 6 * s * grade, 20 * s * grade)), "fluid", only=SOFT_ONLY)
+    for side in ("lateral", "medial"):  # the side recesses (axial) and the posterior recesses (sagittal)
+        sign = 1 if side == "lateral" else -1
+        canvas.paint(Ellipsoid(tuple(lm[f"{side}_epicondyle"] + [sign * 5 * s, 12 * s, -4 * s]), (4 * s * grade, 16 * s, 14 * s)),
+                     "fluid", only=SOFT_ONLY)
+        canvas.paint(Ellipsoid(tuple(lm[f"{side}_condyle_posterior"] + [0, -5 * s, 4 * s]), (8 * s, 4 * s * grade, 9 * s)),
+                     "fluid", only=SOFT_ONLY)
 
 
 # -------------------------------------------------------------------------------------------- ankle

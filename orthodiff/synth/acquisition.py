@@ -24,14 +24,23 @@ _PLANE_AXES = {
     "axial": ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0)),     # rows run to patient left, columns posterior
 }
 
-# Proton-density fat-suppressed-like intensities per tissue kind (fluid bright, fat dark).
+# Proton-density fat-suppressed-like intensities per tissue kind, relative to fluid: fluid brightest,
+# suppressed fat and fatty marrow dark, cortex and fibrous tissue (menisci, ligaments, tendons)
+# darkest, cartilage intermediate-bright, muscle between. Reference: the real 3 T multi-echo series
+# in ../shared/data/knee_mese_t2_dicom (GE, first echo TE 6.3 ms, PD-weighted, no fat suppression).
+# Medians of hand-placed regions on its middle slices: muscle 1060-1340, femoral cartilage about
+# 3000, so muscle/cartilage is about 0.4-0.5 (here 0.27/0.50); the menisci and cruciates are near the
+# noise floor; the air's Rayleigh mean 290 gives sigma 231, about 0.03 of the brightest tissue
+# (7260, the 99.9th percentile) at its 0.625 x 0.625 x 3 mm voxels (1.2 mm3). Noise relative to
+# signal falls with voxel volume: at these sites' 4-8 mm3 voxels it would be 0.005-0.009; fat
+# suppression and accelerated acquisition give some back, hence 0.010-0.014 of fluid at 3 T.
 _BASE_INTENSITY = {
-    "air": 0.0, "fat": 0.12, "muscle": 0.28, "cortex": 0.03, "marrow": 0.13, "marrow_edema": 0.55,
-    "cartilage": 0.45, "fibrocartilage": 0.06, "ligament": 0.08, "tendon": 0.05, "injured": 0.42,
-    "fluid": 0.95, "edema": 0.62,
+    "air": 0.0, "fat": 0.15, "muscle": 0.27, "cortex": 0.02, "marrow": 0.16, "marrow_edema": 0.55,
+    "cartilage": 0.50, "fibrocartilage": 0.035, "ligament": 0.04, "tendon": 0.03, "injured": 0.42,
+    "fluid": 0.95, "edema": 0.62, "skin": 0.30,
 }
 # Relative texture amplitude per kind: trabecular marrow, muscle fibres, fat septa.
-_TEXTURE = {"marrow": 0.45, "marrow_edema": 0.25, "muscle": 0.15, "fat": 0.3, "cartilage": 0.08, "injured": 0.2,
+_TEXTURE = {"marrow": 0.25, "marrow_edema": 0.25, "muscle": 0.15, "fat": 0.3, "cartilage": 0.08, "injured": 0.2,
             "edema": 0.15}
 
 
@@ -59,17 +68,17 @@ class SiteProfile:
 
 SITES = (
     SiteProfile("Northgate University Hospital", 0.45, 0.8, 150.0, 1.0, 1.0, 3.0, 0.3, (20, 24),
-                {"fat": 0.10, "cartilage": 0.48}, 30.0, 1800.0, 0.028, 0.30, 0.05, 0.05),
+                {"fat": 0.13, "cartilage": 0.52}, 30.0, 1800.0, 0.012, 0.30, 0.05, 0.05),
     SiteProfile("Riverside Orthopaedic Clinic", 0.30, 0.2, 160.0, 0.875, 0.875, 4.0, 0.4, (16, 20),
-                {"fat": 0.19, "fluid": 0.85, "cartilage": 0.40, "muscle": 0.32}, 38.0, 1000.0, 0.036, 0.45, 0.12, 0.10),
+                {"fat": 0.18, "fluid": 0.85, "cartilage": 0.45, "muscle": 0.30, "marrow": 0.19}, 38.0, 1000.0, 0.010, 0.45, 0.12, 0.10),
     SiteProfile("Lakeside Imaging Centre", 0.25, 0.5, 140.0, 1.0, 1.0, 3.5, 0.0, (18, 22),
-                {"fat": 0.14, "fluid": 1.0, "cartilage": 0.52, "marrow": 0.16}, 25.0, 2500.0, 0.032, 0.35, 0.08, 0.08),
+                {"fat": 0.15, "fluid": 1.0, "cartilage": 0.55, "marrow": 0.17}, 25.0, 2500.0, 0.014, 0.35, 0.08, 0.08),
 )
 SITE_BY_NAME = {site.name: site for site in SITES}
 # 1.5 T has roughly half the signal-to-noise ratio of 3 T.
 NOISE_FACTOR = {3.0: 1.0, 1.5: 1.8}
 # Where each joint's slab is centred, in the anatomical frame (mm), and its field-of-view factor.
-JOINT_CENTRE = {"knee": (0.0, -2.0, 5.0), "ankle": (0.0, 2.0, -16.0), "shoulder": (-8.0, 0.0, 4.0)}
+JOINT_CENTRE = {"knee": (0.0, 12.0, 8.0), "ankle": (0.0, 2.0, -16.0), "shoulder": (-8.0, 0.0, 4.0)}
 JOINT_FOV = {"knee": 1.0, "ankle": 1.0, "shoulder": 1.12}
 
 
@@ -121,10 +130,26 @@ def _rotation(rng: np.random.Generator, degrees: tuple[float, float, float]) -> 
     return rotation("z", az) @ rotation("y", ay) @ rotation("x", ax)
 
 
-def sample_pose(rng: np.random.Generator, side: int) -> Pose:
+# How far a knee is turned in the coil about its long axis (degrees, + = external rotation of the
+# leg, which patients fall into when the foot is not strapped), and how far the field of view's
+# centre misses the joint centre (mm; in plane, and across the slab, which then leaves part of one
+# compartment out). README "Synthetic archives" gives the reasons.
+KNEE_LEG_ROTATION_DEG = (-10.0, 15.0)
+KNEE_CENTRING_MM = 15.0
+KNEE_SLAB_SHIFT_MM = 8.0
+KNEE_FOV_FACTOR = (0.9, 1.1)
+
+
+def sample_pose(rng: np.random.Generator, side: int, joint: str = "knee") -> Pose:
     """Patient position; side +1 is a right limb, whose lateral side (anatomical +x) is RAS +x."""
+    from .shapes import rotation
+
     mirror = np.diag([float(side), 1.0, 1.0])
-    return Pose(_rotation(rng, (5.0, 3.0, 6.0)) @ mirror, rng.normal(0.0, 4.0, 3))
+    if joint != "knee":
+        return Pose(_rotation(rng, (5.0, 3.0, 6.0)) @ mirror, rng.normal(0.0, 4.0, 3))
+    # The leg's rotation is anatomical (external is lateral-ward for either side), so turn before mirroring.
+    leg = rotation("z", -rng.uniform(*KNEE_LEG_ROTATION_DEG))
+    return Pose(_rotation(rng, (5.0, 3.0, 0.0)) @ mirror @ leg, rng.normal(0.0, 4.0, 3))
 
 
 def sample_geometry(plane: str, joint: str, site: SiteProfile, pose: Pose, matrix: int,
@@ -135,10 +160,16 @@ def sample_geometry(plane: str, joint: str, site: SiteProfile, pose: Pose, matri
     normal = np.cross(row_dir, col_dir)
     rows = max(16, round(matrix * site.matrix_scale / 16.0) * 16)
     cols = max(16, round(rows * site.col_ratio / 16.0) * 16)
-    pixel = site.fov_mm * JOINT_FOV[joint] * rng.uniform(0.95, 1.05) / rows
+    fov_factor = rng.uniform(*KNEE_FOV_FACTOR) if joint == "knee" else rng.uniform(0.95, 1.05)
+    pixel = site.fov_mm * JOINT_FOV[joint] * fov_factor / rows
     slices = int(rng.integers(site.slices[0], site.slices[1] + 1))
     spacing = site.slice_mm + site.gap_mm
-    centre = pose.matrix @ np.asarray(JOINT_CENTRE[joint]) + pose.offset + rng.normal(0.0, 3.0, 3)
+    if joint == "knee":  # the technologist's centring: off in plane, and across the slab
+        miss = (rng.uniform(-KNEE_CENTRING_MM, KNEE_CENTRING_MM, 2) @ np.stack([row_dir, col_dir])
+                + rng.uniform(-KNEE_SLAB_SHIFT_MM, KNEE_SLAB_SHIFT_MM) * normal)
+    else:
+        miss = rng.normal(0.0, 3.0, 3)
+    centre = pose.matrix @ np.asarray(JOINT_CENTRE[joint]) + pose.offset + miss
     origin = centre - ((cols - 1) / 2 * pixel * row_dir + (rows - 1) / 2 * pixel * col_dir + (slices - 1) / 2 * spacing * normal)
     return SeriesGeometry(plane, row_dir, col_dir, normal, pixel, site.slice_mm, spacing, cols, rows, slices, origin)
 

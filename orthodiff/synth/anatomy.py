@@ -1,6 +1,7 @@
-"""Procedural 3D anatomy of the knee, ankle and shoulder as tissue-label volumes.
+"""3D anatomy of the knee, ankle and shoulder as tissue-label volumes.
 
-Each joint is drawn from a few dozen primitives in an anatomical frame (mm; x lateral,
+The knee comes from a real segmentation (``template.py``, ``knee.py``). The ankle and shoulder are
+each drawn from a few dozen primitives in an anatomical frame (mm; x lateral,
 y anterior, z superior, origin at the joint centre), scaled by the subject's size and jittered per
 subject. A *tissue* is what the renderer gives an intensity (femur marrow, femur cortex, femur
 bone bruise ...); each tissue maps to one *segmentation class* (all three femur tissues are class
@@ -27,7 +28,7 @@ from .shapes import Box, Canvas, Capsule, Ellipsoid, ZCylinder, rotation
 
 # Tissue kinds: what the renderer knows about a tissue (intensity and texture per site).
 KINDS = ("air", "fat", "muscle", "cortex", "marrow", "marrow_edema", "cartilage", "fibrocartilage",
-         "ligament", "tendon", "injured", "fluid", "edema")
+         "ligament", "tendon", "injured", "fluid", "edema", "skin")
 SOFT = ("air", "fat", "muscle", "fluid", "edema")  # what bones, cartilage and ligaments may overwrite
 
 JOINT_CLASSES = {
@@ -54,7 +55,8 @@ _OTHER = {
              ("lateral_meniscus", "fibrocartilage", "lateral_meniscus"),
              ("acl", "ligament", "cruciate_ligaments"), ("pcl", "ligament", "cruciate_ligaments"),
              ("mcl", "ligament", "background"), ("lcl", "ligament", "background"),
-             ("patellar_tendon", "tendon", "background"), ("quadriceps_tendon", "tendon", "background")],
+             ("patellar_tendon", "tendon", "background"), ("quadriceps_tendon", "tendon", "background"),
+             ("skin", "skin", "background"), ("fat_pad", "fat", "background")],
     "ankle": [("talar_cartilage", "cartilage", "talar_cartilage"),
               ("tibial_cartilage", "cartilage", "tibial_cartilage"),
               ("atfl", "ligament", "atfl"), ("cfl", "ligament", "cfl"),
@@ -107,6 +109,7 @@ class Subject:
     scale: float
     cartilage_mm: float
     rng: np.random.Generator
+    knee_pose: object = None  # knee.KneePose: the template's deformation, flexion and rotation
 
     def j(self, spread: float = 0.05) -> float:
         """A per-subject multiplicative jitter around 1."""
@@ -144,81 +147,13 @@ def _cyl(x: float, y: float, rx: float, ry: float, z0: float = -400.0, z1: float
 
 # --------------------------------------------------------------------------------------------- knee
 def _knee(canvas: Canvas, sub: Subject) -> dict:
-    s, j, t = sub.scale, sub.j, sub.cartilage_mm
-    limb = 60 * s * j()
-    canvas.paint(_cyl(0, -5 * s, limb, limb * 0.85), "fat")
-    canvas.paint(_cyl(0, -5 * s, 51 * s, 43 * s, z0=48 * s), "muscle", only=("fat",))
-    canvas.paint(_cyl(0, -20 * s, 44 * s, 33 * s, z1=-42 * s), "muscle", only=("fat",))
+    """The real template's bones, cartilage and menisci, deformed and posed (see ``knee.py``)."""
+    from .knee import paint_knee, sample_knee_pose
 
-    cz = 3 + 19 * s
-    condyle_w = 15 * s * j()
-    femur = (_cyl(0, -4 * s, 14 * s * j(), 14 * s, z0=30 * s)
-             | Ellipsoid((0, -6 * s, 32 * s), (34 * s * j(), 24 * s * j(), 26 * s))
-             | Ellipsoid((-20 * s, -8 * s, cz), (condyle_w, 27 * s * j(), 19 * s))
-             | Ellipsoid((20 * s, -8 * s, cz), (condyle_w, 26 * s * j(), 19 * s))
-             | Ellipsoid((0, 12 * s, 24 * s), (30 * s, 12 * s, 16 * s)))
-    femur = femur - Box((0, -20 * s, 10 * s), (7 * s, 16 * s, 9 * s)) - Capsule((0, 26 * s, 8 * s), (0, 26 * s, 45 * s), 6 * s)
-
-    def articular(x, y, z):  # condyles and trochlea, not the notch or the epicondyles
-        in_notch = (np.abs(x) < 8 * s) & (y < -2 * s)
-        return (z < 38 * s) & (np.abs(x) < 31 * s) & ~in_notch
-
-    _bone(canvas, femur, "femur", cartilage=[("femoral_cartilage", t, articular)])
-
-    plateau = -3 * s
-    tibia = ((Ellipsoid((0, -3 * s, -20 * s), (38 * s * j(), 27 * s * j(), 30 * s)) - Box((0, 0, plateau + 50), (100, 100, 50)))
-             | _cyl(0, -1 * s, 15 * s * j(), 15 * s, z1=-30 * s)
-             | Ellipsoid((0, 20 * s, -35 * s), (10 * s, 8 * s, 12 * s))
-             | Ellipsoid((5 * s, -3 * s, plateau), (3 * s, 6 * s, 4 * s))
-             | Ellipsoid((-5 * s, -3 * s, plateau), (3 * s, 6 * s, 4 * s)))
-    _bone(canvas, tibia, "tibia",
-          cartilage=[("tibial_cartilage", t * 0.9, lambda x, y, z: (z > plateau - 1) & (np.abs(x) > 8 * s))])
-
-    patella_c = np.array([0, 36 * s, 22 * s])
-    patella = Ellipsoid(tuple(patella_c), (21 * s * j(), 9 * s, 19 * s * j()))
-    _bone(canvas, patella, "patella", cartilage=[("patellar_cartilage", t * 1.1, lambda x, y, z: y < patella_c[1] - 3 * s)])
-    fibula = Ellipsoid((38 * s, -22 * s, -22 * s), (9 * s, 9 * s, 9 * s)) | Capsule((38 * s, -22 * s, -22 * s), (33 * s, -19 * s, -300), 6 * s)
-    _bone(canvas, fibula, "fibula")
-
-    canvas.paint(Capsule((0, 40 * s, 4 * s), (0, 24 * s, -34 * s), 3 * s, (3.0, 1.0, 1.0)), "patellar_tendon", only=SOFT)
-    canvas.paint(Capsule((0, 40 * s, 40 * s), (0, 30 * s, 90 * s), 3 * s, (4.0, 1.0, 1.0)), "quadriceps_tendon", only=SOFT)
-
-    menisci = {}
-    for name, side, gap in (("medial_meniscus", -1, 40.0), ("lateral_meniscus", 1, 22.0)):
-        centre = (side * 19 * s, -3 * s, plateau + 0.5 * t)
-        radii = (15 * s * j(0.03), 22 * s * j(0.03))
-        canvas.paint_mask(_meniscus_bbox(centre, radii, 6 * s), _meniscus_mask(centre, radii, 6 * s * j(), side, gap),
-                          name, only=SOFT)
-        menisci[name] = (centre, radii)
-
-    acl = Capsule((9 * s, -20 * s, 17 * s), (-3 * s, 9 * s, plateau), 3.5 * s * j())
-    pcl = Capsule((-8 * s, -2 * s, 15 * s), (-1 * s, -30 * s, -10 * s), 4.5 * s * j())
-    mcl = Capsule((-40 * s, -6 * s, 26 * s), (-24 * s, -6 * s, -48 * s), 1.4 * s, (1.0, 6.0, 1.0))
-    lcl = Capsule((38 * s, -10 * s, 24 * s), (44 * s, -22 * s, -16 * s), 2.2 * s)
-    for name, lig in (("acl", acl), ("pcl", pcl), ("mcl", mcl), ("lcl", lcl)):
-        canvas.paint(lig, name, only=SOFT)
-    # A thin normal fluid film in the suprapatellar recess.
-    canvas.paint(Ellipsoid((0, 24 * s, 48 * s), (20 * s, 1.5 * s, 12 * s)), "fluid", only=("fat", "muscle"))
-    return {"scale": s, "cartilage_mm": t, "plateau": plateau, "condyle_z": cz, "acl": acl, "pcl": pcl, "mcl": mcl,
-            "lcl": lcl, "menisci": menisci, "patella": patella_c}
-
-
-def _meniscus_bbox(centre, radii, height):
-    c = np.asarray(centre, float)
-    return np.stack([c - [radii[0], radii[1], 0], c + [radii[0], radii[1], height]])
-
-
-def _meniscus_mask(centre, radii, height, side, gap_degrees, inner=0.55):
-    """A C-shaped wedge: tall at the rim, thin towards the centre, open towards the notch."""
-    cx, cy, z0 = centre
-
-    def mask(x, y, z):
-        rho = np.sqrt(((x - cx) / radii[0]) ** 2 + ((y - cy) / radii[1]) ** 2)
-        top = z0 + height * (rho - inner) / (1 - inner)
-        angle = np.degrees(np.arctan2(y - cy, -side * (x - cx)))  # 0 deg points to the notch
-        return (rho >= inner) & (rho <= 1.0) & (z >= z0) & (z <= top) & (np.abs(angle) > gap_degrees / 2)
-
-    return mask
+    pose = sub.knee_pose or sample_knee_pose(sub.rng, sub.rng, sub.scale)
+    landmarks = paint_knee(canvas, pose)
+    landmarks["cartilage_mm"] = sub.cartilage_mm
+    return landmarks
 
 
 # -------------------------------------------------------------------------------------------- ankle

@@ -19,7 +19,7 @@ from .anatomy import JOINT_CLASSES, JOINTS
 from .population import StudySpec, sample_population
 
 FORMATS = ("nifti", "dicom")
-_ARCHIVE_FILES = ("archive.json", "labels.csv", "metadata.csv")
+_ARCHIVE_FILES = ("archive.json", "labels.csv", "metadata.csv", "preview.png")
 
 
 @dataclass
@@ -154,6 +154,11 @@ def _run(specs, out, fmt, matrix, seed, n_workers, progress):
         import torchio  # noqa: F401
 
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        if specs[0].joint == "knee" and method == "fork":  # forked workers inherit the built knee atlas
+            from .knee import knee_atlas
+
+            knee_atlas()
+
         with ProcessPoolExecutor(n_workers, mp_context=multiprocessing.get_context(method),
                                  initializer=_init_worker, initargs=(str(out), fmt, matrix, seed)) as pool:
             for result in pool.map(_synthesize_one, specs, chunksize=4):

@@ -19,11 +19,12 @@ from .acquisition import (
     signal_volume,
 )
 from .anatomy import Anatomy, Subject, build_anatomy
+from .knee import sample_knee_pose
 from .population import StudySpec
 
 # Fine grid per joint at the default matrix: (voxels per axis, mm per voxel), finer than the
 # in-plane pixels (~1.1 mm at matrix 128).
-FINE_GRID = {"knee": (128, 1.2), "ankle": (128, 1.2), "shoulder": (128, 1.35)}
+FINE_GRID = {"knee": (114, 1.35), "ankle": (128, 1.2), "shoulder": (128, 1.35)}
 
 
 def fine_grid(joint: str, matrix: int) -> tuple[int, float]:
@@ -49,7 +50,10 @@ def subject_anatomy(spec: StudySpec, matrix: int = 128) -> Anatomy:
     scale = (spec.height / 172.0) ** 0.8 * float(np.clip(rng.normal(1.0, 0.03), 0.92, 1.08))
     cartilage = float(np.clip(2.8 - 0.015 * (spec.age - 40), 1.8, 3.3))
     size, spacing = fine_grid(spec.joint, matrix)
-    anatomy = build_anatomy(spec.joint, Subject(scale, cartilage, rng), (size, size, size), spacing)
+    subject = Subject(scale, cartilage, rng)
+    if spec.joint == "knee":  # shape from the patient, flexion and rotation from this exam
+        subject.knee_pose = sample_knee_pose(rng, np.random.default_rng([*spec.study_seed, 11]), scale)
+    anatomy = build_anatomy(spec.joint, subject, (size, size, size), spacing)
     apply_abnormalities(anatomy, spec.labels, spec.study_seed)
     return anatomy
 
@@ -59,7 +63,7 @@ def render_study(spec: StudySpec, matrix: int = 128) -> dict[str, RenderedSeries
     anatomy = subject_anatomy(spec, matrix)
     site = SITE_BY_NAME[spec.site]
     rng = np.random.default_rng(spec.study_seed)
-    pose = sample_pose(rng, spec.side)
+    pose = sample_pose(rng, spec.side, spec.joint)
     signal = signal_volume(anatomy, site, rng)
     classes = class_volume(anatomy)
     series = {}
