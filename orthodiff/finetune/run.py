@@ -19,6 +19,7 @@ from ..errors import OrthodiffError
 from ..fileio import read_json, write_json, write_table
 from ..planes import PLANES
 from .scoring import MetricsLog, auroc_scores, patient_level
+from .steps import run_summary
 from .studies import load_run_studies, resolve_labels, run_patients
 
 TASKS = ("classify", "segment")
@@ -72,6 +73,8 @@ def run_finetune(cfg) -> FinetuneResult:
         raise OrthodiffError("finetune.mode=grid is for classify; segment with probe, partial or full")
     if int(ft.epochs) < 1:
         raise OrthodiffError(f"finetune.epochs={ft.epochs}: must be at least 1")
+    if ft.task == "segment" and ft.segmenter not in ("decoder", "pixel"):
+        raise OrthodiffError(f"finetune.segmenter={ft.segmenter!r}: use decoder or pixel")
     start = time.perf_counter()
     _seed_everything(int(cfg.seed))
     out = Path(ft.output_dir)
@@ -163,7 +166,7 @@ def _classify(cfg, cache, patients, info, out: Path, metrics_log):
         )
         head = model.head
         info["features"] = {"block": cfg.features.blocks[0], "timestep": str(int(cfg.features.timesteps[0]))}
-        info["best_epoch"] = summary["best_epoch"]
+        info.update(run_summary(summary))
         _save_denoisers(model.backbone.denoisers, out)
     _save_head(head, out, info)
     frame = _prediction_columns(frame, labels)
@@ -200,9 +203,15 @@ def _segment(cfg, cache, patients, info, out: Path, metrics_log):
     if not train_rows["seg"].fillna("").astype(str).str.len().gt(0).any():
         raise OrthodiffError(f"{cache.root}: no training series has a segmentation; segment needs <plane>_seg files")
     model, summary = train_segmenter(cfg, denoisers, datasets, len(classes), metrics_log)
-    info["features"] = {"blocks": list(model.backbone.extractors[planes[0]].blocks),
-                        "timestep": str(int(cfg.features.timesteps[0]))}
-    info["best_epoch"] = summary["best_epoch"]
+    if cfg.finetune.segmenter == "pixel":
+        info["features"] = {"segmenter": "pixel", **summary["pixel"]["chosen"]}
+        info["pixel"] = summary["pixel"]
+    else:
+        info["features"] = {"blocks": list(model.backbone.extractors[planes[0]].blocks),
+                            "timestep": str(int(cfg.features.timesteps[0]))}
+    info["segmenter"] = cfg.finetune.segmenter
+    info["class_weights"] = summary["class_weights"]
+    info.update(run_summary(summary))
     _save_denoisers(model.backbone.denoisers, out)
     _save_head(model.head, out, info)
 
