@@ -191,8 +191,7 @@ def _prediction_columns(frame, labels):
 # ------------------------------------------------------------------------------- segment
 def _segment(cfg, cache, patients, info, out: Path, metrics_log):
     from ..features.backbones import build_denoisers
-    from ..features.store import study_series
-    from .endtoend import mean_dice, predict_segmenter, train_segmenter
+    from .endtoend import train_segmenter
 
     classes = resolve_classes(cfg, cache)
     info["classes"] = classes
@@ -215,11 +214,21 @@ def _segment(cfg, cache, patients, info, out: Path, metrics_log):
     _save_denoisers(model.backbone.denoisers, out)
     _save_head(model.head, out, info)
 
+    metrics, warnings = write_segmentations(cfg, cache, model, datasets, len(classes), out)
+    return info, metrics, warnings
+
+
+def write_segmentations(cfg, cache, model, datasets: dict, num_classes: int, out: Path) -> tuple[dict, list]:
+    """Predict val and test with ``model`` and write the segmentation run-directory contract
+    (``segmentations/index.csv`` and uint8 .npy masks); returns (metrics, warnings)."""
+    from ..features.store import study_series
+    from .endtoend import mean_dice, predict_segmenter
+
     series_of = {(r.study_id, r.plane): r.series_id for r in study_series(cache.index).itertuples()}
     rows, metrics = [], {}
     for split in ("val", "test"):
         results = predict_segmenter(model, datasets[split], cfg, next(model.parameters()).device)
-        metrics[split] = {"mean_dice": mean_dice(results, len(classes)), "series": len(results)}
+        metrics[split] = {"mean_dice": mean_dice(results, num_classes), "series": len(results)}
         for result in results:
             series_id = series_of[(result["study_id"], result["plane"])]
             stem = f"segmentations/{split}/{_safe(series_id)}"
@@ -243,7 +252,7 @@ def _segment(cfg, cache, patients, info, out: Path, metrics_log):
     write_table(out / "segmentations" / "index.csv", pd.DataFrame(rows, columns=columns))
     warnings = [f"no {split} study has a segmentation: Dice undefined" for split in ("val", "test")
                 if metrics[split]["mean_dice"] is None]
-    return info, metrics, warnings
+    return metrics, warnings
 
 
 def resolve_classes(cfg, cache) -> list[str]:
