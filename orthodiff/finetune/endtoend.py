@@ -330,7 +330,8 @@ def _train_pixel(cfg, denoisers, datasets: dict, num_classes: int, log, loss_fn)
     tried, best = [], None
     for index, (cell_blocks, cell_timesteps) in enumerate(cells):
         # every cell starts from the same weights; a trained denoiser is the cell's own copy
-        own = denoisers if ft.mode == "probe" or len(cells) == 1 else {p: copy.deepcopy(d) for p, d in denoisers.items()}
+        shared = ft.mode == "probe" or len(cells) == 1
+        own = denoisers if shared else {p: copy.deepcopy(d) for p, d in denoisers.items()}
         torch.manual_seed(int(cfg.seed))
         backbone = Backbone(own, list(cell_timesteps), cell_blocks, cfg.seed, ft.mode)
         channels = {p: {pixel_key(b, t): d.feature_channels(b) for t in cell_timesteps for b in cell_blocks}
@@ -341,8 +342,8 @@ def _train_pixel(cfg, denoisers, datasets: dict, num_classes: int, log, loss_fn)
                                         _CellLog(log, index), loss_fn)
         record = {"blocks": cell_blocks, "timesteps": cell_timesteps, **summary}
         tried.append(record)
-        score = summary["val_mean_dice"]
-        if best is None or (score is not None and (best[1]["val_mean_dice"] is None or score > best[1]["val_mean_dice"])):
+        score, best_score = summary["val_mean_dice"], None if best is None else best[1]["val_mean_dice"]
+        if best is None or (score is not None and (best_score is None or score > best_score)):
             best = (model, record)
     model, chosen = best
     summary = {key: chosen[key] for key in ("best_epoch", "best_step", "steps", "stopped_early", "val_mean_dice")}
