@@ -142,6 +142,16 @@ class FinetuneConfig:
     decoder_width: int = 16  # least channels of a segmentation decoder level
     classes: list = field(default_factory=list)  # segmentation class names; empty: <data.archive>/archive.json
     source_geometry: bool = False  # segment: also write each prediction on the series' original voxel grid
+    # segment: "decoder" (a decoder on the middle block and encoder levels) or "pixel" (DDPM-segmentation:
+    # decoder activations at several blocks and timesteps, upsampled to the plane size, a per-voxel head)
+    segmenter: str = "decoder"
+    pixel_blocks: list = field(default_factory=list)  # pixel: blocks read; empty: every decoder block (up0, up1, ...)
+    pixel_timesteps: list = field(default_factory=lambda: [50, 150])  # pixel: timesteps read (small: little noise)
+    # pixel: choose on validation among {all blocks, the finer half} x {all timesteps, each alone}; false: use all
+    pixel_grid: bool = True
+    pixel_hidden: int = 32  # pixel: width of the per-voxel head
+    # segment: weigh Dice + CE per class by training voxel frequency ** -0.5 (thin structures keep a say)
+    class_balance: bool = True
 
 
 @dataclass

@@ -139,3 +139,81 @@ def test_bad_arguments_give_clear_errors():
     batch["images"]["axial"] = torch.zeros(4, 1, 5, 32, 32)
     with pytest.raises(OrthodiffError, match=r"batch\['images'\]\['axial'\] has shape"):
         model(batch)
+
+
+# --------------------------------------------------------------------------- trained on a run's data
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    from tiny_archive import shared_tiny_project
+
+    return shared_tiny_project(tmp_path_factory)
+
+
+def test_nnunet_plan_keeps_thick_slices_out_of_the_first_stages():
+    from orthodiff.baselines.dynunet import nnunet_plan
+
+    plan = nnunet_plan((16, 64, 64), (3.0, 0.5, 0.5))
+    assert plan["kernel_size"][:2] == [[1, 3, 3], [1, 3, 3]]  # slices 6x the pixel: in-plane only
+    assert plan["strides"][:3] == [[1, 1, 1], [1, 2, 2], [1, 2, 2]]
+    assert [2, 2, 2] in plan["strides"]  # once the pixels have coarsened, all three axes
+    assert plan["upsample_kernel_size"] == plan["strides"][1:]
+    assert plan["filters"][0] == 32 and max(plan["filters"]) <= 320
+    isotropic = nnunet_plan((32, 32, 32), (1.0, 1.0, 1.0))
+    assert isotropic["strides"][1] == [2, 2, 2] and isotropic["kernel_size"][0] == [3, 3, 3]
+    with pytest.raises(OrthodiffError, match="spacing"):
+        nnunet_plan((16, 64, 64), (0.0, 0.5, 0.5))
+
+
+def test_dynunet_builds_for_small_anisotropic_patches_with_deep_supervision():
+    from orthodiff.baselines.dynunet import DynUNetSegmenter
+
+    model = DynUNetSegmenter({"sagittal": (4, 32, 32)}, {"sagittal": (3.0, 0.5, 0.5)}, 4, planes=["sagittal"],
+                             base_filters=4)
+    plan = model.plans["sagittal"]
+    assert all(stride[0] == 1 for stride in plan["strides"])  # 4 slices are never halved
+    assert plan["deep_supr_num"] >= 1
+    batch = {"images": {"sagittal": torch.randn(2, 1, 4, 32, 32)}}
+    model.train()
+    assert model(batch)["sagittal"].shape == (2, 1 + plan["deep_supr_num"], 4, 4, 32, 32)
+    model.eval()
+    assert model(batch)["sagittal"].shape == (2, 4, 4, 32, 32)
+
+
+def test_dynunet_trains_by_steps_and_writes_the_evaluate_contract(project, tmp_path):
+    import json
+
+    from tiny_archive import tiny_config
+
+    from orthodiff.bench.baselines_train import train_segmentation_baseline
+    from orthodiff.evaluation.report import run_evaluation
+
+    cfg = tiny_config(project, tmp_path, "finetune.task=segment", "finetune.max_steps=3", "finetune.eval_every=2")
+    info = train_segmentation_baseline(cfg, "dynunet", tmp_path / "run", {"base_filters": 4, "optimizer": "sgd"})
+    assert info["steps"] == 3 and info["best_step"] in (2, 3) and info["stopped_early"] is False
+    assert info["optimizer"] == "sgd" and info["learning_rate"] == 0.01 and info["init"] == "scratch"
+    assert info["plans"]["sagittal"]["strides"][0] == [1, 1, 1]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3]
+    result = run_evaluation(tmp_path / "run", n_bootstrap=20)
+    structures = result.metrics["segmentation"]["overall"]["structures"]
+    assert set(structures) == {"blob", "rim"}
+    assert result.metrics["segmentation"]["overall"]["mean"]["dice"]["value"] is not None
+    with pytest.raises(OrthodiffError, match="optimizer"):
+        train_segmentation_baseline(cfg, "dynunet", tmp_path / "bad", {"optimizer": "lion"})
+
+
+def test_classification_baseline_trains_exactly_max_steps(project, tmp_path):
+    import json
+
+    from tiny_archive import tiny_config
+
+    from orthodiff.bench.baselines_train import train_baseline
+
+    cfg = tiny_config(project, tmp_path, "finetune.max_steps=3", "finetune.eval_every=2")
+    info = train_baseline(cfg, "resnet3d", tmp_path / "run", TINY["resnet3d"], epochs=1, learning_rate=1e-3,
+                          batch_size=8)
+    assert info["steps"] == 3 and set(info) >= {"best_step", "best_epoch", "stopped_early"}
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3] and all("val_macro_auroc" in r for r in rows)

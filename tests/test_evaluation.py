@@ -253,3 +253,24 @@ def test_segmentation_shifted_masks_lower_dice_positive_hd95(tmp_path):
     assert overall["n_series"] == 5
     assert [s["series_id"] for s in result.metrics["skipped"]] == ["knee-0/sagittal"]
     assert "| femur |" in (run / "eval" / "metrics.md").read_text()
+
+
+def test_thin_structure_mean_is_reported_beside_the_whole_mean(tmp_path):
+    run = make_segment_run(tmp_path / "run", shift=1)
+    (run / "run.json").write_text(json.dumps({"task": "segment",
+                                              "classes": ["background", "femur", "medial_meniscus", "patella"]}))
+    overall = run_evaluation(run, n_bootstrap=100).metrics["segmentation"]["overall"]
+    femur, meniscus = (overall["structures"][s]["dice"]["value"] for s in ("femur", "medial_meniscus"))
+    assert overall["thin_structures"] == ["medial_meniscus"]
+    assert overall["thin_mean"]["dice"]["value"] == pytest.approx(meniscus)  # patella is absent: no Dice
+    assert overall["mean"]["dice"]["value"] == pytest.approx((femur + meniscus) / 2)
+    assert meniscus < femur  # the thin structure loses more to a one-voxel shift, so the two means differ
+    assert overall["thin_mean"]["dice"]["ci_low"] <= meniscus <= overall["thin_mean"]["dice"]["ci_high"]
+    assert "| **thin-structure mean** |" in (run / "eval" / "metrics.md").read_text()
+
+
+def test_without_thin_structures_the_thin_mean_is_undefined_with_a_reason(tmp_path):
+    overall = run_evaluation(make_segment_run(tmp_path / "run"), n_bootstrap=50).metrics["segmentation"]["overall"]
+    assert overall["thin_structures"] == []
+    assert overall["thin_mean"]["dice"]["value"] is None and "meniscus" in overall["thin_mean"]["dice"]["reason"]
+    assert "thin-structure mean" not in (tmp_path / "run" / "eval" / "metrics.md").read_text()

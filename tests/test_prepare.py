@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from orthodiff.data.cache import PlaneCache
-from orthodiff.data.prepare import PLANE_AXCODES, prepare_cache, safe_name, to_plane_tensor, to_source_geometry
+from orthodiff.data.prepare import PLANE_AXCODES, prepare_cache, to_plane_tensor, to_source_geometry
+from orthodiff.fileio import safe_filename
 from orthodiff.errors import OrthodiffError, ScanError
 from orthodiff.io.volume import Volume, read_volume
 
@@ -236,17 +237,17 @@ def test_prepare_cache_errors_resume_and_size_change(tmp_path):
     seg = cache.seg("s1/sagittal")
     assert seg.dtype == np.uint8 and seg.shape == (1, 8, 32, 32) and set(np.unique(seg)) == {0, 3}
     assert cache.seg("s1/coronal") is None
-    assert (cache_dir / "images" / f"{safe_name('s1/sagittal')}.npy").exists()
+    assert (cache_dir / "images" / f"{safe_filename('s1/sagittal')}.npy").exists()
     geometry = cache.geometry("s1/sagittal")
     assert geometry["source_shape"] == (24, 24, 6) and geometry["tensor_affine"].shape == (4, 4)
 
     # resume: nothing finished is redone; a removed file is
     mtimes = {p.name: p.stat().st_mtime_ns for p in (cache_dir / "images").iterdir()}
-    (cache_dir / "images" / f"{safe_name('s2/coronal')}.npy").unlink()
+    (cache_dir / "images" / f"{safe_filename('s2/coronal')}.npy").unlink()
     again = prepare_cache(manifest, cache_dir, SIZE, workers=1)
     assert (again.prepared, again.skipped, len(again.errors)) == (1, 3, 3)
     for path in (cache_dir / "images").iterdir():
-        if path.name != f"{safe_name('s2/coronal')}.npy":
+        if path.name != f"{safe_filename('s2/coronal')}.npy":
             assert path.stat().st_mtime_ns == mtimes[path.name]
     assert len(PlaneCache(cache_dir).index) == 4
 

@@ -4,7 +4,12 @@ scores orthodiff's runs.
 
 Same patients (``run_patients``: the nested label-fraction subset, val, test), same plane tensors
 (``StudyDataset``), same augmentation as orthodiff's end-to-end fine-tuning, same loss (masked BCE),
-same model selection (best validation macro AUROC over patients), same prediction columns.
+same model selection (best validation macro AUROC over patients), same prediction columns, same
+step budget (``finetune.max_steps``, ``eval_every``, ``patience``; epochs when unset).
+
+``train_segmentation_baseline`` does the same for segmentation (``dynunet``, the supervised
+reference): same datasets and augmentation, class-balanced Dice + CE, best validation mean Dice,
+the segmentation contract (``segmentations/index.csv``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
     from ..data.cache import PlaneCache
     from ..data.splits import load_splits
     from ..finetune.scoring import MetricsLog, auroc_scores, patient_level
+    from ..finetune.steps import StepBudget, run_summary, train_best
     from ..finetune.studies import resolve_labels, run_patients
     from ..heads import masked_bce_loss
 
@@ -66,26 +72,27 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
     # a last batch of one study would leave batch norm one value per channel; drop it (reshuffled each epoch)
     loader = _loader(datasets["train"], batch_size, shuffle=True, seed=seed,
                      drop_last=len(datasets["train"]) > int(batch_size))
-    best = {"score": -np.inf, "epoch": -1, "state": None, "val_macro_auroc": None}
-    for epoch in range(int(epochs)):
+
+    def step(batch):
         model.train()
-        losses = []
-        for batch in loader:
-            batch = _to(batch, device)
-            loss = masked_bce_loss(model(batch).float(), batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.finetune.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.finetune.max_grad_norm))
-            optimizer.step()
-            losses.append(loss.item())
+        batch = _to(batch, device)
+        loss = masked_bce_loss(model(batch).float(), batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.finetune.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.finetune.max_grad_norm))
+        optimizer.step()
+        return loss.item()
+
+    def validate():
         frame = predict(model, datasets["val"], "val", labels, batch_size, device)
-        _, macro, _ = auroc_scores(patient_level(frame, labels), labels, "val")
-        score = macro if macro is not None else -epoch  # no defined AUROC: keep the latest epoch
-        if score > best["score"]:
-            best.update(score=score, epoch=epoch, val_macro_auroc=macro, state=copy.deepcopy(model.state_dict()))
-        log.write(epoch=epoch, train_loss=float(np.mean(losses)) if losses else None, val_macro_auroc=macro)
-    model.load_state_dict(best["state"])
+        return auroc_scores(patient_level(frame, labels), labels, "val")[1]
+
+    # the same budget as orthodiff's fine-tuning: epochs, or finetune.max_steps optimizer steps
+    budget = StepBudget.from_finetune(cfg.finetune, epochs=int(epochs))
+    best = train_best(budget, loader, step, validate, lambda: copy.deepcopy(model.state_dict()), log,
+                      "val_macro_auroc")
+    model.load_state_dict(best.pop("state"))
 
     import pandas as pd
 
@@ -103,7 +110,7 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
         "cache": str(Path(cfg.data.cache).resolve()), "splits": str(Path(cfg.data.splits).resolve()),
         "labels_fraction": fraction, "init": "scratch", "mode": "supervised", "baseline": name,
         "baseline_options": options, "seed": seed, "epochs": int(epochs), "learning_rate": float(learning_rate),
-        "batch_size": int(batch_size), "augment": bool(cfg.finetune.augment), "best_epoch": best["epoch"],
+        "batch_size": int(batch_size), "augment": bool(cfg.finetune.augment), **run_summary(best),
         "parameters": int(sum(p.numel() for p in model.parameters())),
         "patients": {split: len(ids) for split, ids in patients.items()},
         "metrics": metrics, "seconds": round(time.perf_counter() - start, 2),
@@ -163,3 +170,114 @@ def predict(model, dataset, split: str, labels: list, batch_size: int, device):
                 row.update({f"label_{n}": float(batch["labels"][i, j]) for j, n in enumerate(labels)})
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+SEGMENTATION_BASELINES = ("dynunet",)
+
+
+def train_segmentation_baseline(cfg, name: str, run_dir: Path, options: dict | None = None) -> dict:
+    """Train segmentation baseline ``name`` (``dynunet``) from scratch with ``cfg``'s data, splits,
+    labels fraction, seed, augmentation, loss and step budget (``finetune.epochs`` or
+    ``finetune.max_steps``, ``eval_every``, ``patience``, ``batch_size``); write the segmentation
+    run-directory contract to ``run_dir`` so ``orthodiff evaluate`` scores it. Returns run.json.
+
+    ``options``: ``optimizer`` (adamw, or sgd: nnU-Net's SGD with Nesterov momentum 0.99),
+    ``learning_rate`` (default finetune.learning_rate for adamw, 0.01 for sgd), ``base_filters``,
+    ``max_filters``, ``deep_supervision``, ``deep_supr_num``. The learning rate decays by nnU-Net's poly
+    schedule over the step budget.
+    """
+    import json
+
+    import torch
+
+    from ..baselines.dynunet import DynUNetSegmenter, deep_supervision_weights, poly_factor
+    from ..data.cache import PlaneCache
+    from ..data.splits import load_splits
+    from ..finetune.endtoend import (
+        fit_best,
+        mean_dice,
+        predict_segmenter,
+        segmentation_loss,
+        training_class_counts,
+    )
+    from ..finetune.run import _study_datasets, resolve_classes, write_segmentations
+    from ..finetune.scoring import MetricsLog
+    from ..finetune.steps import run_summary
+    from ..finetune.studies import run_patients
+    from ..heads.segmentation import class_weights, make_dice_ce_loss
+
+    if name not in SEGMENTATION_BASELINES:
+        raise OrthodiffError(f"segmentation baseline {name!r} is unknown; use one of {', '.join(SEGMENTATION_BASELINES)}")
+    options = dict(options or {})
+    optimizer_name = str(options.pop("optimizer", "adamw")).lower()
+    if optimizer_name not in ("adamw", "sgd"):
+        raise OrthodiffError(f"dynunet optimizer={optimizer_name!r}: use adamw or sgd")
+    learning_rate = float(options.pop("learning_rate", 1e-2 if optimizer_name == "sgd" else cfg.finetune.learning_rate))
+    start = time.perf_counter()
+    seed = int(cfg.seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache = PlaneCache(cfg.data.cache)
+    cache.check_plane_size(cfg.data.plane_size)
+    patients = run_patients(load_splits(cfg.data.splits), float(cfg.finetune.labels_fraction))
+    classes = resolve_classes(cfg, cache)
+    planes = [p for p in PLANES if (cache.index["plane"] == p).any()]
+    datasets = _study_datasets(cache, patients, [], planes, cfg, with_segmentation=True)
+    if len(datasets["train"]) == 0:
+        raise OrthodiffError(f"{cfg.data.splits}: the training subset has no study with prepared planes")
+    save_config(cfg, run_dir / "config.yaml")
+    log = MetricsLog(run_dir / "metrics.jsonl")
+
+    spacing = {plane: np.median(np.array([json.loads(v) for v in cache.index.loc[cache.index["plane"] == plane,
+                                                                                    "tensor_spacing"]]), axis=0)
+               for plane in planes}
+    try:
+        model = DynUNetSegmenter({p: cache.plane_size[p] for p in planes}, spacing, len(classes), planes=planes,
+                                 **options)
+    except TypeError as exc:  # an option the model does not take
+        raise OrthodiffError(f"segmentation baseline {name!r}: {exc}") from exc
+    if optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.99, nesterov=True,
+                                    weight_decay=3e-5)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate,
+                                      weight_decay=float(cfg.finetune.weight_decay))
+    weights = class_weights(training_class_counts(datasets["train"], len(classes))) if cfg.finetune.class_balance \
+        else None
+    loss_fn = make_dice_ce_loss(weights)
+
+    def loss_of(model, batch):
+        loss_fn.to(batch["seg_present"].device)
+        total, terms = 0.0, 0
+        for plane, output in model(batch).items():
+            heads = output.unbind(1) if output.dim() == 6 else (output,)  # deep supervision: stacked outputs
+            losses = [segmentation_loss({plane: head}, batch, [plane], loss_fn) for head in heads]
+            if losses[0] is None:  # no study of the batch has this plane's segmentation
+                continue
+            total = total + sum(w * loss for w, loss in zip(deep_supervision_weights(len(heads) - 1), losses))
+            terms += 1
+        return total / terms if terms else None
+
+    def validate(model, device):
+        return mean_dice(predict_segmenter(model, datasets["val"], cfg, device), len(classes))
+
+    model, summary = fit_best(cfg, model, datasets["train"], loss_of, validate, log, "val_mean_dice",
+                              optimizer=optimizer, schedule=poly_factor)
+    metrics, warnings = write_segmentations(cfg, cache, model, datasets, len(classes), run_dir)
+    info = {
+        "task": "segment", "labels": [], "classes": classes,
+        "cache": str(Path(cfg.data.cache).resolve()), "splits": str(Path(cfg.data.splits).resolve()),
+        "labels_fraction": float(cfg.finetune.labels_fraction), "init": "scratch", "mode": "supervised",
+        "baseline": name, "baseline_options": options, "optimizer": optimizer_name, "learning_rate": learning_rate,
+        "lr_schedule": "poly 0.9", "seed": seed, "epochs": int(cfg.finetune.epochs),
+        "max_steps": cfg.finetune.max_steps, "batch_size": int(cfg.finetune.batch_size),
+        "augment": bool(cfg.finetune.augment), "class_weights": None if weights is None else
+        [round(float(w), 4) for w in weights], "plans": model.plans, **run_summary(summary),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "patients": {split: len(ids) for split, ids in patients.items()},
+        "metrics": metrics, "warnings": warnings, "seconds": round(time.perf_counter() - start, 2),
+    }
+    write_json(run_dir / "run.json", info)
+    return info

@@ -106,7 +106,11 @@ def run_cell(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> dict:
     start = time.perf_counter()
     if not (run_dir / "run.json").exists():
         log.info("cell %s: training", cell.key)
-        if cell.method in BASELINE_METHODS:
+        if cell.task == "segment" and cell.method == "dynunet":
+            from .baselines_train import train_segmentation_baseline
+
+            train_segmentation_baseline(config, cell.method, run_dir, preset.baseline_options(cell.method))
+        elif cell.method in BASELINE_METHODS:
             from .baselines_train import train_baseline
 
             epochs = cell_epochs(preset, inputs.splits, cell.fraction, preset.baseline_epochs,
@@ -167,6 +171,8 @@ def results_row(cell: Cell, run_dir: Path, metrics: dict, seconds: float) -> dic
     else:
         section = metrics["segmentation"]
         row["mean_dice"] = _estimate(section["overall"]["mean"]["dice"])
+        if "thin_mean" in section["overall"]:
+            row["thin_mean_dice"] = _estimate(section["overall"]["thin_mean"]["dice"])
         row["dice"] = {name: _estimate(m["dice"]) for name, m in section["overall"]["structures"].items()}
         row["n_test_patients"] = section["overall"]["n_patients"]
         for stratum in ("by_site", "by_field_strength"):

@@ -154,11 +154,12 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
             pooled = [(f, pooler.pooled(cells("segment", method, f))) for f in seg_fractions]
             seg_series[method] = pooled
             lines.append(f"| {method} | " + " | ".join(fmt_pooled(p) for _, p in pooled) + " |")
-        if len(seg_methods) == 2:
-            a, b = seg_methods
-            lines += ["", f"Paired difference {a} - {b}: " + ", ".join(
-                f"{f:.0%} {fmt_diff(pooler.difference(cells('segment', a, f), cells('segment', b, f)))}"
-                for f in seg_fractions) + "."]
+        mine = [m for m in seg_methods if m in PRETRAINED_METHODS]
+        for a in mine:
+            for b in [m for m in seg_methods if m not in mine]:
+                lines += ["", f"Paired difference {a} - {b}: " + ", ".join(
+                    f"{f:.0%} {fmt_diff(pooler.difference(cells('segment', a, f), cells('segment', b, f)))}"
+                    for f in seg_fractions) + "."]
 
     files = [plots.metric_vs_fraction(series, "macro AUROC (test)", "Knee diagnosis: macro AUROC vs labels",
                                       out / "auroc_vs_fraction.png", chance=0.5)]

@@ -22,7 +22,7 @@ FLOOR_METHODS = ("orthodiff-probe-random-init", "raw-voxels")
 # supervised networks trained by bench/baselines_train.py rather than the fine-tuning loop
 BASELINE_METHODS = ("raw-voxels", "resnet3d", "mrnet2d")
 # Segmentation methods: the pretrained denoiser with a decoder, against the same network from scratch.
-SEGMENT_METHODS = ("orthodiff-finetune", "scratch-unet")
+SEGMENT_METHODS = ("orthodiff-finetune", "scratch-unet", "dynunet")
 PRETRAINED_METHODS = ("orthodiff-probe", "orthodiff-finetune")
 
 
@@ -43,6 +43,7 @@ class BenchPreset:
     resnet3d: dict = field(default_factory=dict)  # build_baseline("resnet3d", ...) options
     mrnet2d: dict = field(default_factory=dict)  # build_baseline("mrnet2d", ...) options
     raw_voxels: dict = field(default_factory=dict)  # build_baseline("raw-voxels", ...) options
+    dynunet: dict = field(default_factory=dict)  # train_segmentation_baseline("dynunet", ...) options
     # joint -> studies of the separate unlabeled archive that pretraining reads (patients in no labeled
     # split; at least 5x the labeled training patients, checked at bench start)
     unlabeled_studies: dict = field(default_factory=dict)
@@ -132,6 +133,7 @@ PRESETS = {
         baseline_epochs=1,
         resnet3d={"widen_factor": 0.125},
         mrnet2d={"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 8, 8, 8], "stem_width": 8}},
+        dynunet={"base_filters": 4, "max_filters": 16},
         segment_epochs=1,
         n_bootstrap=50,
         threads=1,
@@ -181,6 +183,8 @@ PRESETS = {
         # Eighth-width ResNets (8-64 channels), near the small denoiser's widths (8-16); paper: full width.
         resnet3d={"widen_factor": 0.125},
         mrnet2d={"backbone": "resnet18", "backbone_kwargs": {"channels": [8, 16, 32, 64], "stem_width": 8}},
+        # nnU-Net's plan at a sixteenth of its widths (16-128 filters), near the denoiser's size
+        dynunet={"base_filters": 16, "max_filters": 128, "learning_rate": 3e-3},
         segment_epochs=3,
         probe_epochs=30,
         n_bootstrap=1000,

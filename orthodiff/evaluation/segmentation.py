@@ -89,7 +89,7 @@ def segmentation_metrics(scores: pd.DataFrame, structures: list[str], n_bootstra
     patients = np.array(sorted(scores["patient_id"].unique()), dtype=str)
     counts = bootstrap.resample_counts(patients.size, n_bootstrap, seed)
     result = {"n_patients": int(patients.size), "n_series": len(scores), "structures": {}}
-    replicates = {"dice": [], "hd95_mm": []}
+    replicates = {"dice": {}, "hd95_mm": {}}
     for name in structures:
         entry = {"n_series": int((~scores[f"absent_{name}"]).sum()), "n_absent": int(scores[f"absent_{name}"].sum()),
                  "n_missed": int(scores[f"missed_{name}"].sum())}
@@ -104,16 +104,35 @@ def segmentation_metrics(scores: pd.DataFrame, structures: list[str], n_bootstra
                 continue
             reps = bootstrap.weighted_mean(values, counts)
             entry[metric] = estimate(float(np.nanmean(values)), reps)
-            replicates[metric].append(reps)
+            replicates[metric][name] = reps
         result["structures"][name] = entry
-    result["mean"] = {}
+    result["mean"] = _structure_mean(result["structures"], replicates, structures)
+    thin = thin_structures(structures)
+    result["thin_structures"] = thin
+    result["thin_mean"] = (_structure_mean(result["structures"], replicates, thin) if thin else
+                           {m: undefined("no cartilage, meniscus or ligament among the classes") for m in replicates})
+    return result
+
+
+def thin_structures(structures: list[str]) -> list[str]:
+    """The thin structures among ``structures`` (cartilages, menisci, ligaments, tendons, labrum):
+    a few voxels thick at plane-tensor size, so they are scored on their own beside the mean."""
+    return [name for name in structures if any(word in name.lower() for word in THIN_WORDS)]
+
+
+THIN_WORDS = ("cartilage", "menisc", "cruciate", "ligament", "tendon", "labrum", "atfl", "cfl")
+
+
+def _structure_mean(entries: dict, replicates: dict, names: list[str]) -> dict:
+    """Mean over ``names`` of the defined per-structure values, with the mean of their resamples."""
+    out = {}
     for metric in ("dice", "hd95_mm"):
-        defined = [e[metric]["value"] for e in result["structures"].values() if e[metric]["value"] is not None]
+        defined = [name for name in names if entries[name][metric]["value"] is not None]
         if not defined:
-            result["mean"][metric] = undefined("no structure has this metric defined")
+            out[metric] = undefined("no structure has this metric defined")
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            reps = np.nanmean(np.vstack(replicates[metric]), axis=0)
-        result["mean"][metric] = estimate(float(np.mean(defined)), reps)
-    return result
+            reps = np.nanmean(np.vstack([replicates[metric][name] for name in defined]), axis=0)
+        out[metric] = estimate(float(np.mean([entries[name][metric]["value"] for name in defined])), reps)
+    return out

@@ -58,6 +58,9 @@ def segmentation_tables(metrics: dict, structures: list[str]) -> str:
             for name, e in overall["structures"].items()]
     rows.append(["**mean**", str(overall["n_series"]), cell(overall["mean"]["dice"]),
                  cell(overall["mean"]["hd95_mm"], 2), "", ""])
+    if overall.get("thin_structures"):
+        rows.append(["**thin-structure mean**", "", cell(overall["thin_mean"]["dice"]),
+                     cell(overall["thin_mean"]["hd95_mm"], 2), "", ""])
     parts = [_table(["structure", "series", "Dice", "HD95 (mm)", "absent in target", "not predicted"], rows)]
     for key, title in (("by_site", "By site"), ("by_field_strength", "By field strength"), ("by_plane", "By plane")):
         header = [title.split()[-1], "patients", "mean Dice", "mean HD95 (mm)"] + [f"{s} Dice" for s in structures]

@@ -20,10 +20,10 @@ from ..features.extractor import FeatureExtractor
 from ..heads import (
     MultiLabelClassifier,
     SegmentationModel,
-    make_dice_ce_loss,
     masked_bce_loss,
     positive_weights,
 )
+from ..heads.segmentation import PixelSegmenter, class_weights, make_dice_ce_loss
 from ..planes import PLANES
 from .scoring import MetricsLog, auroc_scores, dice_per_class, patient_level
 
@@ -31,13 +31,16 @@ ENCODER_PARTS = ("time_embed", "conv_in", "down_blocks", "middle_block")
 
 
 class Backbone(nn.Module):
-    """The planes' denoisers read at one timestep: {plane: {block: (B, C, d, h, w)}}."""
+    """The planes' denoisers read at one timestep: {plane: {block: (B, C, d, h, w)}}; given a list of
+    timesteps, every block at every one: {plane: {"<block>@<t>": ...}}."""
 
-    def __init__(self, denoisers: dict, timestep: int, blocks: list[str], seed: int, mode: str):
+    def __init__(self, denoisers: dict, timestep, blocks: list[str], seed: int, mode: str):
         super().__init__()
         self.denoisers = nn.ModuleDict(denoisers)
+        self.by_timestep = isinstance(timestep, (list, tuple))
+        timesteps = [int(t) for t in timestep] if self.by_timestep else [int(timestep)]
         self.extractors = {
-            plane: FeatureExtractor(denoiser, [timestep], blocks, seed=seed) for plane, denoiser in denoisers.items()
+            plane: FeatureExtractor(denoiser, timesteps, blocks, seed=seed) for plane, denoiser in denoisers.items()
         }
         self.mode = mode
         set_trainable(self.denoisers, mode)
@@ -47,8 +50,13 @@ class Backbone(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.mode != "probe"):
             for plane, extractor in self.extractors.items():
                 found = extractor(images[plane], study_ids)
-                out[plane] = {block: value for (block, _), value in found.items()}
+                out[plane] = {pixel_key(block, t) if self.by_timestep else block: value
+                              for (block, t), value in found.items()}
         return out
+
+
+def pixel_key(block: str, timestep) -> str:
+    return f"{block}@{timestep}"
 
 
 def set_trainable(denoisers: nn.ModuleDict, mode: str) -> None:
@@ -126,43 +134,62 @@ def _to(batch: dict, device) -> dict:
     return moved
 
 
-def fit_best_epoch(cfg, model: nn.Module, train_set, loss_of, validate, log: MetricsLog, metric: str):
-    """Train ``model`` for ``finetune.epochs`` through Accelerate and keep its best validation epoch.
+def fit_best(cfg, model: nn.Module, train_set, loss_of, validate, log: MetricsLog, metric: str,
+             optimizer=None, schedule=None):
+    """Train ``model`` through Accelerate for ``finetune``'s budget (epochs, or ``max_steps`` optimizer
+    steps) and keep its best validation (``steps.train_best``).
 
     ``loss_of(model, batch)`` gives the batch loss (None: nothing to learn from, skipped);
-    ``validate(model, device)`` gives the validation score (None when undefined: the latest epoch
-    is kept). Returns (model with the best epoch loaded, {"best_epoch", metric}).
+    ``validate(model, device)`` gives the validation score (None when undefined). ``optimizer``
+    defaults to AdamW over ``parameter_groups``; ``schedule(step, total)`` multiplies every group's
+    learning rate (e.g. a poly decay). Returns (model with the best weights loaded, summary:
+    best_epoch, best_step, steps, stopped_early and ``metric``).
     """
+    from .steps import StepBudget, train_best
+
     ft = cfg.finetune
+    budget = StepBudget.from_finetune(ft)
     accelerator = make_accelerator(cfg)
-    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=float(ft.weight_decay))
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(parameter_groups(model, cfg), weight_decay=float(ft.weight_decay))
     train_loader = _loader(train_set, ft.batch_size, True, cfg.seed, cfg.data.num_workers)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    best = {"score": -np.inf, "state": None, "epoch": -1, "value": None}
-    for epoch in range(int(ft.epochs)):
+    total = budget.max_steps or budget.epochs * max(1, len(train_loader))
+    base_rates = [group["lr"] for group in optimizer.param_groups]
+    counter = {"steps": 0}
+
+    def step(batch):
         model.train()
-        losses = []
-        for batch in train_loader:
-            batch = _to(batch, accelerator.device)
-            with accelerator.autocast():
-                loss = loss_of(model, batch)
-            if loss is None:
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            if ft.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), float(ft.max_grad_norm))
-            optimizer.step()
-            losses.append(loss.item())
-        unwrapped = accelerator.unwrap_model(model)
-        value = validate(unwrapped, accelerator.device)
-        score = value if value is not None else -epoch
-        if score > best["score"]:
-            best.update(score=score, epoch=epoch, value=value, state=copy.deepcopy(unwrapped.state_dict()))
-        log.write(epoch=epoch, train_loss=float(np.mean(losses)) if losses else None, **{metric: value})
+        batch = _to(batch, accelerator.device)
+        with accelerator.autocast():
+            loss = loss_of(model, batch)
+        if loss is None:
+            return None
+        if schedule is not None:
+            factor = float(schedule(counter["steps"], total))
+            for group, rate in zip(optimizer.param_groups, base_rates):
+                group["lr"] = rate * factor
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        if ft.max_grad_norm:
+            accelerator.clip_grad_norm_(model.parameters(), float(ft.max_grad_norm))
+        optimizer.step()
+        counter["steps"] += 1
+        return loss.item()
+
+    unwrapped = accelerator.unwrap_model(model)
+    summary = train_best(
+        budget, train_loader, step,
+        validate=lambda: validate(unwrapped, accelerator.device),
+        snapshot=lambda: copy.deepcopy(unwrapped.state_dict()),
+        log=log, metric=metric,
+    )
     model = accelerator.unwrap_model(model)
-    model.load_state_dict(best["state"])
-    return model, {"best_epoch": best["epoch"], metric: best["value"]}
+    model.load_state_dict(summary.pop("state"))
+    return model, summary
+
+
+fit_best_epoch = fit_best  # the name it had when only epochs counted
 
 
 # ------------------------------------------------------------------------------- classify
@@ -189,7 +216,7 @@ def train_classifier(cfg, denoisers, datasets: dict, labels: list[str], log: Met
         frame = predict_classifier(model, datasets["val"], "val", labels, cfg, device)
         return auroc_scores(patient_level(frame, labels), labels, "val")[1]
 
-    return fit_best_epoch(cfg, model, datasets["train"], loss_of, validate, log, "val_macro_auroc")
+    return fit_best(cfg, model, datasets["train"], loss_of, validate, log, "val_macro_auroc")
 
 
 def predict_classifier(model, dataset, split: str, labels: list[str], cfg, device):
@@ -225,27 +252,116 @@ def segmentation_blocks(denoiser) -> tuple[str, list[str]]:
 
 
 def train_segmenter(cfg, denoisers, datasets: dict, num_classes: int, log: MetricsLog):
+    """Train the ``finetune.segmenter`` head (decoder or pixel) through the denoisers.
+
+    Returns (model with the best validation loaded, summary: best_epoch, best_step, steps,
+    stopped_early, val_mean_dice, class_weights and, for pixel, the blocks x timesteps grid and choice).
+    """
     ft = cfg.finetune
-    any_denoiser = next(iter(denoisers.values()))
-    bottleneck, skips = segmentation_blocks(any_denoiser)
-    timestep = int(cfg.features.timesteps[0])
-    torch.manual_seed(int(cfg.seed))
-    backbone = Backbone(denoisers, timestep, [bottleneck, *skips], cfg.seed, ft.mode)
-    shapes = {p: {b: d.feature_shape(b) for b in [bottleneck, *skips]} for p, d in denoisers.items()}
-    plane_size = {p: tuple(d.plane_size) for p, d in denoisers.items()}
-    head = SegmentationModel(shapes, plane_size, bottleneck, skips, num_classes, pooling=ft.pooling,
-                             width=int(ft.decoder_width), image_channels=1)
-    model = EndToEndSegmenter(backbone, head)
-    loss_fn = make_dice_ce_loss()
-    planes = list(head.planes)
+    if ft.segmenter not in ("decoder", "pixel"):
+        raise OrthodiffError(f"finetune.segmenter={ft.segmenter!r}: use decoder or pixel")
+    weights = None
+    if ft.class_balance:
+        weights = class_weights(training_class_counts(datasets["train"], num_classes))
+    loss_fn = make_dice_ce_loss(weights)
+    if ft.segmenter == "pixel":
+        model, summary = _train_pixel(cfg, denoisers, datasets, num_classes, log, loss_fn)
+    else:
+        any_denoiser = next(iter(denoisers.values()))
+        bottleneck, skips = segmentation_blocks(any_denoiser)
+        torch.manual_seed(int(cfg.seed))
+        backbone = Backbone(denoisers, int(cfg.features.timesteps[0]), [bottleneck, *skips], cfg.seed, ft.mode)
+        shapes = {p: {b: d.feature_shape(b) for b in [bottleneck, *skips]} for p, d in denoisers.items()}
+        plane_size = {p: tuple(d.plane_size) for p, d in denoisers.items()}
+        head = SegmentationModel(shapes, plane_size, bottleneck, skips, num_classes, pooling=ft.pooling,
+                                 width=int(ft.decoder_width), image_channels=1)
+        model, summary = _fit_segmenter(cfg, EndToEndSegmenter(backbone, head), datasets, num_classes, log, loss_fn)
+    summary["class_weights"] = None if weights is None else [round(float(w), 4) for w in weights]
+    return model, summary
+
+
+def _fit_segmenter(cfg, model, datasets: dict, num_classes: int, log, loss_fn):
+    planes = list(model.head.planes)
 
     def loss_of(model, batch):
-        return segmentation_loss(model(batch), batch, planes, loss_fn)
+        return segmentation_loss(model(batch), batch, planes, loss_fn.to(batch["seg_present"].device))
 
     def validate(model, device):
         return mean_dice(predict_segmenter(model, datasets["val"], cfg, device), num_classes)
 
-    return fit_best_epoch(cfg, model, datasets["train"], loss_of, validate, log, "val_mean_dice")
+    return fit_best(cfg, model, datasets["train"], loss_of, validate, log, "val_mean_dice")
+
+
+def pixel_cells(blocks: list[str], timesteps: list[int], grid: bool) -> list[tuple[list[str], list[int]]]:
+    """The (blocks, timesteps) cells tried: all of both, and with ``grid`` also the finer half of the
+    blocks and each timestep alone."""
+    cells = [(list(blocks), list(timesteps))]
+    if grid:
+        block_sets = [list(blocks)] + ([list(blocks[len(blocks) // 2:])] if len(blocks) > 1 else [])
+        time_sets = [list(timesteps)] + ([[t] for t in timesteps] if len(timesteps) > 1 else [])
+        cells = [(b, t) for t in time_sets for b in block_sets]
+    return cells
+
+
+class _CellLog:
+    """metrics.jsonl rows of one grid cell, tagged with its index."""
+
+    def __init__(self, log, cell: int):
+        self.log, self.cell = log, cell
+
+    def write(self, **record) -> None:
+        self.log.write(cell=self.cell, **record)
+
+
+def _train_pixel(cfg, denoisers, datasets: dict, num_classes: int, log, loss_fn):
+    ft = cfg.finetune
+    any_denoiser = next(iter(denoisers.values()))
+    decoder_blocks = [name for name in any_denoiser.block_names() if name.startswith("up")]
+    blocks = [str(b) for b in ft.pixel_blocks] or decoder_blocks
+    order = any_denoiser.block_names()
+    unknown = [b for b in blocks if b not in order]
+    if unknown:
+        raise OrthodiffError(f"finetune.pixel_blocks: {unknown[0]!r} is not a block; use some of {', '.join(order)}")
+    blocks = sorted(set(blocks), key=order.index)  # coarse to fine
+    timesteps = sorted({int(t) for t in ft.pixel_timesteps})
+    if not timesteps:
+        raise OrthodiffError("finetune.pixel_timesteps is empty; give timesteps such as [50, 150]")
+    cells = pixel_cells(blocks, timesteps, bool(ft.pixel_grid))
+    tried, best = [], None
+    for index, (cell_blocks, cell_timesteps) in enumerate(cells):
+        # every cell starts from the same weights; a trained denoiser is the cell's own copy
+        shared = ft.mode == "probe" or len(cells) == 1
+        own = denoisers if shared else {p: copy.deepcopy(d) for p, d in denoisers.items()}
+        torch.manual_seed(int(cfg.seed))
+        backbone = Backbone(own, list(cell_timesteps), cell_blocks, cfg.seed, ft.mode)
+        channels = {p: {pixel_key(b, t): d.feature_channels(b) for t in cell_timesteps for b in cell_blocks}
+                    for p, d in own.items()}
+        plane_size = {p: tuple(d.plane_size) for p, d in own.items()}
+        head = PixelSegmenter(channels, plane_size, num_classes, hidden=int(ft.pixel_hidden), image_channels=1)
+        model, summary = _fit_segmenter(cfg, EndToEndSegmenter(backbone, head), datasets, num_classes,
+                                        _CellLog(log, index), loss_fn)
+        record = {"blocks": cell_blocks, "timesteps": cell_timesteps, **summary}
+        tried.append(record)
+        score, best_score = summary["val_mean_dice"], None if best is None else best[1]["val_mean_dice"]
+        if best is None or (score is not None and (best_score is None or score > best_score)):
+            best = (model, record)
+    model, chosen = best
+    summary = {key: chosen[key] for key in ("best_epoch", "best_step", "steps", "stopped_early", "val_mean_dice")}
+    summary["pixel"] = {"selection": "validation mean Dice (ties: first cell)", "cells": tried,
+                        "chosen": {"blocks": chosen["blocks"], "timesteps": chosen["timesteps"]}}
+    return model, summary
+
+
+def training_class_counts(dataset, num_classes: int) -> np.ndarray:
+    """Voxel count per class over the training set's segmentations (plane tensors, unaugmented)."""
+    counts = np.zeros(num_classes, dtype=np.float64)
+    for study_id in dataset.study_ids:
+        for plane in dataset.planes:
+            series_id = dataset.series_of(study_id, plane)
+            seg = None if series_id is None else dataset.cache.seg(series_id)
+            if seg is not None:
+                counts += np.bincount(np.asarray(seg, dtype=np.int64).ravel(), minlength=num_classes)[:num_classes]
+    return counts
 
 
 def segmentation_loss(outputs: dict, batch: dict, planes: list[str], loss_fn) -> torch.Tensor | None:

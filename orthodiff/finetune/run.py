@@ -19,6 +19,7 @@ from ..fileio import read_json, write_json, write_table
 from ..fileio import safe_filename
 from ..planes import PLANES
 from .scoring import MetricsLog, auroc_scores, patient_level
+from .steps import run_summary
 from .studies import load_run_studies, resolve_labels, run_patients
 
 TASKS = ("classify", "segment")
@@ -73,6 +74,8 @@ def run_finetune(cfg) -> FinetuneResult:
         raise OrthodiffError("finetune.mode=grid is for classify; segment with probe, partial or full")
     if int(ft.epochs) < 1:
         raise OrthodiffError(f"finetune.epochs={ft.epochs}: must be at least 1")
+    if ft.task == "segment" and ft.segmenter not in ("decoder", "pixel"):
+        raise OrthodiffError(f"finetune.segmenter={ft.segmenter!r}: use decoder or pixel")
     start = time.perf_counter()
     _seed_everything(int(cfg.seed))
     out = Path(ft.output_dir)
@@ -165,7 +168,7 @@ def _classify(cfg, cache, patients, info, out: Path, metrics_log):
         )
         head = model.head
         info["features"] = {"block": cfg.features.blocks[0], "timestep": str(int(cfg.features.timesteps[0]))}
-        info["best_epoch"] = summary["best_epoch"]
+        info.update(run_summary(summary))
         _save_denoisers(model.backbone.denoisers, out)
     _save_head(head, out, info)
     frame = _prediction_columns(frame, labels)
@@ -190,8 +193,7 @@ def _prediction_columns(frame, labels):
 # ------------------------------------------------------------------------------- segment
 def _segment(cfg, cache, patients, info, out: Path, metrics_log):
     from ..features.backbones import build_denoisers
-    from ..features.store import study_series
-    from .endtoend import mean_dice, predict_segmenter, train_segmenter
+    from .endtoend import train_segmenter
 
     classes = resolve_classes(cfg, cache)
     info["classes"] = classes
@@ -202,17 +204,33 @@ def _segment(cfg, cache, patients, info, out: Path, metrics_log):
     if not train_rows["seg"].fillna("").astype(str).str.len().gt(0).any():
         raise OrthodiffError(f"{cache.root}: no training series has a segmentation; segment needs <plane>_seg files")
     model, summary = train_segmenter(cfg, denoisers, datasets, len(classes), metrics_log)
-    info["features"] = {"blocks": list(model.backbone.extractors[planes[0]].blocks),
-                        "timestep": str(int(cfg.features.timesteps[0]))}
-    info["best_epoch"] = summary["best_epoch"]
+    if cfg.finetune.segmenter == "pixel":
+        info["features"] = {"segmenter": "pixel", **summary["pixel"]["chosen"]}
+        info["pixel"] = summary["pixel"]
+    else:
+        info["features"] = {"blocks": list(model.backbone.extractors[planes[0]].blocks),
+                            "timestep": str(int(cfg.features.timesteps[0]))}
+    info["segmenter"] = cfg.finetune.segmenter
+    info["class_weights"] = summary["class_weights"]
+    info.update(run_summary(summary))
     _save_denoisers(model.backbone.denoisers, out)
     _save_head(model.head, out, info)
+
+    metrics, warnings = write_segmentations(cfg, cache, model, datasets, len(classes), out)
+    return info, metrics, warnings
+
+
+def write_segmentations(cfg, cache, model, datasets: dict, num_classes: int, out: Path) -> tuple[dict, list]:
+    """Predict val and test with ``model`` and write the segmentation run-directory contract
+    (``segmentations/index.csv`` and uint8 .npy masks); returns (metrics, warnings)."""
+    from ..features.store import study_series
+    from .endtoend import mean_dice, predict_segmenter
 
     series_of = {(r.study_id, r.plane): r.series_id for r in study_series(cache.index).itertuples()}
     rows, metrics = [], {}
     for split in ("val", "test"):
         results = predict_segmenter(model, datasets[split], cfg, next(model.parameters()).device)
-        metrics[split] = {"mean_dice": mean_dice(results, len(classes)), "series": len(results)}
+        metrics[split] = {"mean_dice": mean_dice(results, num_classes), "series": len(results)}
         for result in results:
             series_id = series_of[(result["study_id"], result["plane"])]
             stem = f"segmentations/{split}/{safe_filename(series_id)}"
@@ -236,7 +254,7 @@ def _segment(cfg, cache, patients, info, out: Path, metrics_log):
     write_table(out / "segmentations" / "index.csv", pd.DataFrame(rows, columns=columns))
     warnings = [f"no {split} study has a segmentation: Dice undefined" for split in ("val", "test")
                 if metrics[split]["mean_dice"] is None]
-    return info, metrics, warnings
+    return metrics, warnings
 
 
 def resolve_classes(cfg, cache) -> list[str]:

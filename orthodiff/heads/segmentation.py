@@ -148,11 +148,99 @@ class SegmentationModel(nn.Module):
         return {plane: self.decoders[plane](features[plane], fused, images.get(plane)) for plane in self.planes}
 
 
-def make_dice_ce_loss():
-    """MONAI Dice + cross-entropy on logits (B, K, ...) against integer targets (B, 1, ...)."""
+class PixelSegmenter(nn.Module):
+    """Per-voxel head on multi-scale, multi-timestep denoiser features (DDPM-segmentation,
+    Baranchuk et al. 2022), one per plane.
+
+    ``channels`` maps plane -> {feature key: C} (a key names a block read at a timestep). Each map is
+    normalised, projected by a 1x1x1 convolution and upsampled (trilinear) to the plane size; the sum
+    of the projections equals one 1x1x1 convolution over the concatenation of the upsampled maps,
+    without holding that concatenation at full size. With ``image_channels`` the plane tensor joins
+    too. A small per-voxel MLP (1x1x1 convolutions) gives logits (B, num_classes, *plane_size).
+    """
+
+    def __init__(
+        self,
+        channels: Mapping[str, Mapping[str, int]],
+        plane_size: Mapping[str, Sequence[int]],
+        num_classes: int,
+        hidden: int = 32,
+        image_channels: int = 1,
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise OrthodiffError("segmentation: need at least 2 classes (background and one structure)")
+        if int(hidden) < 1:
+            raise OrthodiffError(f"finetune.pixel_hidden={hidden}: must be at least 1")
+        self.planes = tuple(plane for plane in PLANES if plane in channels)
+        if not self.planes or not all(channels[plane] for plane in self.planes):
+            raise OrthodiffError("pixel segmentation: give at least one plane with at least one feature map")
+        self.keys = {plane: list(channels[plane]) for plane in self.planes}
+        self.out_size = {plane: tuple(int(v) for v in plane_size[plane]) for plane in self.planes}
+        self.image_channels = int(image_channels)
+        self.norms = nn.ModuleDict()
+        self.projections = nn.ModuleDict()
+        self.mlps = nn.ModuleDict()
+        for plane in self.planes:
+            norms, projections = nn.ModuleDict(), nn.ModuleDict()
+            for key, width in channels[plane].items():
+                norms[key] = nn.GroupNorm(_groups(int(width)), int(width), affine=False)
+                projections[key] = nn.Conv3d(int(width), hidden, 1, bias=False)
+            if self.image_channels:
+                projections["image"] = nn.Conv3d(self.image_channels, hidden, 1, bias=False)
+            self.norms[plane], self.projections[plane] = norms, projections
+            self.mlps[plane] = nn.Sequential(
+                nn.GroupNorm(_groups(hidden), hidden), nn.GELU(), nn.Conv3d(hidden, hidden, 1), nn.GELU(),
+                nn.Conv3d(hidden, num_classes, 1),
+            )
+
+    def forward(
+        self,
+        features: Mapping[str, Mapping[str, torch.Tensor]],
+        present: torch.Tensor | None = None,
+        images: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """{plane: logits (B, K, D, H, W)} from {plane: {key: (B, C, d, h, w)}}; ``present`` is unused
+        (each plane is segmented from its own features)."""
+        images = images or {}
+        out = {}
+        for plane in self.planes:
+            total = None
+            for key in self.keys[plane]:
+                value = self.projections[plane][key](self.norms[plane][key](features[plane][key]))
+                value = F.interpolate(value, size=self.out_size[plane], mode="trilinear", align_corners=False)
+                total = value if total is None else total + value
+            if self.image_channels:
+                if plane not in images:
+                    raise OrthodiffError("pixel segmenter was built with image_channels but got no image")
+                total = total + self.projections[plane]["image"](images[plane].to(total.dtype))
+            out[plane] = self.mlps[plane](total)
+        return out
+
+
+def make_dice_ce_loss(weight=None):
+    """MONAI Dice + cross-entropy on logits (B, K, ...) against integer targets (B, 1, ...);
+    ``weight`` (K,) weighs the classes in both terms (``class_weights``)."""
     from monai.losses import DiceCELoss
 
-    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False)
+    weight = None if weight is None else torch.as_tensor(weight, dtype=torch.float32)
+    return DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, weight=weight)
+
+
+def class_weights(counts: Sequence[float], power: float = 0.5, cap: float = 10.0) -> torch.Tensor:
+    """Class weights (K,) from training voxel counts: ``frequency ** -power``, scaled to a mean of 1
+    over the classes and capped at ``cap`` x the smallest, so a structure of 0.1% of the voxels
+    is not drowned by bone and background. A class never seen gets the largest weight."""
+    counts = torch.as_tensor(counts, dtype=torch.float64)
+    if counts.ndim != 1 or counts.numel() < 2 or bool((counts < 0).any()) or float(counts.sum()) <= 0:
+        raise OrthodiffError(f"class weights: expected non-negative voxel counts of >= 2 classes, got {counts.tolist()}")
+    frequency = counts / counts.sum()
+    seen = frequency > 0
+    weights = torch.ones_like(frequency)
+    weights[seen] = frequency[seen] ** -float(power)
+    weights[seen] = torch.clamp(weights[seen], max=float(weights[seen].min()) * float(cap))
+    weights[~seen] = weights[seen].max()
+    return (weights / weights.mean()).float()
 
 
 def _voxels(shape: Sequence[int]) -> int:
