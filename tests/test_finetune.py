@@ -166,6 +166,8 @@ def test_concat_features_out_of_range_is_refused(project, tmp_path):
     with pytest.raises(OrthodiffError, match="finetune.concat_features=3"):
         run_finetune(tiny_config(project, tmp_path, *PROBE, "finetune.concat_features=3",
                                  "features.blocks=[mid,down1]"))
+    with pytest.raises(OrthodiffError, match="finetune.concat_features=2: concatenated features are for probe"):
+        run_finetune(tiny_config(project, tmp_path, "finetune.mode=partial", "finetune.concat_features=2"))
 
 
 def test_partial_finetuning_trains_and_predicts_studies_missing_a_plane(project, tmp_path):

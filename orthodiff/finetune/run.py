@@ -146,6 +146,12 @@ def _classify(cfg, cache, patients, info, out: Path, metrics_log):
         from ..features.backbones import build_denoisers
         from .endtoend import predict_classifier, train_classifier
 
+        if int(ft.concat_features) != 1:
+            raise OrthodiffError(
+                f"finetune.concat_features={ft.concat_features}: concatenated features are for probe and grid runs; "
+                f"{ft.mode} reads features.blocks[0] at features.timesteps[0], so set it to 1"
+            )
+
         planes = [p for p in PLANES if (cache.index["plane"] == p).any()]
         denoisers = build_denoisers(cfg, planes, cache.plane_size)
         datasets = _study_datasets(cache, patients, labels, list(denoisers), cfg, with_segmentation=False)

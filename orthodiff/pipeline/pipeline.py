@@ -364,9 +364,7 @@ class OrthoDiffusionPipeline:
 
     def _plane_maps(self, denoisers, spec, found: dict, blocks) -> dict:
         """{plane: {block: map}} for every plane of the head; zeros for a plane the study lacks."""
-        from ..features.extractor import timestep_spec_name
-
-        name = timestep_spec_name(spec["timesteps"]) if spec.get("average_timesteps") else str(int(spec["timesteps"][0]))
+        name = _timestep_name(spec)
         maps = {}
         for plane in spec["planes"]:
             if plane in found:
@@ -440,10 +438,15 @@ def classifier_selection(spec: dict) -> dict[str, list[str]]:
     plane in pipelines saved before features were chosen per plane)."""
     if "selection" in spec:
         return {p: list(spec["selection"][p]) for p in spec["planes"]}
+    return {p: [f"{spec['block']}@{_timestep_name(spec)}"] for p in spec["planes"]}
+
+
+def _timestep_name(spec: dict) -> str:
+    """The feature name of a single-timestep spec's timestep ('100', or '50+100' when averaged)."""
     from ..features.extractor import timestep_spec_name
 
-    name = timestep_spec_name(spec["timesteps"]) if spec.get("average_timesteps") else str(int(spec["timesteps"][0]))
-    return {p: [f"{spec['block']}@{name}"] for p in spec["planes"]}
+    timesteps = spec["timesteps"]
+    return timestep_spec_name(timesteps) if spec.get("average_timesteps") else str(int(timesteps[0]))
 
 
 def _sampling(keys) -> tuple[list[int], list[str]]:

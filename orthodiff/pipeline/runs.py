@@ -55,7 +55,9 @@ def classifier_spec(run_dir: Path, info: dict, head: dict, cfg) -> dict:
         raise OrthodiffError(f"{run_dir / 'head.json'}: features.selection missing; rerun the finetune")
     empty = [plane for plane, keys in selection.items() if not keys]
     if empty:
-        raise OrthodiffError(f"{run_dir / 'head.json'}: features.selection names no feature for {empty}; rerun the finetune")
+        raise OrthodiffError(
+            f"{run_dir / 'head.json'}: features.selection names no feature for {empty}; rerun the finetune"
+        )
     extraction = features.get("extraction") or {}
     averaged = any(plane_sampling(keys)[2] for keys in selection.values())
     spec = {
