@@ -99,6 +99,10 @@ class PretrainConfig:
     preview_count: int = 4  # volumes per preview picture
     tracker: str = "wandb"  # wandb (offline unless configured), tensorboard or none
     augment: bool = False
+    # denoising loss of the EMA weights on held-out (val) volumes at fixed timesteps and seeded noise,
+    # every eval_every steps into <plane>/metrics.jsonl and <plane>/heldout_loss.png (0: never)
+    eval_every: int = 0
+    eval_volumes: int = 8  # held-out volumes scored (the first in series order)
 
 
 @dataclass
@@ -152,6 +156,12 @@ class FinetuneConfig:
     pixel_hidden: int = 32  # pixel: width of the per-voxel head
     # segment: weigh Dice + CE per class by training voxel frequency ** -0.5 (thin structures keep a say)
     class_balance: bool = True
+    # pooling also takes attention_max (attention + GAP + global max), grid (maps average-pooled to
+    # readout_grid cells and flattened, so a finding's place survives) and grid_max (average and max per cell)
+    readout_grid: list = field(default_factory=lambda: [1, 2, 2])  # cells (d, h, w) of the grid pools
+    # per plane, concatenate this many (block, timestep) maps as one feature (resized to the first's grid):
+    # grid mode keeps each plane's best k on validation, the other modes the first k of blocks x timesteps
+    concat_features: int = 1
 
 
 @dataclass

@@ -147,3 +147,20 @@ def test_checkpoint_of_another_plane_is_refused(project, tmp_path):
     cfg = tiny_config(project, tmp_path, f"finetune.pretrained={tmp_path / 'pretrain'}")
     with pytest.raises(OrthodiffError, match="coronal denoiser, not sagittal"):
         build_denoisers(cfg, ["sagittal"], project["plane_size"])
+
+
+def test_feature_selection_composes_maps_on_the_first_ones_grid():
+    from orthodiff.features.selection import compose, composed_shape, parse_key, plane_sampling
+
+    fine, coarse = torch.randn(2, 4, 4, 8, 8), torch.randn(2, 6, 2, 4, 4)
+    assert compose([coarse, fine]).shape == (2, 10, 2, 4, 4)  # the fine map is area-averaged down
+    assert torch.allclose(compose([coarse, fine])[:, 6:], torch.nn.functional.avg_pool3d(fine, 2), atol=1e-6)
+    assert compose([fine, coarse]).shape == (2, 10, 4, 8, 8)  # the coarse map is interpolated up
+    assert composed_shape([(6, 2, 4, 4), (4, 4, 8, 8)]) == (10, 2, 4, 4)
+    assert plane_sampling(["up0@25", "mid@100", "up0@100"]) == ([25, 100], ["up0", "mid"], False)
+    assert plane_sampling(["mid@50+100"]) == ([50, 100], ["mid"], True)
+    assert parse_key("up1@50+100") == ("up1", "50+100")
+    with pytest.raises(OrthodiffError, match="'mid' is not 'block@timestep'"):
+        parse_key("mid")
+    with pytest.raises(OrthodiffError, match="averaged timesteps cannot be mixed"):
+        plane_sampling(["mid@50+100", "mid@25"])

@@ -83,13 +83,91 @@ def test_grid_picks_the_best_validation_cell_and_records_it(project, tmp_path):
                       "finetune.grid_learning_rates=[3e-3,1e-7]", "features.blocks=[mid,down1]")
     result = run_finetune(cfg)
     grid = json.loads((result.run_dir / "run.json").read_text())["grid"]
-    cells = grid["cells"]
-    assert len(cells) == 4 and {(c["block"], c["learning_rate"]) for c in cells} == {
-        ("mid", 3e-3), ("mid", 1e-7), ("down1", 3e-3), ("down1", 1e-7)}
-    best = max(cells, key=lambda c: c["val_macro_auroc"])
+    planes = grid["planes"]
+    assert set(planes) == {"sagittal", "coronal", "axial"}
+    for plane, record in planes.items():
+        # Every (block, lr) of the plane search is recorded with its validation score.
+        assert {(c["block"], c["learning_rate"]) for c in record["cells"]} == {
+            ("mid", 3e-3), ("mid", 1e-7), ("down1", 3e-3), ("down1", 1e-7)}
+        assert all(c["plane"] == plane and c["stage"] == "plane" for c in record["cells"])
+        best_key = max(record["scores"], key=lambda k: record["scores"][k])
+        assert record["chosen"] == [best_key] == grid["chosen"][plane]
+        assert record["scores"][best_key] == max(c["val_macro_auroc"] for c in record["cells"])
+    fused = grid["fused"]
+    assert {c["learning_rate"] for c in fused} == {3e-3, 1e-7}
+    assert all(c["selection"] == grid["chosen"] for c in fused)
+    best = max(fused, key=lambda c: c["val_macro_auroc"])
     assert grid["best"]["val_macro_auroc"] == best["val_macro_auroc"] == result.choice["val_macro_auroc"]
+    assert "Grid chose per plane" in result.describe()
     log = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(log) == 4 * 3  # every cell logged every epoch
+    assert len(log) == (12 + 2) * 3  # every cell logged every epoch
+    head = json.loads((result.run_dir / "head.json").read_text())
+    assert head["features"]["selection"] == grid["chosen"]
+
+
+def _plant_signals(store_dir, cache, signal_block: dict, noise_block: dict):
+    """Rewrite a feature store so that each plane's labels show only in ``signal_block[plane]``."""
+    from orthodiff.data.cache import PlaneCache
+    from orthodiff.features.store import FeatureStore
+
+    store = FeatureStore(store_dir)
+    labels = PlaneCache(cache).index.drop_duplicates("study_id").set_index("study_id")
+    rng = np.random.default_rng(0)
+    for plane in store.planes:
+        rows = store.rows(plane)
+        blob = labels.loc[rows["study_id"], "label_blob"].to_numpy(dtype=float)
+        rim = labels.loc[rows["study_id"], "label_rim"].to_numpy(dtype=float)
+        for block in (signal_block[plane], noise_block[plane]):
+            path = store.root / store.entries[plane][f"{block}@100"]["file"]
+            array = np.load(path)
+            fresh = rng.normal(size=array.shape)
+            if block == signal_block[plane]:
+                fresh[:, 0] += 4 * np.nan_to_num(blob)[:, None, None, None]
+                fresh[:, 1] += 4 * np.nan_to_num(rim)[:, None, None, None]
+            np.save(path, fresh.astype(array.dtype))
+
+
+def test_grid_chooses_features_per_plane_where_each_plane_carries_its_signal(project, tmp_path):
+    overrides = [*PROBE, "finetune.mode=grid", "finetune.epochs=8", "finetune.grid_learning_rates=[5e-2]",
+                 "features.blocks=[mid,down1]"]
+    from orthodiff.features.store import run_extraction
+
+    store_dir = run_extraction(tiny_config(project, tmp_path, *overrides))
+    signal = {"sagittal": "mid", "coronal": "down1", "axial": "down1"}
+    noise = {"sagittal": "down1", "coronal": "mid", "axial": "mid"}
+    _plant_signals(store_dir, project["cache"], signal, noise)
+    result = run_finetune(tiny_config(project, tmp_path, *overrides))
+    grid = json.loads((result.run_dir / "run.json").read_text())["grid"]
+    assert grid["chosen"] == {plane: [f"{signal[plane]}@100"] for plane in signal}
+    for plane, record in grid["planes"].items():
+        assert record["scores"][f"{signal[plane]}@100"] > record["scores"][f"{noise[plane]}@100"]
+    assert result.metrics["test"]["macro_auroc"] > 0.9
+
+    # concat_features=2 of 2 pairs: nothing to search; every plane reads both, concatenated.
+    both = run_finetune(tiny_config(project, tmp_path, *overrides, "finetune.concat_features=2",
+                                    f"finetune.output_dir={tmp_path / 'both'}"))
+    grid = json.loads((both.run_dir / "run.json").read_text())["grid"]
+    assert grid["chosen"] == {plane: ["mid@100", "down1@100"] for plane in signal} and grid["planes"] == {}
+    assert both.metrics["test"]["macro_auroc"] > 0.9
+
+
+@pytest.mark.parametrize("pooling", ["attention_max", "grid"])
+def test_probe_runs_with_local_evidence_pooling(project, tmp_path, pooling):
+    result = run_finetune(tiny_config(project, tmp_path, f"finetune.pooling={pooling}", "finetune.epochs=3",
+                                      "finetune.readout_grid=[1,2,2]"))
+    info = json.loads((result.run_dir / "run.json").read_text())
+    head = json.loads((result.run_dir / "head.json").read_text())
+    assert info["pooling"] == head["pooling"] == pooling and head["readout_grid"] == [1, 2, 2]
+    assert info["features"]["selection"] == {plane: ["mid@100"] for plane in ("sagittal", "coronal", "axial")}
+    assert result.metrics["test"]["macro_auroc"] is not None
+
+
+def test_concat_features_out_of_range_is_refused(project, tmp_path):
+    with pytest.raises(OrthodiffError, match="finetune.concat_features=3"):
+        run_finetune(tiny_config(project, tmp_path, *PROBE, "finetune.concat_features=3",
+                                 "features.blocks=[mid,down1]"))
+    with pytest.raises(OrthodiffError, match="finetune.concat_features=2: concatenated features are for probe"):
+        run_finetune(tiny_config(project, tmp_path, "finetune.mode=partial", "finetune.concat_features=2"))
 
 
 def test_partial_finetuning_trains_and_predicts_studies_missing_a_plane(project, tmp_path):

@@ -174,3 +174,56 @@ def test_segmentation_head_overfits_a_tiny_batch():
         optimiser.step()
     after = score()
     assert after > 0.8 and after > before + 0.3
+
+
+def test_local_evidence_pool_shapes():
+    from orthodiff.heads import AttentionMaxPool, GridPool
+
+    x = torch.randn(2, 8, 2, 4, 4)
+    assert AttentionMaxPool(8, heads=2)(x).shape == (2, 24)
+    assert make_pool("attention_max", 6, heads=4)(torch.randn(2, 6, 1, 2, 2)).shape == (2, 18)
+    assert GridPool(8, (1, 2, 2))(x).shape == (2, 32)
+    assert make_pool("grid", 8, grid=[2, 2, 2])(x).shape == (2, 64)
+    assert make_pool("grid_max", 8, grid=[1, 2, 2])(x).shape == (2, 64)
+    for kind in ("attention_max", "grid", "grid_max"):
+        assert make_pool(kind, 8, heads=2).out_features == make_pool(kind, 8, heads=2)(x).shape[1]
+    with pytest.raises(OrthodiffError, match="finetune.readout_grid"):
+        make_pool("grid", 8, grid=[1, 2])
+    with pytest.raises(OrthodiffError, match="finetune.readout_grid"):
+        make_pool("grid", 8, grid=[0, 2, 2])
+
+
+def test_attention_max_pool_keeps_the_global_max_of_each_channel():
+    x = torch.randn(2, 8, 2, 4, 4)
+    pooled = make_pool("attention_max", 8, heads=2)(x)
+    assert torch.allclose(pooled[:, 16:], x.flatten(2).amax(2))
+    assert torch.allclose(pooled[:, 8:16], x.flatten(2).mean(2), atol=1e-6)
+
+
+def test_grid_pool_tells_where_a_spot_lies_where_the_mean_cannot():
+    """One bright voxel in the left half of the map, or the same voxel in the right half: the
+    global average (and the attention pool's GAP half) are identical, the grid readout is not."""
+    left, right = torch.zeros(1, 4, 2, 4, 4), torch.zeros(1, 4, 2, 4, 4)
+    left[0, 1, 0, 1, 0] = 5.0
+    right[0, 1, 0, 1, 3] = 5.0
+    mean, grid = make_pool("mean", 4), make_pool("grid", 4, grid=[1, 2, 2])
+    assert torch.equal(mean(left), mean(right))
+    assert not torch.allclose(grid(left), grid(right))
+    # The spot's cell (h 0..1, w 0..1 for left; w 2..3 for right) holds its average, the others 0.
+    cells_left = grid(left).reshape(4, 1, 2, 2)[1, 0]
+    cells_right = grid(right).reshape(4, 1, 2, 2)[1, 0]
+    assert cells_left[0, 0] > 0 and cells_left[0, 1] == 0
+    assert cells_right[0, 1] > 0 and cells_right[0, 0] == 0
+
+
+@pytest.mark.parametrize("pooling", ["attention_max", "grid", "grid_max"])
+def test_classifier_trains_with_local_evidence_pools_and_missing_planes(pooling):
+    maps = _maps()
+    channels = {plane: 8 for plane in PLANES}
+    model = MultiLabelClassifier(channels, ["a", "b"], pooling=pooling, readout_grid=[1, 2, 2])
+    present = torch.tensor([[True, True, True], [True, False, True], [False, True, True]])
+    logits = model(maps, present)
+    assert logits.shape == (3, 2)
+    loss = masked_bce_loss(logits, torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, float("nan")]]))
+    loss.backward()
+    assert torch.isfinite(loss) and model.head[1].weight.grad.abs().sum() > 0

@@ -201,7 +201,8 @@ def train_classifier(cfg, denoisers, datasets: dict, labels: list[str], log: Met
     backbone = Backbone(denoisers, timestep, [block], cfg.seed, ft.mode)
     channels = {plane: d.feature_channels(block) for plane, d in denoisers.items()}
     num_ehr = len(datasets["train"].ehr_names)
-    head = MultiLabelClassifier(channels, labels, ft.pooling, ft.fusion, num_ehr=num_ehr, use_ehr=ft.use_ehr)
+    head = MultiLabelClassifier(channels, labels, ft.pooling, ft.fusion, num_ehr=num_ehr, use_ehr=ft.use_ehr,
+                                readout_grid=ft.readout_grid)
     model = EndToEndClassifier(backbone, head, block)
     pos_weight = None
     if ft.pos_weight:

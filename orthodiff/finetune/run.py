@@ -15,6 +15,7 @@ import numpy as np
 
 from ..config import save_config
 from ..errors import OrthodiffError
+from ..features.selection import key_name
 from ..fileio import read_json, write_json, write_table
 from ..fileio import safe_filename
 from ..planes import PLANES
@@ -50,10 +51,8 @@ class FinetuneResult:
             f"; {self.seconds:.0f} s; run directory {self.run_dir}"
         )
         if self.choice:
-            text += (
-                f". Grid chose block {self.choice['block']} at t={self.choice['timestep']}, "
-                f"lr {self.choice['learning_rate']:g}"
-            )
+            chosen = "; ".join(f"{plane} {'+'.join(keys)}" for plane, keys in self.choice["selection"].items())
+            text += f". Grid chose per plane {chosen} (block@t), lr {self.choice['learning_rate']:g}"
         if self.warnings:
             text += f". {len(self.warnings)} warning(s) in run.json, e.g.: {self.warnings[0]}"
         return text
@@ -99,6 +98,7 @@ def run_finetune(cfg) -> FinetuneResult:
         "seed": int(cfg.seed),
         "pretrained": str(Path(ft.pretrained).resolve()) if ft.init == "pretrained" else None,
         "pooling": ft.pooling,
+        "readout_grid": [int(v) for v in ft.readout_grid],
         "fusion": ft.fusion,
         "use_ehr": bool(ft.use_ehr),
         # Probes read cached features of unaugmented tensors: augmentation cannot apply to them.
@@ -135,26 +135,27 @@ def _classify(cfg, cache, patients, info, out: Path, metrics_log):
 
         studies = load_run_studies(cache, patients, labels, cfg.data.ehr_columns)
         store = FeatureStore(run_extraction(cfg))
-        best, cells, features = train_probes(cfg, store, studies, metrics_log, grid=ft.mode == "grid")
+        best, cells, features, grid = train_probes(cfg, store, studies, metrics_log, grid=ft.mode == "grid")
         indices = np.concatenate([studies.where("val"), studies.where("test")])
-        probs = predict_probes(best.model, features[(best.block, best.timestep)], torch.from_numpy(studies.ehr),
+        probs = predict_probes(best.model, features, best.selection, torch.from_numpy(studies.ehr),
                                indices, int(ft.batch_size), next(best.model.parameters()).device)
         frame = studies.frame.iloc[indices].reset_index(drop=True)
         for j, name in enumerate(labels):
             frame[f"prob_{name}"] = probs[:, j]
         head: MultiLabelClassifier = best.model
-        info["features"] = {"store": str(store.root.resolve()), "block": best.block, "timestep": best.timestep,
-                            "extraction": store.spec}
+        info["features"] = {"store": str(store.root.resolve()), "selection": best.selection, "extraction": store.spec}
         info["best_epoch"] = best.best_epoch
-        if ft.mode == "grid":
-            info["grid"] = {
-                "selection": "validation macro AUROC over patients (ties: first cell)",
-                "cells": [cell.describe() for cell in cells],
-                "best": best.describe(),
-            }
+        if grid is not None:
+            info["grid"] = grid
     else:
         from ..features.backbones import build_denoisers
         from .endtoend import predict_classifier, train_classifier
+
+        if int(ft.concat_features) != 1:
+            raise OrthodiffError(
+                f"finetune.concat_features={ft.concat_features}: concatenated features are for probe and grid runs; "
+                f"{ft.mode} reads features.blocks[0] at features.timesteps[0], so set it to 1"
+            )
 
         planes = [p for p in PLANES if (cache.index["plane"] == p).any()]
         denoisers = build_denoisers(cfg, planes, cache.plane_size)
@@ -167,7 +168,8 @@ def _classify(cfg, cache, patients, info, out: Path, metrics_log):
             [predict_classifier(model, datasets[s], s, labels, cfg, device) for s in ("val", "test")], ignore_index=True
         )
         head = model.head
-        info["features"] = {"block": cfg.features.blocks[0], "timestep": str(int(cfg.features.timesteps[0]))}
+        key = key_name(cfg.features.blocks[0], str(int(cfg.features.timesteps[0])))
+        info["features"] = {"selection": {plane: [key] for plane in head.planes}}
         info.update(run_summary(summary))
         _save_denoisers(model.backbone.denoisers, out)
     _save_head(head, out, info)
@@ -301,7 +303,8 @@ def _save_head(head, out: Path, info: dict) -> None:
     with atomic_path(out / "head.safetensors") as tmp:
         save_file(tensors, str(tmp))
     spec = {"task": info["task"], "labels": info["labels"], "classes": info["classes"],
-            "pooling": info["pooling"], "fusion": info["fusion"], "use_ehr": info["use_ehr"],
+            "pooling": info["pooling"], "readout_grid": info["readout_grid"],
+            "fusion": info["fusion"], "use_ehr": info["use_ehr"],
             "planes": list(head.planes), "features": info.get("features", {})}
     if hasattr(head, "image_channels"):  # segmentation decoders also read the plane tensor
         spec["image_channels"] = int(head.image_channels)

@@ -4,13 +4,15 @@ multi-label classification and segmentation."""
 from .classifier import MultiLabelClassifier, masked_bce_loss, positive_weights
 from .ehr import EHRFusion
 from .fusion import ConcatFusion, GatedFusion
-from .pooling import LatentQueryPool, SelfAttentionPool, make_pool
+from .pooling import AttentionMaxPool, GridPool, LatentQueryPool, SelfAttentionPool, make_pool
 from .segmentation import SegmentationDecoder, SegmentationModel, make_dice_ce_loss
 
 __all__ = [
+    "AttentionMaxPool",
     "ConcatFusion",
     "EHRFusion",
     "GatedFusion",
+    "GridPool",
     "LatentQueryPool",
     "MultiLabelClassifier",
     "SegmentationDecoder",

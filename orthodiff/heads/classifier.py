@@ -11,7 +11,7 @@ from ..errors import OrthodiffError
 from ..planes import PLANES
 from .ehr import EHRFusion
 from .fusion import FUSIONS, ConcatFusion, GatedFusion
-from .pooling import make_pool
+from .pooling import DEFAULT_READOUT_GRID, make_pool
 
 
 class MultiLabelClassifier(nn.Module):
@@ -19,7 +19,8 @@ class MultiLabelClassifier(nn.Module):
 
     ``channels`` gives the feature channels of each plane (planes may come from different blocks).
     Every plane is pooled to the same width (a linear projection when the widths differ), so the
-    fusion sees equal-sized vectors.
+    fusion sees equal-sized vectors. ``readout_grid`` is the (d, h, w) cell grid of the ``grid``
+    and ``grid_max`` pools.
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class MultiLabelClassifier(nn.Module):
         use_ehr: bool = False,
         heads: int = 4,
         dropout: float = 0.1,
+        readout_grid=DEFAULT_READOUT_GRID,
     ):
         super().__init__()
         if not labels:
@@ -43,7 +45,9 @@ class MultiLabelClassifier(nn.Module):
             raise OrthodiffError("classifier: channels names no plane")
         self.labels = list(labels)
         self.fusion_kind = fusion
-        self.pools = nn.ModuleDict({plane: make_pool(pooling, int(channels[plane]), heads) for plane in self.planes})
+        self.pools = nn.ModuleDict(
+            {plane: make_pool(pooling, int(channels[plane]), heads, grid=readout_grid) for plane in self.planes}
+        )
         widths = {plane: self.pools[plane].out_features for plane in self.planes}
         width = max(widths.values())
         self.align = nn.ModuleDict(

@@ -69,7 +69,10 @@ def gradcam_maps(
     from monai.visualize import GradCAM
 
     signs = torch.tensor([1.0 if positive else -1.0 for positive in decisions], device=maps[plane].device)
-    model = _HeadOnOnePlane(classifier, maps, present, ehr, plane, signs)
+    was_training = classifier.training
+    # In eval mode: MONAI restores the wrapper's own mode after each call, and a new module is in
+    # training mode, which would leave the classifier's dropout and batch norm in training mode.
+    model = _HeadOnOnePlane(classifier, maps, present, ehr, plane, signs).eval()
     cam = GradCAM(nn_module=model, target_layers=TARGET_LAYER, upsampler=_same_size, postprocessing=_raw)
     feature_map = maps[plane].detach().clone().requires_grad_(True)
     heat = []
@@ -80,6 +83,7 @@ def gradcam_maps(
     stacked = torch.stack(heat)
     peak = stacked.flatten(1).amax(dim=1).clamp(min=1e-12)
     classifier.zero_grad(set_to_none=True)
+    classifier.train(was_training)
     return (stacked / peak[:, None, None, None]).clamp(0, 1).cpu()
 
 

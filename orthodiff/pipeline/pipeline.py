@@ -295,8 +295,7 @@ class OrthoDiffusionPipeline:
         features = self._features(images, study_id)
 
         cls_spec = self.config["classifier"]
-        maps = self._plane_maps(self.denoisers, cls_spec, features["classifier"], [cls_spec["block"]])
-        maps = {p: blocks[cls_spec["block"]] for p, blocks in maps.items()}
+        maps = self._classifier_maps(features["classifier"])
         ehr = self.encode_ehr(metadata) if cls_spec.get("use_ehr") else None
         with torch.no_grad():
             probs = torch.sigmoid(self.classifier(maps, present, ehr).float())[0].cpu().numpy()
@@ -331,36 +330,62 @@ class OrthoDiffusionPipeline:
         from ..features.extractor import FeatureExtractor
 
         cls_spec, seg_spec = self.config["classifier"], self.config.get("segmenter")
-        jobs = {"classifier": (self.denoisers, cls_spec, [cls_spec["block"]])}
+        selection = classifier_selection(cls_spec)
+        # {job: (denoisers, spec, {plane: (timesteps, blocks)})}; the classifier's planes may read
+        # different blocks and timesteps
+        jobs = {"classifier": (self.denoisers, cls_spec,
+                               {p: _sampling(keys) for p, keys in selection.items()})}
         if seg_spec and self.segmenter is not None:
-            jobs["segmenter"] = (self.segment_denoisers, seg_spec, [seg_spec["bottleneck"], *seg_spec["skips"]])
+            seg_blocks = [seg_spec["bottleneck"], *seg_spec["skips"]]
+            jobs["segmenter"] = (self.segment_denoisers, seg_spec,
+                                 {p: (list(seg_spec["timesteps"]), seg_blocks) for p in seg_spec["planes"]})
         shared = "segmenter" in jobs and _same_sampling(cls_spec, seg_spec) and seg_spec["denoisers"] == "denoisers"
         if shared:
-            blocks = list(dict.fromkeys(jobs["classifier"][2] + jobs["segmenter"][2]))
-            jobs = {"classifier": (self.denoisers, cls_spec, blocks)}
+            wanted = {}
+            for plane in PLANES:
+                parts = [jobs[name][2][plane] for name in ("classifier", "segmenter") if plane in jobs[name][2]]
+                if parts:
+                    wanted[plane] = (list(dict.fromkeys(t for ts, _ in parts for t in ts)),
+                                     list(dict.fromkeys(b for _, bs in parts for b in bs)))
+            jobs = {"classifier": (self.denoisers, cls_spec, wanted)}
         found: dict = {}
         with torch.no_grad():
-            for name, (denoisers, spec, blocks) in jobs.items():
+            for name, (denoisers, spec, wanted) in jobs.items():
                 found[name] = {}
                 for plane, image in images.items():
-                    if plane not in spec["planes"]:
+                    if plane not in wanted:
                         continue
+                    timesteps, blocks = wanted[plane]
                     extractor = FeatureExtractor(
-                        denoisers[plane], spec["timesteps"], blocks, seed=spec["seed"],
+                        denoisers[plane], timesteps, blocks, seed=spec["seed"],
                         noise_draws=spec["noise_draws"], average_timesteps=spec["average_timesteps"],
                     )
-                    found[name][plane] = {block: value.float() for (block, _), value in extractor(image, [study_id]).items()}
+                    # {(block, timestep spec): map}
+                    found[name][plane] = {key: value.float() for key, value in extractor(image, [study_id]).items()}
         if shared:
             found["segmenter"] = found["classifier"]
         return found
 
+    def _classifier_maps(self, found: dict) -> dict:
+        """{plane: composed map} of the classifier's per-plane features; zeros for a plane the study
+        lacks (the head replaces that plane by its learned missing-plane embedding)."""
+        from ..features.selection import compose_found, selection_shape
+
+        maps = {}
+        for plane, keys in classifier_selection(self.config["classifier"]).items():
+            if plane in found:
+                maps[plane] = compose_found(found[plane], keys)
+            else:
+                maps[plane] = torch.zeros((1, *selection_shape(self.denoisers[plane], keys)), device=self.device)
+        return maps
+
     def _plane_maps(self, denoisers, spec, found: dict, blocks) -> dict:
-        """{plane: {block: map}} for every plane of the head; zeros for a plane the study lacks
-        (the head replaces that plane by its learned missing-plane embedding)."""
+        """{plane: {block: map}} for every plane of the head; zeros for a plane the study lacks."""
+        name = _timestep_name(spec)
         maps = {}
         for plane in spec["planes"]:
             if plane in found:
-                maps[plane] = found[plane]
+                maps[plane] = {b: found[plane][(b, name)] for b in blocks}
             else:
                 maps[plane] = {b: torch.zeros((1, *denoisers[plane].feature_shape(b)), device=self.device) for b in blocks}
         return maps
@@ -416,10 +441,36 @@ def build_classifier(spec: dict, labels: list[str], denoisers: Mapping) -> torch
     missing = [p for p in spec["planes"] if p not in denoisers]
     if missing:
         raise OrthodiffError(f"classifier: no denoiser for planes {missing}; the pipeline is incomplete")
-    channels = {p: denoisers[p].feature_channels(spec["block"]) for p in spec["planes"]}
+    from ..features.selection import selection_shape
+
+    channels = {p: selection_shape(denoisers[p], keys)[0] for p, keys in classifier_selection(spec).items()}
     num_ehr = 2 * len(spec.get("ehr_columns") or [])
     return MultiLabelClassifier(channels, labels, spec["pooling"], spec["fusion"], num_ehr=num_ehr,
-                                use_ehr=bool(spec.get("use_ehr")), heads=int(spec.get("attention_heads", 4)))
+                                use_ehr=bool(spec.get("use_ehr")), heads=int(spec.get("attention_heads", 4)),
+                                readout_grid=spec.get("readout_grid") or [1, 2, 2])
+
+
+def classifier_selection(spec: dict) -> dict[str, list[str]]:
+    """{plane: ["block@spec", ...]} the diagnosis head reads (one block and timestep for every
+    plane in pipelines saved before features were chosen per plane)."""
+    if "selection" in spec:
+        return {p: list(spec["selection"][p]) for p in spec["planes"]}
+    return {p: [f"{spec['block']}@{_timestep_name(spec)}"] for p in spec["planes"]}
+
+
+def _timestep_name(spec: dict) -> str:
+    """The feature name of a single-timestep spec's timestep ('100', or '50+100' when averaged)."""
+    from ..features.extractor import timestep_spec_name
+
+    timesteps = spec["timesteps"]
+    return timestep_spec_name(timesteps) if spec.get("average_timesteps") else str(int(timesteps[0]))
+
+
+def _sampling(keys) -> tuple[list[int], list[str]]:
+    from ..features.selection import plane_sampling
+
+    timesteps, blocks, _ = plane_sampling(keys)
+    return timesteps, blocks
 
 
 def build_segmenter(spec: dict, num_classes: int, denoisers: Mapping) -> torch.nn.Module:
@@ -535,8 +586,10 @@ def _denoiser_planes(config: dict) -> list[str]:
 
 
 def _same_sampling(a: dict, b: dict) -> bool:
-    keys = ("timesteps", "average_timesteps", "noise_draws", "seed")
-    return all(a.get(k) == b.get(k) for k in keys)
+    """One denoiser pass serves both heads when noise and seed agree and neither averages timesteps
+    (a pass at several single timesteps gives each one's maps unchanged)."""
+    keys = ("average_timesteps", "noise_draws", "seed")
+    return all(a.get(k) == b.get(k) for k in keys) and not a.get("average_timesteps")
 
 
 def _same_weights(first: Mapping, second: Mapping) -> bool:

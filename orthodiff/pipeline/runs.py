@@ -43,19 +43,31 @@ def timesteps_of(spec: str) -> list[int]:
 
 def classifier_spec(run_dir: Path, info: dict, head: dict, cfg) -> dict:
     """Everything that rebuilds the classification head and reproduces its features."""
+    from ..features.selection import plane_sampling
+
     features = head.get("features") or {}
-    if "block" not in features or "timestep" not in features:
-        raise OrthodiffError(f"{run_dir / 'head.json'}: features.block / features.timestep missing; rerun the finetune")
+    planes = [p for p in PLANES if p in head.get("planes", [])]
+    if "selection" in features:
+        selection = {plane: [str(key) for key in features["selection"].get(plane) or []] for plane in planes}
+    elif "block" in features and "timestep" in features:  # runs written before per-plane features
+        selection = {plane: [f"{features['block']}@{features['timestep']}"] for plane in planes}
+    else:
+        raise OrthodiffError(f"{run_dir / 'head.json'}: features.selection missing; rerun the finetune")
+    empty = [plane for plane, keys in selection.items() if not keys]
+    if empty:
+        raise OrthodiffError(
+            f"{run_dir / 'head.json'}: features.selection names no feature for {empty}; rerun the finetune"
+        )
     extraction = features.get("extraction") or {}
-    timesteps = timesteps_of(features["timestep"])
+    averaged = any(plane_sampling(keys)[2] for keys in selection.values())
     spec = {
-        "planes": [p for p in PLANES if p in head.get("planes", [])],
-        "block": str(features["block"]),
-        "timesteps": timesteps,
-        "average_timesteps": len(timesteps) > 1,
+        "planes": planes,
+        "selection": selection,
+        "average_timesteps": averaged,
         "noise_draws": int(extraction.get("noise_draws", 1)),
         "seed": int(extraction.get("seed", info.get("seed", cfg.seed))),
         "pooling": head.get("pooling", "attention"),
+        "readout_grid": [int(v) for v in head.get("readout_grid") or [1, 2, 2]],
         "fusion": head.get("fusion", "concat"),
         "attention_heads": HEAD_ATTENTION_HEADS,
         "use_ehr": bool(head.get("use_ehr", False)),

@@ -318,6 +318,7 @@ class _Loop:
     def run(self, batches, checkpoint_dir: Path, info: dict, last_checkpoint: Optional[Path]) -> None:
         p, accelerator = self.cfg.pretrain, self.accelerator
         self.last_checkpoint = last_checkpoint
+        self.heldout = self.make_heldout()
         bar = tqdm_bar(p.max_steps, self.progress.step, self.plane, accelerator.is_main_process)
         window_losses: list[torch.Tensor] = []
         window_start, window_steps = time.perf_counter(), 0
@@ -335,6 +336,8 @@ class _Loop:
                 window_losses, window_start, window_steps = [], time.perf_counter(), 0
             if p.preview_every and step % p.preview_every == 0:
                 self.preview(step, clean)
+            if self.heldout is not None and (step % p.eval_every == 0 or step == p.max_steps):
+                self.evaluate_heldout(step)
             if step % p.checkpoint_every == 0 or step == p.max_steps:
                 self.last_checkpoint = save_checkpoint(
                     accelerator, checkpoint_dir, step, info, int(p.keep_checkpoints), self.state
@@ -398,6 +401,24 @@ class _Loop:
         accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=step)
         self.metrics.write({"plane": self.plane, **record})
         return record
+
+    def make_heldout(self):
+        """The held-out loss scorer (``training.heldout``), or None when off; built on every rank so a
+        missing validation split stops them all, scored on the main process only."""
+        from .heldout import make_heldout
+
+        return make_heldout(self.cfg, self.plane, self.accelerator.device)
+
+    def evaluate_heldout(self, step: int) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        from .heldout import evaluate_heldout
+
+        model = self.accelerator.unwrap_model(self.model)
+        with self.accelerator.autocast():
+            loss = evaluate_heldout(self.heldout, model, self.ema, step, self.plane, self.metrics,
+                                    Path(self.cfg.pretrain.output_dir) / self.plane)
+        self.accelerator.log({"heldout/loss": loss}, step=step)
 
     def preview(self, step: int, clean: torch.Tensor) -> None:
         """Main process only: a picture from the EMA weights (raw weights restored after)."""
