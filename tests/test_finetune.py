@@ -162,6 +162,24 @@ def test_probe_runs_with_local_evidence_pooling(project, tmp_path, pooling):
     assert result.metrics["test"]["macro_auroc"] is not None
 
 
+def test_probe_trains_by_the_shared_step_budget(project, tmp_path):
+    """With finetune.max_steps the probe trains exactly that many optimizer steps (the budget every
+    method gets), validating every eval_every steps; patience stops it once it stops improving."""
+    budget = run_finetune(tiny_config(project, tmp_path / "budget", *PROBE, "finetune.max_steps=7",
+                                      "finetune.eval_every=3"))
+    rows = [json.loads(line) for line in (budget.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in rows if "step" in row]
+    assert steps == [3, 6, 7]
+    info = json.loads((budget.run_dir / "run.json").read_text())
+    assert info["best_step"] in steps
+
+    patient = run_finetune(tiny_config(project, tmp_path / "patience", *PROBE, "finetune.max_steps=400",
+                                       "finetune.eval_every=1", "finetune.patience=2",
+                                       "finetune.learning_rate=0"))  # a frozen head never improves
+    rows = [json.loads(line) for line in (patient.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "step" in row] == [1, 2, 3]
+
+
 def test_concat_features_out_of_range_is_refused(project, tmp_path):
     with pytest.raises(OrthodiffError, match="finetune.concat_features=3"):
         run_finetune(tiny_config(project, tmp_path, *PROBE, "finetune.concat_features=3",

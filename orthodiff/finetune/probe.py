@@ -92,6 +92,8 @@ class ProbeCell:
     stage: str = "probe"  # probe, plane (single-plane search) or fused
     best_score: float = -np.inf
     best_epoch: int = -1
+    best_step: int = -1
+    stale: int = 0  # validations since the last improvement (finetune.patience)
     best_val_auroc: float | None = None
     best_state: dict = field(default_factory=dict)
 
@@ -109,6 +111,7 @@ class ProbeCell:
             "selection": {plane: list(keys) for plane, keys in self.selection.items()},
             "learning_rate": self.learning_rate,
             "best_epoch": self.best_epoch,
+            "best_step": self.best_step,
             "val_macro_auroc": self.best_val_auroc,
         }
         if self.stage == "plane":
@@ -211,48 +214,72 @@ class _Trainer:
         return ProbeCell(selection, rate, model, optimizer, stage)
 
     def fit(self, cells: list[ProbeCell]) -> list[ProbeCell]:
-        ft, studies = self.cfg.finetune, self.studies
+        """Train ``cells`` over the same shuffled batches; validate every ``finetune.eval_every`` optimizer
+        steps (or once a pass), for ``finetune.max_steps`` steps (or ``finetune.epochs`` passes), stopping
+        once every cell has gone ``finetune.patience`` validations without improving."""
+        ft = self.cfg.finetune
         generator = torch.Generator().manual_seed(int(self.cfg.seed))
-        for epoch in range(int(ft.epochs)):
+        steps_per_pass = -(-len(self.train_idx) // self.batch_size)
+        total = int(ft.max_steps) if ft.max_steps else steps_per_pass * int(ft.epochs)
+        every = int(ft.eval_every) if ft.max_steps and int(ft.eval_every) > 0 else steps_per_pass
+        losses = {cell.name: [] for cell in cells}
+        step, epoch = 0, 0
+        while step < total:
             order = self.train_idx[torch.randperm(len(self.train_idx), generator=generator).numpy()]
-            losses = {cell.name: [] for cell in cells}
-            for cell in cells:
-                cell.model.train()
             for start in range(0, len(order), self.batch_size):
-                chunk = order[start : start + self.batch_size]
-                targets, extra = self.labels[chunk].to(self.device), self.ehr[chunk].to(self.device)
-                for _, group in itertools.groupby(cells, key=lambda c: c.features_name):
-                    group = list(group)
-                    maps, present = self.features.batch(group[0].selection, chunk, self.device)
-                    for cell in group:
-                        loss = masked_bce_loss(cell.model(maps, present, extra), targets, self.pos_weight)
-                        cell.optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        cell.optimizer.step()
-                        losses[cell.name].append(loss.item())
-            for cell in cells:
-                probs = predict_probes(cell.model, self.features, cell.selection, self.ehr, self.val_idx,
-                                       self.batch_size, self.device)
-                frame = studies.frame.iloc[self.val_idx].assign(**_prob_columns(studies.label_names, probs))
-                _, macro, _ = auroc_scores(patient_level(frame, studies.label_names), studies.label_names, "val")
-                val_loss = float(masked_bce_loss(torch.logit(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)),
-                                                 self.labels[self.val_idx]))
-                # Validation AUROC chooses; when no label has both classes in val, the loss does.
-                score = macro if macro is not None else -val_loss
-                if score > cell.best_score:
-                    cell.best_score, cell.best_epoch, cell.best_val_auroc = score, epoch, macro
-                    cell.best_state = copy.deepcopy(cell.model.state_dict())
-                self.log.write(
-                    cell=cell.name,
-                    stage=cell.stage,
-                    epoch=epoch,
-                    train_loss=float(np.mean(losses[cell.name])) if losses[cell.name] else None,
-                    val_loss=val_loss,
-                    val_macro_auroc=macro,
-                )
+                self._train_step(cells, order[start : start + self.batch_size], losses)
+                step += 1
+                if step % every == 0 or step == total:
+                    self._validate(cells, epoch, step, losses)
+                    losses = {cell.name: [] for cell in cells}
+                    if ft.patience and all(cell.stale >= int(ft.patience) for cell in cells):
+                        total = step  # every cell has stopped improving
+                if step >= total:
+                    break
+            epoch += 1
         for cell in cells:
             cell.model.load_state_dict(cell.best_state)
         return cells
+
+    def _train_step(self, cells: list[ProbeCell], chunk, losses: dict) -> None:
+        targets, extra = self.labels[chunk].to(self.device), self.ehr[chunk].to(self.device)
+        for _, group in itertools.groupby(cells, key=lambda c: c.features_name):
+            group = list(group)
+            maps, present = self.features.batch(group[0].selection, chunk, self.device)
+            for cell in group:
+                cell.model.train()
+                loss = masked_bce_loss(cell.model(maps, present, extra), targets, self.pos_weight)
+                cell.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                cell.optimizer.step()
+                losses[cell.name].append(loss.item())
+
+    def _validate(self, cells: list[ProbeCell], epoch: int, step: int, losses: dict) -> None:
+        studies = self.studies
+        for cell in cells:
+            probs = predict_probes(cell.model, self.features, cell.selection, self.ehr, self.val_idx,
+                                   self.batch_size, self.device)
+            frame = studies.frame.iloc[self.val_idx].assign(**_prob_columns(studies.label_names, probs))
+            _, macro, _ = auroc_scores(patient_level(frame, studies.label_names), studies.label_names, "val")
+            val_loss = float(masked_bce_loss(torch.logit(torch.from_numpy(probs).clamp(1e-6, 1 - 1e-6)),
+                                             self.labels[self.val_idx]))
+            # Validation AUROC chooses; when no label has both classes in val, the loss does.
+            score = macro if macro is not None else -val_loss
+            if score > cell.best_score:
+                cell.best_score, cell.best_epoch, cell.best_step, cell.best_val_auroc = score, epoch, step, macro
+                cell.best_state = copy.deepcopy(cell.model.state_dict())
+                cell.stale = 0
+            else:
+                cell.stale += 1
+            self.log.write(
+                cell=cell.name,
+                stage=cell.stage,
+                epoch=epoch,
+                step=step,
+                train_loss=float(np.mean(losses[cell.name])) if losses[cell.name] else None,
+                val_loss=val_loss,
+                val_macro_auroc=macro,
+            )
 
 
 def _plain_score(score: float) -> float | None:

@@ -144,7 +144,7 @@ def _classify(cfg, cache, patients, info, out: Path, metrics_log):
             frame[f"prob_{name}"] = probs[:, j]
         head: MultiLabelClassifier = best.model
         info["features"] = {"store": str(store.root.resolve()), "selection": best.selection, "extraction": store.spec}
-        info["best_epoch"] = best.best_epoch
+        info["best_epoch"], info["best_step"] = best.best_epoch, best.best_step
         if grid is not None:
             info["grid"] = grid
     else:
