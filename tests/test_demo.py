@@ -22,7 +22,8 @@ def test_quick_demo_runs_every_stage_and_writes_its_report(tmp_path):
 
     results = json.loads((out / "results.json").read_text())
     runs = {row["run"]: row for row in results["runs"]}
-    assert set(runs) == {"classify-probe-100", "classify-probe-10", "classify-scratch-10", "segment-100", "segment-10"}
+    assert set(runs) == {"classify-probe-100", "classify-probe-10", "classify-scratch-10", "classify-raw-voxels-10",
+                         "segment-100", "segment-10"}
     for row in runs.values():
         if row["task"] == "classify":
             assert 0.0 <= row["macro_auroc"] <= 1.0
@@ -33,6 +34,14 @@ def test_quick_demo_runs_every_stage_and_writes_its_report(tmp_path):
 
     report = (out / "report.md").read_text()
     assert "classify-probe-10" in report
+    # the pretrained probe at 10% is set against both floors, with what the intervals allow
+    assert "untrained denoisers" in report and "raw, pooled voxels" in report
+    # segmentation: Dice of every structure and the thin-structure mean, predictions drawn beside the reference
+    assert set(runs["segment-100"]["structure_dice"]) == {"femur", "tibia", "patella", "fibula", "femoral_cartilage",
+                                                          "tibial_cartilage", "patellar_cartilage", "medial_meniscus",
+                                                          "lateral_meniscus", "cruciate_ligaments"}
+    assert "| thin-structure mean |" in report
+    assert (out / "runs" / "segment-100" / "segmentation_overlay.png").exists()
     pictures = [line for line in report.splitlines() if line.startswith("![")]
     assert pictures, "the report shows the evaluation plots"
     for line in pictures:

@@ -83,3 +83,29 @@ def _bound(entry: dict, key: str) -> float:
     """An interval bound, or the point value when the interval is undefined."""
     value = entry.get(key)
     return entry["value"] if value is None else value
+
+
+def segmentation_overlays(examples: list[dict], classes: list[str], path: Path) -> Path:
+    """One row per example: the plane tensor's middle slice, the reference and the prediction over it.
+
+    Each example holds ``title``, ``image`` (D, H, W), ``target`` and ``pred`` (D, H, W label arrays).
+    The slice shown is the one where the reference holds most foreground, so the structures are in view.
+    """
+    plt = pyplot()
+    from matplotlib.colors import ListedColormap
+
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, 20))[: max(1, len(classes) - 1)]
+    cmap = ListedColormap(colours)
+    fig, axes = plt.subplots(len(examples), 3, figsize=(9, 3 * len(examples)), squeeze=False)
+    for row, example in zip(axes, examples):
+        target, pred = np.asarray(example["target"]), np.asarray(example["pred"])
+        index = int(np.argmax((target > 0).reshape(target.shape[0], -1).sum(axis=1)))
+        image = np.asarray(example["image"], dtype=np.float32)[index]
+        for ax, labels, title in zip(row, (None, target[index], pred[index]), ("image", "reference", "prediction")):
+            ax.imshow(image, cmap="gray")
+            if labels is not None:
+                ax.imshow(np.ma.masked_equal(labels, 0), cmap=cmap, vmin=1, vmax=max(1, len(classes) - 1),
+                          alpha=0.55, interpolation="nearest")
+            ax.set_title(f"{example['title']}: {title} (slice {index + 1}/{target.shape[0]})", fontsize=8)
+            ax.axis("off")
+    return save_png(fig, path)
