@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import orthodiff.data.prepare as prepare_module
 from orthodiff.cli import main as cli_main
 from orthodiff.data.cache import PlaneCache
 from orthodiff.data.prepare import prepare_cache, to_plane_tensor

@@ -28,25 +28,17 @@ from ..planes import PLANES
 PREDICTION_COLUMNS = ("study_id", "patient_id", "split", "site", "field_strength")
 
 
-def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, learning_rate: float,
-                   batch_size: int) -> dict:
-    """Train baseline ``name`` with ``cfg``'s data, splits, labels fraction and seed; write ``run_dir``.
+def _open_run(cfg, run_dir) -> tuple:
+    """Seed everything, create ``run_dir``, and check the cache against the config and the splits file.
 
-    Returns the run.json contents.
+    Returns (seed, run_dir, cache, patients of the run's label fraction).
     """
     import torch
 
-    from ..baselines import build_baseline
     from ..data.cache import PlaneCache
     from ..data.splits import load_splits
-    from ..finetune.scoring import MetricsLog, auroc_scores, patient_level
-    from ..finetune.steps import StepBudget, run_summary, train_best
-    from ..finetune.studies import resolve_labels, run_patients
-    from ..heads import masked_bce_loss
+    from ..finetune.studies import run_patients
 
-    if int(epochs) < 1:
-        raise OrthodiffError(f"baseline_epochs={epochs}: must be at least 1")
-    start = time.perf_counter()
     seed = int(cfg.seed)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -56,8 +48,27 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
     cache.check_plane_size(cfg.data.plane_size)
     splits = load_splits(cfg.data.splits)
     cache.check_splits(splits)
-    fraction = float(cfg.finetune.labels_fraction)
-    patients = run_patients(splits, fraction)
+    return seed, run_dir, cache, run_patients(splits, float(cfg.finetune.labels_fraction))
+
+
+def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, learning_rate: float,
+                   batch_size: int) -> dict:
+    """Train baseline ``name`` with ``cfg``'s data, splits, labels fraction and seed; write ``run_dir``.
+
+    Returns the run.json contents.
+    """
+    import torch
+
+    from ..baselines import build_baseline
+    from ..finetune.scoring import MetricsLog, auroc_scores, patient_level
+    from ..finetune.steps import StepBudget, run_summary, train_best
+    from ..finetune.studies import resolve_labels
+    from ..heads import masked_bce_loss
+
+    if int(epochs) < 1:
+        raise OrthodiffError(f"baseline_epochs={epochs}: must be at least 1")
+    start = time.perf_counter()
+    seed, run_dir, cache, patients = _open_run(cfg, run_dir)
     labels = resolve_labels(cache, cfg.data.labels, f"data.labels (cache {cache.root})")
     planes = [p for p in PLANES if (cache.index["plane"] == p).any()]
     datasets = _datasets(cache, patients, labels, planes, cfg)
@@ -108,7 +119,7 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
     info = {
         "task": "classify", "labels": labels, "classes": [],
         "cache": str(Path(cfg.data.cache).resolve()), "splits": str(Path(cfg.data.splits).resolve()),
-        "labels_fraction": fraction, "init": "scratch", "mode": "supervised", "baseline": name,
+        "labels_fraction": float(cfg.finetune.labels_fraction), "init": "scratch", "mode": "supervised", "baseline": name,
         "baseline_options": options, "seed": seed, "epochs": int(epochs), "learning_rate": float(learning_rate),
         "batch_size": int(batch_size), "augment": bool(cfg.finetune.augment), **run_summary(best),
         "parameters": int(sum(p.numel() for p in model.parameters())),
@@ -191,8 +202,6 @@ def train_segmentation_baseline(cfg, name: str, run_dir: Path, options: dict | N
     import torch
 
     from ..baselines.dynunet import DynUNetSegmenter, deep_supervision_weights, poly_factor
-    from ..data.cache import PlaneCache
-    from ..data.splits import load_splits
     from ..finetune.endtoend import (
         fit_best,
         mean_dice,
@@ -203,7 +212,6 @@ def train_segmentation_baseline(cfg, name: str, run_dir: Path, options: dict | N
     from ..finetune.run import _study_datasets, resolve_classes, write_segmentations
     from ..finetune.scoring import MetricsLog
     from ..finetune.steps import run_summary
-    from ..finetune.studies import run_patients
     from ..heads.segmentation import class_weights, make_dice_ce_loss
 
     if name not in SEGMENTATION_BASELINES:
@@ -214,14 +222,7 @@ def train_segmentation_baseline(cfg, name: str, run_dir: Path, options: dict | N
         raise OrthodiffError(f"dynunet optimizer={optimizer_name!r}: use adamw or sgd")
     learning_rate = float(options.pop("learning_rate", 1e-2 if optimizer_name == "sgd" else cfg.finetune.learning_rate))
     start = time.perf_counter()
-    seed = int(cfg.seed)
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cache = PlaneCache(cfg.data.cache)
-    cache.check_plane_size(cfg.data.plane_size)
-    patients = run_patients(load_splits(cfg.data.splits), float(cfg.finetune.labels_fraction))
+    seed, run_dir, cache, patients = _open_run(cfg, run_dir)
     classes = resolve_classes(cfg, cache)
     planes = [p for p in PLANES if (cache.index["plane"] == p).any()]
     datasets = _study_datasets(cache, patients, [], planes, cfg, with_segmentation=True)

@@ -351,22 +351,18 @@ def _assert_consistent(splits: Splits, path) -> None:
                     "the splits file is corrupt, delete it and rerun `orthodiff split`"
                 )
             seen[patient] = name
-    train = set(splits.train)
-    larger = train
-    for fraction in sorted(splits.subsets, reverse=True):
-        members = set(splits.subsets[fraction])
+    _check_nested(path, splits.train, splits.subsets, "training")
+    _check_nested(path, splits.val, splits.val_subsets, "validation")
+
+
+def _check_nested(path, split: list, subsets: dict, name: str) -> None:
+    """Each label-fraction subset of ``split`` lies inside the next larger one and inside the split."""
+    larger = set(split)
+    for fraction in sorted(subsets, reverse=True):
+        members = set(subsets[fraction])
         if not members <= larger:
             raise OrthodiffError(
-                f"{path}: the {fraction:g} subset holds patients outside the larger subset or the training split; "
-                "delete the file and rerun `orthodiff split`"
-            )
-        larger = members
-    larger = set(splits.val)
-    for fraction in sorted(splits.val_subsets, reverse=True):
-        members = set(splits.val_subsets[fraction])
-        if not members <= larger:
-            raise OrthodiffError(
-                f"{path}: the {fraction:g} validation subset holds patients outside the larger one or the "
-                "validation split; delete the file and rerun `orthodiff split`"
+                f"{path}: the {fraction:g} {name} subset holds patients outside the larger subset or the {name} "
+                "split; delete the file and rerun `orthodiff split`"
             )
         larger = members

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import OrthodiffError, ScanError
-from ..fileio import atomic_directory, atomic_path, read_format_json, read_json, write_json
+from ..fileio import atomic_directory, atomic_path, read_format_json, read_json, sha256_file, write_json
 from ..io.volume import Volume
 from ..planes import PLANES
 
@@ -539,7 +539,7 @@ def verify_checksums(directory: Path, config: dict) -> None:
         path = directory / name
         if not path.is_file():
             raise OrthodiffError(f"{path}: missing from the pipeline directory; copy the whole folder or {EXPORT_HINT}")
-        if _sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise OrthodiffError(
                 f"{path}: differs from the file exported with this pipeline (sha256 mismatch: truncated, damaged or "
                 f"replaced); copy it again from the original or {EXPORT_HINT}"
@@ -555,7 +555,7 @@ def verify_checksums(directory: Path, config: dict) -> None:
 
 def _file_checksums(directory: Path) -> dict:
     """sha256 of every file of the pipeline directory but pipeline.json, by relative path."""
-    return {path.relative_to(directory).as_posix(): _sha256(path)
+    return {path.relative_to(directory).as_posix(): sha256_file(path)
             for path in sorted(directory.rglob("*")) if path.is_file() and path.name != CONFIG_NAME}
 
 
@@ -565,16 +565,6 @@ def _spec_checksums(config: dict) -> dict:
 
     return {key: hashlib.sha256(json.dumps(config.get(key), sort_keys=True, default=str).encode()).hexdigest()
             for key in SPEC_KEYS}
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _denoiser_planes(config: dict) -> list[str]:

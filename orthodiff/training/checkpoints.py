@@ -19,7 +19,6 @@ damaged ones it passed over. Nothing here ever unpickles: any ``*.pkl`` in a fol
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 import shutil
@@ -29,7 +28,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import OrthodiffError
-from ..fileio import read_json, write_json
+from ..fileio import read_json, sha256_file, write_json
 from .state_files import load_state, save_state
 
 RUN_INFO = "run.json"
@@ -171,7 +170,7 @@ def damage(path: Path) -> Optional[str]:
             return f"{name} is missing"
         if file.stat().st_size != expected.get("bytes"):
             return f"{name} is {file.stat().st_size} bytes, {expected.get('bytes')} were written"
-        if _sha256(file) != expected.get("sha256"):
+        if sha256_file(file) != expected.get("sha256"):
             return f"{name} does not match its recorded sha256"
     return None
 
@@ -223,15 +222,9 @@ def _first_difference(saved, wanted) -> str:
 
 
 def _file_record(path: Path) -> dict:
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _rng_state() -> dict:
