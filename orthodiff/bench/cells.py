@@ -56,10 +56,10 @@ def cell_config(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> Experime
                   "pretrained": str(inputs.pretrained or ft.pretrained)}
     features = inputs.features
     if cell.method == "orthodiff-probe":
-        ft = replace(ft, mode="probe", init="pretrained", **common)
+        ft = replace(ft, mode=preset.probe_mode, init="pretrained", **common)
     elif cell.method == "orthodiff-probe-random-init":
         # the same probe on randomly initialised denoisers (seeded per cell seed): its own feature store
-        ft = replace(ft, mode="probe", init="scratch", **common)
+        ft = replace(ft, mode=preset.probe_mode, init="scratch", **common)
         features = inputs.features.parent.with_name(inputs.features.parent.name + "-random-init") / inputs.features.name
     elif cell.method == "orthodiff-finetune":
         ft = replace(ft, mode="partial", init="pretrained", **common)

@@ -54,6 +54,9 @@ class BenchPreset:
     min_test_positives: int = 10
     min_low_label_positives: int = 10
     segment_epochs: int = 10
+    # the orthodiff probes (pretrained and random-init alike): "grid" chooses each plane's (block, timestep)
+    # among features.blocks x features.timesteps and the learning rate on validation; "probe" reads the first
+    probe_mode: str = "grid"
     # probe epochs (0: finetune.epochs). A probe trains on cached features, so an epoch costs a fraction
     # of a second: it gets trained to convergence (best validation epoch kept), as linear evaluation is.
     probe_epochs: int = 0
@@ -166,8 +169,10 @@ PRESETS = {
             "pretrain.preview_every=0",
             "pretrain.log_every=25",
             "pretrain.tracker=none",
-            "features.timesteps=[100]",
-            "features.blocks=[mid]",
+            # first block and timestep: what partial fine-tuning reads; the probes choose per plane
+            "features.timesteps=[100,25]",
+            "features.blocks=[mid,up0,up1]",
+            "finetune.pooling=grid_max",
             "finetune.epochs=4",
             # one optimizer-step budget for every method, probe and baselines alike
             "finetune.max_steps=200",
@@ -203,8 +208,10 @@ PRESETS = {
             "pretrain.max_steps=50000",
             "pretrain.batch_size=8",
             "pretrain.tracker=none",
-            "features.timesteps=[100]",
-            "features.blocks=[mid]",
+            # first block and timestep: what partial fine-tuning reads; the probes choose per plane
+            "features.timesteps=[100,50,200]",
+            "features.blocks=[mid,up1,up2,up3]",
+            "finetune.pooling=grid_max",
             "finetune.epochs=50",
             "finetune.max_steps=5000",
             "finetune.eval_every=100",
@@ -269,6 +276,8 @@ def _check(preset: BenchPreset) -> None:
             isinstance(v, int) and v > 0 for v in preset.unlabeled_studies.values()):
         raise OrthodiffError(f"unlabeled_studies={preset.unlabeled_studies!r}: give joint -> positive study count, "
                              "e.g. {knee: 600}")
+    if preset.probe_mode not in ("probe", "grid"):
+        raise OrthodiffError(f"probe_mode={preset.probe_mode!r}: use probe or grid")
     unknown = [m for m in preset.segment_methods if m not in SEGMENT_METHODS]
     if unknown:
         raise OrthodiffError(f"segment_methods: {unknown} unknown; use some of {', '.join(SEGMENT_METHODS)}")
