@@ -96,8 +96,10 @@ def test_random_init_probe_is_a_floor_on_its_own_feature_store(bench, tmp_path):
                         runs=tmp_path / "runs")
     probe = cell_config(Cell("knee", "in-domain", "classify", "orthodiff-probe", 1.0, 0), inputs, preset)
     floor = cell_config(Cell("knee", "in-domain", "classify", "orthodiff-probe-random-init", 1.0, 0), inputs, preset)
-    assert (probe.finetune.mode, probe.finetune.init) == ("probe", "pretrained")
-    assert (floor.finetune.mode, floor.finetune.init) == ("probe", "scratch")
+    # the same probe (the preset's per-plane grid search), on pretrained and on untrained denoisers
+    assert (probe.finetune.mode, probe.finetune.init) == ("grid", "pretrained")
+    assert (floor.finetune.mode, floor.finetune.init) == ("grid", "scratch")
+    assert floor.finetune.pooling == probe.finetune.pooling
     assert floor.features.output_dir != probe.features.output_dir
     assert floor.features.blocks == probe.features.blocks and floor.features.timesteps == probe.features.timesteps
 
