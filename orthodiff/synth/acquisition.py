@@ -85,7 +85,11 @@ JOINT_CENTRE = {"knee": (0.0, 12.0, 8.0), "ankle": (0.0, 2.0, -16.0), "shoulder"
 # (which takes in the patella) and on the joint line, so its middle slice crosses both condyles,
 # the menisci and the proximal tibia; its axial slab runs from above the patella to the tibial
 # tuberosity, so its middle slice crosses the patellofemoral joint.
-KNEE_PLANE_CENTRE = {"coronal": (0.0, 0.0, 0.0), "axial": (0.0, 12.0, 22.0)}
+# The coronal slab's tilt, as a share of the knee's flexion (see ``sample_geometry``): nearer the
+# tibia's axis than the femur's, since the narrow tibial shaft leaves a tilted slab sooner than the
+# broad femoral condyles do.
+KNEE_CORONAL_TILT = 0.7
+KNEE_PLANE_CENTRE = {"coronal": (0.0, -4.0, 0.0), "axial": (0.0, 12.0, 22.0)}
 JOINT_FOV = {"knee": 1.0, "ankle": 1.0, "shoulder": 1.12}
 
 
@@ -163,14 +167,15 @@ def sample_geometry(plane: str, joint: str, site: SiteProfile, pose: Pose, matri
                     rng: np.random.Generator, flexion_deg: float = 0.0) -> SeriesGeometry:
     """Slab placement: small obliquity, shifted centre, jittered field of view and slice count.
 
-    A flexed knee's coronal slab is tilted by half the flexion, the way a technologist lines it up
-    between the femoral and the tibial shaft on the sagittal localiser, so both bones stay in it.
+    A flexed knee's coronal slab is tilted by most of the flexion (KNEE_CORONAL_TILT), the way a
+    technologist lines it up between the femoral and the tibial shaft on the sagittal localiser, so
+    both bones stay in it.
     """
     oblique = _rotation(rng, (6.0, 6.0, 6.0))
     if joint == "knee" and plane == "coronal":
         from .shapes import rotation
 
-        oblique = oblique @ pose.matrix @ rotation("x", -flexion_deg / 2) @ pose.matrix.T
+        oblique = oblique @ pose.matrix @ rotation("x", -KNEE_CORONAL_TILT * flexion_deg) @ pose.matrix.T
     row_dir, col_dir = (oblique @ np.asarray(axis) for axis in _PLANE_AXES[plane])
     normal = np.cross(row_dir, col_dir)
     rows = max(16, round(matrix * site.matrix_scale / 16.0) * 16)

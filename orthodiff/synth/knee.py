@@ -257,7 +257,7 @@ def _wrap_in_soft_tissue(tissues, labels, x, y, z, ids, lm) -> None:
                     + ((Z - (z_low + z_high) / 2) / ((z_high - z_low) / 2)) ** 2 < 1)
     tissues[hoffa] = ids["fat_pad"]
     back = (yc - ymin)[None, None, :]
-    popliteal = deep & ((dx / 16.0) ** 2 + ((dy + back + 10.0) / 22.0) ** 2 + ((Z - 12.0) / 45.0) ** 2 < 1)
+    popliteal = deep & ((dx / 14.0) ** 2 + ((dy + back + 8.0) / 16.0) ** 2 + ((Z - 12.0) / 38.0) ** 2 < 1)
     tissues[popliteal] = ids["fat"]
     anterior_femur = lm["femur_anterior_above_patella"]
     pre = deep & ((dx / 26.0) ** 2 + ((Y - anterior_femur[1] - 1.0) / 7.0) ** 2
