@@ -312,8 +312,8 @@ def scanner_artefacts(image, geometry: SeriesGeometry, site: SiteProfile, field_
     clean = image.numpy() * _bias_field(image.shape, site)
     # Magnitude images carry Rician noise: the modulus of signal plus complex Gaussian noise.
     sigma = site.noise * NOISE_FACTOR[field_strength]
-    real = clean + rng.normal(0.0, sigma, clean.shape).astype(np.float32)
-    imag = rng.normal(0.0, sigma, clean.shape).astype(np.float32)
+    real = clean + np.float32(sigma) * rng.standard_normal(clean.shape, dtype=np.float32)
+    imag = np.float32(sigma) * rng.standard_normal(clean.shape, dtype=np.float32)
     noisy = np.sqrt(real * real + imag * imag)
     return np.clip(np.round(noisy * site.gain), 0, 32767).astype(np.int16)
 

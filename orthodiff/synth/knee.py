@@ -241,7 +241,7 @@ def _wrap_in_soft_tissue(tissues, labels, x, y, z, ids, lm) -> None:
     tissues[limb & (depth > SKIN_MM)] = ids["fat"]
     deep = limb & (depth > SKIN_MM + SUBCUT_MM)
     tissues[deep] = ids["muscle"]
-    _intermuscular_septa(tissues, deep, dx, dy, rx[None, None, :], ry, z, ids["fat"])
+    _intermuscular_septa(tissues, deep, dx, dy, rho, ry, z, ids["fat"])
 
     # The fat compartments are ellipsoids, so no straight edge shows in any plane: in front of the
     # joint (no muscle between the skin and the patella, its tendon and the capsule), Hoffa's pad
@@ -266,8 +266,8 @@ def _wrap_in_soft_tissue(tissues, labels, x, y, z, ids, lm) -> None:
     tissues[pre] = ids["fat"]
 
 
-# Fat planes between muscle groups, as directions from the limb's axis in each axial slice (degrees
-# from lateral towards anterior) over a range of heights (mm): in the thigh between the vasti,
+# Fat planes between muscle groups, as rays from the limb's axis in each axial slice (degrees from
+# lateral towards anterior) over a range of heights (mm): in the thigh between the vasti,
 # rectus femoris, sartorius and the hamstrings; in the calf between the gastrocnemius heads and
 # around the anterior and lateral compartments. Without them a limb's muscle is one flat block.
 _SEPTA = ((35.0, 30.0, 200.0), (140.0, 30.0, 200.0), (-60.0, 35.0, 200.0), (-125.0, 35.0, 200.0),
@@ -275,20 +275,18 @@ _SEPTA = ((35.0, 30.0, 200.0), (140.0, 30.0, 200.0), (-60.0, 35.0, 200.0), (-125
 SEPTUM_MM = 0.8
 
 
-def _intermuscular_septa(tissues, deep, dx, dy, rx, ry, z, fat: int) -> None:
-    """Thin fat planes through the muscle, fading in and out along the limb; plus, in the calf, the
-    plane between gastrocnemius and soleus (an arc behind the tibia)."""
-    angle = np.arctan2(dy / ry, dx / rx)
-    r = np.sqrt(dx * dx + dy * dy)
-    Z = z[None, None, :].astype(np.float32)
-    septa = np.zeros(deep.shape, bool)
+def _intermuscular_septa(tissues, deep, dx, dy, rho, ry, z, fat: int) -> None:
+    """Thin fat planes through the muscle over their range of heights; plus, in the calf, the plane
+    between gastrocnemius and soleus (an arc behind the tibia)."""
     for degrees, z_low, z_high in _SEPTA:
-        theta = np.deg2rad(degrees)
-        ray = np.cos(angle - theta) > 0.7
-        septa |= ray & (r * np.abs(np.sin(angle - theta)) < SEPTUM_MM) & (Z > z_low) & (Z < z_high)
-    rho = np.sqrt((dx / rx) ** 2 + (dy / ry) ** 2)
-    arc = (dy < 0) & (np.abs(rho - 0.62) * ry < SEPTUM_MM) & (Z < -35.0)
-    tissues[deep & (septa | arc)] = fat
+        k = slice(int(np.searchsorted(z, z_low)), int(np.searchsorted(z, z_high)))
+        c, s = np.float32(np.cos(np.deg2rad(degrees))), np.float32(np.sin(np.deg2rad(degrees)))
+        ex, ey = dx[:, :, k], dy[:, :, k]
+        plane = (np.abs(ex * s - ey * c) < SEPTUM_MM) & (ex * c + ey * s > 0) & deep[:, :, k]
+        tissues[:, :, k][plane] = fat
+    k = slice(0, int(np.searchsorted(z, -35.0)))
+    arc = deep[:, :, k] & (dy[:, :, k] < 0) & (np.abs(rho[:, :, k] - 0.62) * ry[:, :, k] < SEPTUM_MM)
+    tissues[:, :, k][arc] = fat
 
 
 def sample_knee_pose(anatomy_rng: np.random.Generator, exam_rng: np.random.Generator, size: float) -> KneePose:
