@@ -246,7 +246,8 @@ def test_pd_fat_suppressed_ordering_of_tissue_intensities():
         value = dict(zip(kinds, tissue_intensities(anatomy, site)[0]))
         assert value["fluid"] == max(value.values())
         assert value["cortex"] < value["fat"] < value["muscle"] < value["cartilage"] < value["fluid"]
-        assert value["fat"] <= value["marrow"] < value["muscle"]  # fatty marrow is dark with fat suppression
+        # Fatty marrow is dark grey with fat suppression: above pure fat and cortex, below muscle and cartilage.
+        assert value["cortex"] < value["fat"] < value["marrow"] < min(value["muscle"], value["cartilage"])
         assert max(value["fibrocartilage"], value["ligament"], value["tendon"]) < value["fat"]
     # And in a rendered series: fluid (an effusion) > muscle > suppressed fat, per voxel tissue.
     import torch
@@ -265,9 +266,57 @@ def test_pd_fat_suppressed_ordering_of_tissue_intensities():
     tissue = F.grid_sample(torch.from_numpy(anatomy.canvas.labels.astype(np.float32))[None, None], grid, mode="nearest",
                            align_corners=True)[0, 0].permute(2, 1, 0).numpy().astype(int)
     ids = anatomy.canvas.ids
-    median = {name: np.median(series.image[tissue == ids[name]]) for name in ("fluid", "muscle", "fat")}
-    assert median["fluid"] > 2 * median["muscle"] and median["muscle"] > median["fat"], median
+    median = {name: np.median(series.image[tissue == ids[name]]) for name in ("fluid", "muscle", "fat", "femur")}
+    assert median["fluid"] > 2 * median["muscle"] and median["muscle"] > median["femur"] > median["fat"], median
     assert SITE_BY_NAME[spec.site] is not None
+
+
+def test_coronal_mid_slice_crosses_condyles_menisci_tibia_and_posteriorly_the_fibula():
+    classes = JOINT_CLASSES["knee"]
+    femur, tibia, fibula = (classes.index(name) for name in ("femur", "tibia", "fibula"))
+    menisci = {classes.index("medial_meniscus"), classes.index("lateral_meniscus")}
+    from orthodiff.synth.knee import sample_knee_pose
+
+    def flexion(spec):  # the exam's flexion, drawn first from its exam stream
+        return sample_knee_pose(np.random.default_rng(0), np.random.default_rng([*spec.study_seed, 11]), 1.0).flexion_deg
+
+    # The most flexed knees, whose tibia swings out of a coronal slab lined up with the femur.
+    specs = sorted(sample_population("knee", 24, seed=5), key=flexion)[-4:]
+    assert min(flexion(spec) for spec in specs) > 20
+    seen = 0
+    for spec in specs:
+        series = render_study(spec.with_labels(**{name: 0 for name in spec.labels}), 48).get("coronal")
+        if series is None:
+            continue
+        seen += 1
+        mid = series.seg.shape[2] // 2
+        present = set(np.unique(series.seg[:, :, mid]).tolist())
+        assert {femur, tibia} <= present and menisci & present, (spec.study_id, present)
+        # The tibia fills the lower part of the mid-slice, not just a rim under the joint line.
+        rows = np.nonzero((series.seg[:, :, mid] == tibia).any(axis=0))[0]
+        assert np.ptp(rows) * series.geometry.pixel_mm > 35, spec.study_id
+        # Slices run posteriorly; the fibular head lies behind the middle of the slab.
+        behind = [k for k in range(series.seg.shape[2]) if (series.seg[:, :, k] == fibula).any()]
+        assert behind and min(behind) >= mid - 1, (spec.study_id, behind)
+    assert seen >= 3
+
+
+def test_bone_shafts_continue_beyond_the_template_tapering_with_a_cortex():
+    from orthodiff.synth.anatomy import tissue_table
+    from orthodiff.synth.knee import knee_atlas
+    from orthodiff.synth.template import load_template
+
+    atlas, template = knee_atlas(), load_template()
+    ids = tissue_table("knee").ids
+    z = atlas.origin[2] + atlas.spacing * np.arange(atlas.tissues.shape[2])
+    bottom, top = template.origin[2], template.origin[2] + template.spacing * (template.labels.shape[2] - 1)
+    for bone, beyond in (("tibia", z < bottom - 5), ("femur", z > top + 5)):
+        marrow = (atlas.tissues == ids[bone]).sum(axis=(0, 1))[beyond]
+        cortex = (atlas.tissues == ids[f"{bone}_cortex"]).sum(axis=(0, 1))[beyond]
+        assert marrow.min() > 100 and cortex.min() > 50, bone  # a shaft with a cortical rim
+        area = marrow + cortex
+        away = area if bone == "femur" else area[::-1]      # ordered away from the joint
+        assert np.all(np.diff(away) <= 0) and away[-1] < 0.9 * away[0], bone  # narrowing smoothly
 
 
 def test_documented_ranges_of_pose_size_and_field_of_view():

@@ -10,6 +10,7 @@ on the field strength.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -25,17 +26,18 @@ _PLANE_AXES = {
 }
 
 # Proton-density fat-suppressed-like intensities per tissue kind, relative to fluid: fluid brightest,
-# suppressed fat and fatty marrow dark, cortex and fibrous tissue (menisci, ligaments, tendons)
+# suppressed fat dark, fatty marrow dark grey (less suppressed than pure fat: it holds water and
+# trabeculae), cortex and fibrous tissue (menisci, ligaments, tendons)
 # darkest, cartilage intermediate-bright, muscle between. Reference: the real 3 T multi-echo series
 # in ../shared/data/knee_mese_t2_dicom (GE, first echo TE 6.3 ms, PD-weighted, no fat suppression).
 # Medians of hand-placed regions on its middle slices: muscle 1060-1340, femoral cartilage about
-# 3000, so muscle/cartilage is about 0.4-0.5 (here 0.27/0.50); the menisci and cruciates are near the
+# 3000, so muscle/cartilage is about 0.4-0.5 (here 0.24/0.50); the menisci and cruciates are near the
 # noise floor; the air's Rayleigh mean 290 gives sigma 231, about 0.03 of the brightest tissue
 # (7260, the 99.9th percentile) at its 0.625 x 0.625 x 3 mm voxels (1.2 mm3). Noise relative to
 # signal falls with voxel volume: at these sites' 4-8 mm3 voxels it would be 0.005-0.009; fat
 # suppression and accelerated acquisition give some back, hence 0.010-0.014 of fluid at 3 T.
 _BASE_INTENSITY = {
-    "air": 0.0, "fat": 0.15, "muscle": 0.27, "cortex": 0.02, "marrow": 0.16, "marrow_edema": 0.55,
+    "air": 0.0, "fat": 0.09, "muscle": 0.24, "cortex": 0.02, "marrow": 0.17, "marrow_edema": 0.55,
     "cartilage": 0.50, "fibrocartilage": 0.035, "ligament": 0.04, "tendon": 0.03, "injured": 0.42,
     "fluid": 0.95, "edema": 0.62, "skin": 0.30,
 }
@@ -68,17 +70,26 @@ class SiteProfile:
 
 SITES = (
     SiteProfile("Northgate University Hospital", 0.45, 0.8, 150.0, 1.0, 1.0, 3.0, 0.3, (20, 24),
-                {"fat": 0.13, "cartilage": 0.52}, 30.0, 1800.0, 0.012, 0.30, 0.05, 0.05),
+                {"fat": 0.08, "cartilage": 0.52}, 30.0, 1800.0, 0.012, 0.30, 0.05, 0.05),
     SiteProfile("Riverside Orthopaedic Clinic", 0.30, 0.2, 160.0, 0.875, 0.875, 4.0, 0.4, (16, 20),
-                {"fat": 0.18, "fluid": 0.85, "cartilage": 0.45, "muscle": 0.30, "marrow": 0.19}, 38.0, 1000.0, 0.010, 0.45, 0.12, 0.10),
+                {"fat": 0.11, "fluid": 0.85, "cartilage": 0.45, "muscle": 0.27, "marrow": 0.20}, 38.0, 1000.0, 0.010, 0.45, 0.12, 0.10),
     SiteProfile("Lakeside Imaging Centre", 0.25, 0.5, 140.0, 1.0, 1.0, 3.5, 0.0, (18, 22),
-                {"fat": 0.15, "fluid": 1.0, "cartilage": 0.55, "marrow": 0.17}, 25.0, 2500.0, 0.014, 0.35, 0.08, 0.08),
+                {"fat": 0.09, "fluid": 1.0, "cartilage": 0.55, "marrow": 0.17}, 25.0, 2500.0, 0.014, 0.35, 0.08, 0.08),
 )
 SITE_BY_NAME = {site.name: site for site in SITES}
 # 1.5 T has roughly half the signal-to-noise ratio of 3 T.
 NOISE_FACTOR = {3.0: 1.0, 1.5: 1.8}
 # Where each joint's slab is centred, in the anatomical frame (mm), and its field-of-view factor.
 JOINT_CENTRE = {"knee": (0.0, 12.0, 8.0), "ankle": (0.0, 2.0, -16.0), "shoulder": (-8.0, 0.0, 4.0)}
+# A knee's coronal slab is centred on the tibial spines, behind the sagittal field of view's centre
+# (which takes in the patella) and on the joint line, so its middle slice crosses both condyles,
+# the menisci and the proximal tibia; its axial slab runs from above the patella to the tibial
+# tuberosity, so its middle slice crosses the patellofemoral joint.
+# The coronal slab's tilt, as a share of the knee's flexion (see ``sample_geometry``): nearer the
+# tibia's axis than the femur's, since the narrow tibial shaft leaves a tilted slab sooner than the
+# broad femoral condyles do.
+KNEE_CORONAL_TILT = 0.7
+KNEE_PLANE_CENTRE = {"coronal": (0.0, -4.0, 0.0), "axial": (0.0, 12.0, 22.0)}
 JOINT_FOV = {"knee": 1.0, "ankle": 1.0, "shoulder": 1.12}
 
 
@@ -153,9 +164,18 @@ def sample_pose(rng: np.random.Generator, side: int, joint: str = "knee") -> Pos
 
 
 def sample_geometry(plane: str, joint: str, site: SiteProfile, pose: Pose, matrix: int,
-                    rng: np.random.Generator) -> SeriesGeometry:
-    """Slab placement: small obliquity, shifted centre, jittered field of view and slice count."""
+                    rng: np.random.Generator, flexion_deg: float = 0.0) -> SeriesGeometry:
+    """Slab placement: small obliquity, shifted centre, jittered field of view and slice count.
+
+    A flexed knee's coronal slab is tilted by most of the flexion (KNEE_CORONAL_TILT), the way a
+    technologist lines it up between the femoral and the tibial shaft on the sagittal localiser, so
+    both bones stay in it.
+    """
     oblique = _rotation(rng, (6.0, 6.0, 6.0))
+    if joint == "knee" and plane == "coronal":
+        from .shapes import rotation
+
+        oblique = oblique @ pose.matrix @ rotation("x", -KNEE_CORONAL_TILT * flexion_deg) @ pose.matrix.T
     row_dir, col_dir = (oblique @ np.asarray(axis) for axis in _PLANE_AXES[plane])
     normal = np.cross(row_dir, col_dir)
     rows = max(16, round(matrix * site.matrix_scale / 16.0) * 16)
@@ -169,7 +189,8 @@ def sample_geometry(plane: str, joint: str, site: SiteProfile, pose: Pose, matri
                 + rng.uniform(-KNEE_SLAB_SHIFT_MM, KNEE_SLAB_SHIFT_MM) * normal)
     else:
         miss = rng.normal(0.0, 3.0, 3)
-    centre = pose.matrix @ np.asarray(JOINT_CENTRE[joint]) + pose.offset + miss
+    target = KNEE_PLANE_CENTRE.get(plane, JOINT_CENTRE[joint]) if joint == "knee" else JOINT_CENTRE[joint]
+    centre = pose.matrix @ np.asarray(target) + pose.offset + miss
     origin = centre - ((cols - 1) / 2 * pixel * row_dir + (rows - 1) / 2 * pixel * col_dir + (slices - 1) / 2 * spacing * normal)
     return SeriesGeometry(plane, row_dir, col_dir, normal, pixel, site.slice_mm, spacing, cols, rows, slices, origin)
 
@@ -186,10 +207,28 @@ def signal_volume(anatomy: Anatomy, site: SiteProfile, rng: np.random.Generator)
     """Noise-free signal on the fine grid: tissue intensity with a fine-grained texture."""
     intensity, texture_amp = tissue_intensities(anatomy, site)
     labels = anatomy.canvas.labels
-    # White noise at the grid's scale (1.2 mm) reads as trabecular grain once resampled.
-    texture = rng.standard_normal(labels.shape, dtype=np.float32)
-    signal = intensity[labels] * (1.0 + texture_amp[labels] * texture)
+    # White noise at the grid's scale (1.2-1.6 mm) reads as trabecular grain once resampled. One
+    # field per process, cut at a random offset per study: drawing a fresh one would cost more
+    # than the rest of the signal.
+    field = _grain_field(labels.shape)
+    start = [int(rng.integers(0, field.shape[a] - labels.shape[a] + 1)) for a in range(3)]
+    texture = field[tuple(slice(s, s + n) for s, n in zip(start, labels.shape))]
+    grain = texture_amp[labels]
+    # A field of view reaching past the grid repeats its outer faces: keep them free of grain so
+    # the limb continues as smooth bands instead of streaks.
+    for axis in range(3):
+        np.moveaxis(grain, axis, 0)[[0, 1, -2, -1]] = 0.0
+    grain *= texture
+    grain += 1.0
+    signal = intensity[labels]
+    signal *= grain
     return np.maximum(signal, 0.0, out=signal)
+
+
+@lru_cache(maxsize=2)
+def _grain_field(shape: tuple[int, int, int]) -> np.ndarray:
+    """Gaussian white noise a little larger than the grid, the same in every process."""
+    return np.random.default_rng(20240611).standard_normal(tuple(n + 24 for n in shape), dtype=np.float32)
 
 
 def slab_profile(signal: np.ndarray, anatomy: Anatomy, pose: Pose, geometry: SeriesGeometry) -> np.ndarray:
@@ -273,8 +312,8 @@ def scanner_artefacts(image, geometry: SeriesGeometry, site: SiteProfile, field_
     clean = image.numpy() * _bias_field(image.shape, site)
     # Magnitude images carry Rician noise: the modulus of signal plus complex Gaussian noise.
     sigma = site.noise * NOISE_FACTOR[field_strength]
-    real = clean + rng.normal(0.0, sigma, clean.shape).astype(np.float32)
-    imag = rng.normal(0.0, sigma, clean.shape).astype(np.float32)
+    real = clean + np.float32(sigma) * rng.standard_normal(clean.shape, dtype=np.float32)
+    imag = np.float32(sigma) * rng.standard_normal(clean.shape, dtype=np.float32)
     noisy = np.sqrt(real * real + imag * imag)
     return np.clip(np.round(noisy * site.gain), 0, 32767).astype(np.int16)
 

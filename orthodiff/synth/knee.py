@@ -2,7 +2,7 @@
 deformation with flexion, and the ligaments and tendons that the template lacks.
 
 What is shared by every subject is built once per process (``knee_atlas``): the template's bones
-with a cortex, padded with straight shafts, wrapped in skin, subcutaneous fat, muscle, Hoffa's and
+with a cortex, continued by tapering shafts, wrapped in skin, subcutaneous fat, muscle, Hoffa's and
 popliteal fat, and its landmarks. Per subject, each fine-grid voxel is mapped back into the atlas
 twice, once with the femur's transform and once with the tibia's (which adds flexion and tibial
 rotation about the flexion axis); bones and cartilage of either group win where they land, soft
@@ -28,7 +28,10 @@ _TEMPLATE_TISSUE = {1: "femoral_cartilage", 2: "tibial_cartilage", 3: "tibial_ca
 FEMUR_GROUP = ("femur", "femur_cortex", "femoral_cartilage", "patella", "patella_cortex", "patellar_cartilage")
 TIBIA_GROUP = ("tibia", "tibia_cortex", "fibula", "fibula_cortex", "tibial_cartilage", "medial_meniscus", "lateral_meniscus")
 CORTEX_MM = 1.5
-PAD_XY_MM, PAD_BELOW_MM, PAD_ABOVE_MM = 45, 40, 40
+PAD_XY_MM, PAD_BELOW_MM, PAD_ABOVE_MM = 45, 70, 60
+# Shafts beyond the template narrow smoothly: by up to SHAFT_TAPER_MM per side, most of it within
+# SHAFT_TAPER_LENGTH_MM (the metaphysis running into the diaphysis).
+SHAFT_TAPER_MM, SHAFT_TAPER_LENGTH_MM = 3.0, 30.0
 SKIN_MM, SUBCUT_MM = 2.0, 7.0
 
 
@@ -138,23 +141,22 @@ def knee_atlas() -> KneeAtlas:
     labels, spacing = template.labels, template.spacing
     landmarks = _landmarks(labels, template.origin, spacing)
 
-    # Tissues of the template itself, with a cortex on each bone (on the small template grid).
+    # The template's bones continued as shafts, then its tissues with a cortex on each bone.
+    pad_xy, below, above = (int(round(v / spacing)) for v in (PAD_XY_MM, PAD_BELOW_MM, PAD_ABOVE_MM))
+    labels = np.pad(labels, ((pad_xy, pad_xy), (pad_xy, pad_xy), (below, above)))
+    for value, step in ((6, -1), (8, -1), (5, 1)):
+        _extend_shaft(labels, value, step, spacing)
+    origin = template.origin - spacing * np.array([pad_xy, pad_xy, below])
+    x, y, z = (origin[a] + spacing * np.arange(labels.shape[a]) for a in range(3))
     inner = np.zeros(labels.shape, np.uint8)
     for value, name in _TEMPLATE_TISSUE.items():
         inner[labels == value] = ids[name]
     for value, bone in ((5, "femur"), (6, "tibia"), (7, "patella"), (8, "fibula")):
         box = tuple(slice(max(int(i.min()) - 2, 0), int(i.max()) + 3) for i in np.nonzero(labels == value))
         inside = labels[box] == value
-        depth = distance_transform_edt(np.pad(inside, 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
+        # Edge padding along z: a shaft running off the grid gets no cortical lid there.
+        depth = distance_transform_edt(np.pad(inside, ((1, 1), (1, 1), (0, 0))), sampling=spacing)[1:-1, 1:-1, :]
         inner[box][inside & (depth <= CORTEX_MM)] = ids[f"{bone}_cortex"]
-
-    pad_xy, below, above = (int(round(v / spacing)) for v in (PAD_XY_MM, PAD_BELOW_MM, PAD_ABOVE_MM))
-    # Straight shafts beyond the template: repeat its top and bottom slices.
-    widths = ((pad_xy, pad_xy), (pad_xy, pad_xy), (0, 0))
-    labels = np.pad(np.pad(labels, ((0, 0), (0, 0), (below, above)), mode="edge"), widths)
-    inner = np.pad(np.pad(inner, ((0, 0), (0, 0), (below, above)), mode="edge"), widths)
-    origin = template.origin - spacing * np.array([pad_xy, pad_xy, below])
-    x, y, z = (origin[a] + spacing * np.arange(labels.shape[a]) for a in range(3))
 
     tissues = np.full(labels.shape, ids["air"], np.uint8)
     _wrap_in_soft_tissue(tissues, labels, x, y, z, ids, landmarks)
@@ -165,6 +167,33 @@ def knee_atlas() -> KneeAtlas:
     femur_lut[[ids[t] for t in FEMUR_GROUP]] = True
     tibia_lut[[ids[t] for t in TIBIA_GROUP]] = True
     return KneeAtlas(tissues, origin, spacing, landmarks, femur_lut, tibia_lut, ids["fat"])
+
+
+def _extend_shaft(labels, value: int, step: int, spacing: float) -> None:
+    """Continue a bone cut by the template's edge (step -1: downwards, +1: upwards), in place.
+
+    The template's last full cross-section, its corners rounded, is carried along the shaft and
+    narrowed smoothly (the metaphysis running into the diaphysis).
+    """
+    from scipy.ndimage import distance_transform_edt, gaussian_filter
+
+    counts = (labels == value).sum(axis=(0, 1))
+    present = np.nonzero(counts)[0]
+    end = present[0] if step < 0 else present[-1]
+    # The last slice that is not thinned by the cut (partial volume of the source's last slices).
+    inward = present[::-step]
+    full = counts[inward[:8]].max()
+    start = next(int(k) for k in inward if counts[k] >= 0.9 * full)
+    section = gaussian_filter((labels[:, :, start] == value).astype(np.float32), 1.5 / spacing) > 0.5
+    depth = distance_transform_edt(np.pad(section, 1), sampling=spacing)[1:-1, 1:-1]
+    k = start
+    while 0 <= k + step < labels.shape[2]:
+        k += step
+        narrowing = SHAFT_TAPER_MM * (1.0 - np.exp(-abs(k - start) * spacing / SHAFT_TAPER_LENGTH_MM))
+        plane = labels[:, :, k]
+        if (k - end) * step <= 0:  # the template's own thinned slices
+            plane[plane == value] = 0
+        plane[(depth > narrowing) & (plane == 0)] = value
 
 
 def _wrap_in_soft_tissue(tissues, labels, x, y, z, ids, lm) -> None:
@@ -212,19 +241,52 @@ def _wrap_in_soft_tissue(tissues, labels, x, y, z, ids, lm) -> None:
     tissues[limb & (depth > SKIN_MM)] = ids["fat"]
     deep = limb & (depth > SKIN_MM + SUBCUT_MM)
     tissues[deep] = ids["muscle"]
+    _intermuscular_septa(tissues, deep, dx, dy, rho, ry, z, ids["fat"])
 
+    # The fat compartments are ellipsoids, so no straight edge shows in any plane: in front of the
+    # joint (no muscle between the skin and the patella, its tendon and the capsule), Hoffa's pad
+    # behind the patellar tendon, the popliteal fossa behind the condyles, the prefemoral fat.
     Z = z[None, None, :]
-    bend = 0.015 * dx * dx  # rounded, not boxed, compartments
-    joint = (Z > -28 + bend) & (Z < top_patella + 4 - bend)
-    front = dy > 0
-    tissues[deep & joint & front] = ids["fat"]
-    hoffa = deep & front & (Z > -14) & (Z < lm["patella_inferior"][2] + 6) & (np.abs(dx) < 24)
+    top, bottom = top_patella + 6.0, -30.0
+    zm, hz = (top + bottom) / 2, (top - bottom) / 2
+    ry_front = ra[None, None, :]
+    front = deep & (((dy - 0.35 * ry_front) / (0.8 * ry_front)) ** 2 + (dx / rx[None, None, :]) ** 2
+                    + ((Z - zm) / hz) ** 2 < 1)
+    tissues[front] = ids["fat"]
+    z_low, z_high = -16.0, lm["patella_inferior"][2] + 6
+    hoffa = deep & (((dy - 0.45 * ry_front) / (0.45 * ry_front)) ** 2 + (dx / 24.0) ** 2
+                    + ((Z - (z_low + z_high) / 2) / ((z_high - z_low) / 2)) ** 2 < 1)
     tissues[hoffa] = ids["fat_pad"]
-    popliteal = deep & ~front & ((dx / 15.0) ** 2 + ((Z - 12.0) / 42.0) ** 2 < 1) & (dy > -(yc - ymin)[None, None, :] - 24)
+    back = (yc - ymin)[None, None, :]
+    popliteal = deep & ((dx / 14.0) ** 2 + ((dy + back + 8.0) / 16.0) ** 2 + ((Z - 12.0) / 38.0) ** 2 < 1)
     tissues[popliteal] = ids["fat"]
-    # Prefemoral fat: a thin layer on the front of the femur above the trochlea.
-    pre = deep & front & (Z > top_patella - 15) & (Z < top_patella + 45) & (Y < lm["femur_anterior_above_patella"][1] + 7)
+    anterior_femur = lm["femur_anterior_above_patella"]
+    pre = deep & ((dx / 26.0) ** 2 + ((Y - anterior_femur[1] - 1.0) / 7.0) ** 2
+                  + ((Z - top_patella - 12.0) / 30.0) ** 2 < 1)
     tissues[pre] = ids["fat"]
+
+
+# Fat planes between muscle groups, as rays from the limb's axis in each axial slice (degrees from
+# lateral towards anterior) over a range of heights (mm): in the thigh between the vasti,
+# rectus femoris, sartorius and the hamstrings; in the calf between the gastrocnemius heads and
+# around the anterior and lateral compartments. Without them a limb's muscle is one flat block.
+_SEPTA = ((35.0, 30.0, 200.0), (140.0, 30.0, 200.0), (-60.0, 35.0, 200.0), (-125.0, 35.0, 200.0),
+          (-90.0, -200.0, -15.0), (-20.0, -200.0, -30.0), (60.0, -200.0, -30.0), (-160.0, -200.0, -30.0))
+SEPTUM_MM = 0.8
+
+
+def _intermuscular_septa(tissues, deep, dx, dy, rho, ry, z, fat: int) -> None:
+    """Thin fat planes through the muscle over their range of heights; plus, in the calf, the plane
+    between gastrocnemius and soleus (an arc behind the tibia)."""
+    for degrees, z_low, z_high in _SEPTA:
+        k = slice(int(np.searchsorted(z, z_low)), int(np.searchsorted(z, z_high)))
+        c, s = np.float32(np.cos(np.deg2rad(degrees))), np.float32(np.sin(np.deg2rad(degrees)))
+        ex, ey = dx[:, :, k], dy[:, :, k]
+        plane = (np.abs(ex * s - ey * c) < SEPTUM_MM) & (ex * c + ey * s > 0) & deep[:, :, k]
+        tissues[:, :, k][plane] = fat
+    k = slice(0, int(np.searchsorted(z, -35.0)))
+    arc = deep[:, :, k] & (dy[:, :, k] < 0) & (np.abs(rho[:, :, k] - 0.62) * ry[:, :, k] < SEPTUM_MM)
+    tissues[:, :, k][arc] = fat
 
 
 def sample_knee_pose(anatomy_rng: np.random.Generator, exam_rng: np.random.Generator, size: float) -> KneePose:

@@ -45,7 +45,7 @@ def write_preview(path, joint: str = "knee", seed: int = 0, subjects: int = 3, m
                 change = np.abs(image - reference[plane].image).sum(axis=(0, 1))
                 k = int(np.argmax(change)) if change.max() > 0 else k
             shown = _display(image, k)
-            ax.imshow(shown, cmap="gray", vmin=0, vmax=float(np.percentile(image, 99.5)) or 1.0, interpolation="nearest")
+            ax.imshow(shown, cmap="gray", vmin=0, vmax=float(np.percentile(image, 99.8)) or 1.0, interpolation="nearest")
             ax.set_title(f"{title}\n{plane} slice {k + 1}/{image.shape[2]}", fontsize=6)
     fig.tight_layout()
     return save_png(fig, Path(path))

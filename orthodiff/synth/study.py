@@ -22,18 +22,20 @@ from .anatomy import Anatomy, Subject, build_anatomy
 from .knee import sample_knee_pose
 from .population import StudySpec
 
-# Fine grid per joint at the default matrix: (voxels per axis, mm per voxel), finer than the
-# in-plane pixels (~1.1 mm at matrix 128).
-FINE_GRID = {"knee": (114, 1.35), "ankle": (128, 1.2), "shoulder": (128, 1.35)}
+# Fine grid per joint at the default matrix: (voxels along x, y, z; mm per voxel), about as fine
+# as the in-plane pixels (~1.2 mm at matrix 128; the knee's a little coarser, to pay for its size).
+# The knee's grid is long in z and y so that a field of view placed off centre, or a flexed leg,
+# stays inside it (beyond it the image repeats the grid's faces).
+FINE_GRID = {"knee": ((90, 100, 132), 1.6), "ankle": ((128, 128, 128), 1.2), "shoulder": ((128, 128, 128), 1.35)}
 
 
-def fine_grid(joint: str, matrix: int) -> tuple[int, float]:
+def fine_grid(joint: str, matrix: int) -> tuple[tuple[int, int, int], float]:
     """A coarser anatomy grid for small matrices: no detail is lost that the pixels could show,
     and a 48-pixel archive renders several times faster."""
-    size, spacing = FINE_GRID[joint]
+    shape, spacing = FINE_GRID[joint]
     pixel = 150.0 / matrix
     coarse = min(max(spacing, 0.9 * pixel), 2.0 * spacing)
-    return int(np.ceil(size * spacing / coarse)), coarse
+    return tuple(int(np.ceil(n * spacing / coarse)) for n in shape), coarse
 
 
 @dataclass
@@ -49,11 +51,11 @@ def subject_anatomy(spec: StudySpec, matrix: int = 128) -> Anatomy:
     rng = np.random.default_rng(spec.anatomy_seed)
     scale = (spec.height / 172.0) ** 0.8 * float(np.clip(rng.normal(1.0, 0.03), 0.92, 1.08))
     cartilage = float(np.clip(2.8 - 0.015 * (spec.age - 40), 1.8, 3.3))
-    size, spacing = fine_grid(spec.joint, matrix)
+    shape, spacing = fine_grid(spec.joint, matrix)
     subject = Subject(scale, cartilage, rng)
     if spec.joint == "knee":  # shape from the patient, flexion and rotation from this exam
         subject.knee_pose = sample_knee_pose(rng, np.random.default_rng([*spec.study_seed, 11]), scale)
-    anatomy = build_anatomy(spec.joint, subject, (size, size, size), spacing)
+    anatomy = build_anatomy(spec.joint, subject, shape, spacing)
     apply_abnormalities(anatomy, spec.labels, spec.study_seed)
     return anatomy
 
@@ -68,7 +70,7 @@ def render_study(spec: StudySpec, matrix: int = 128) -> dict[str, RenderedSeries
     classes = class_volume(anatomy)
     series = {}
     for index, plane in enumerate(PLANES):  # draw geometry for every plane: a missing one shifts nothing
-        geometry = sample_geometry(plane, spec.joint, site, pose, matrix, rng)
+        geometry = sample_geometry(plane, spec.joint, site, pose, matrix, rng, anatomy.landmarks.get("flexion_deg", 0.0))
         artefact_rng = np.random.default_rng([*spec.study_seed, 100 + index])
         torch_seed = int(rng.integers(2**31 - 1))
         if plane not in spec.planes:
