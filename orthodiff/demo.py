@@ -26,7 +26,7 @@ class DemoSize:
     segment_steps: int
 
 
-FULL = DemoSize(studies=120, matrix=96, config_files=("demo",), segment_steps=300)
+FULL = DemoSize(studies=120, matrix=96, config_files=("demo",), segment_steps=90)
 QUICK = DemoSize(studies=36, matrix=64, config_files=("demo", "demo-quick"), segment_steps=60)
 
 
