@@ -28,11 +28,9 @@ OverridesArgument = typer.Argument(None, help="key=value overrides, e.g. pretrai
 
 def _workers(value: Optional[int], option: str = "--workers") -> int:
     """A ``--workers`` value: None means every core (0 to the library); below 1 is one line."""
-    if value is None:
-        return 0
-    if value < 1:
-        raise OrthodiffError(f"{option} {value}: must be at least 1 (leave it out to use every core)")
-    return value
+    from .data.workers import resolve_workers
+
+    return 0 if value is None else resolve_workers(value, option)
 
 
 def _config(files, overrides, section=None):

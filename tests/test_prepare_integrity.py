@@ -159,7 +159,7 @@ def test_workers_below_one_is_one_line(command, capsys):
         cli_main([*command, "--workers", "-3"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.strip() == "orthodiff: error: --workers -3: must be at least 1 (leave it out to use every core)"
+    assert err.strip() == "orthodiff: error: --workers -3: must be a positive number of processes; omit it to use every core"
 
 
 def _children(pid: int) -> list[int]:

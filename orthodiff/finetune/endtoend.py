@@ -189,9 +189,6 @@ def fit_best(cfg, model: nn.Module, train_set, loss_of, validate, log: MetricsLo
     return model, summary
 
 
-fit_best_epoch = fit_best  # the name it had when only epochs counted
-
-
 # ------------------------------------------------------------------------------- classify
 def train_classifier(cfg, denoisers, datasets: dict, labels: list[str], log: MetricsLog):
     """Returns (model with the best validation epoch loaded, {"best_epoch", "val_macro_auroc"})."""
