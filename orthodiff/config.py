@@ -100,7 +100,8 @@ class PretrainConfig:
     tracker: str = "wandb"  # wandb (offline unless configured), tensorboard or none
     augment: bool = False
     # denoising loss of the EMA weights on held-out (val) volumes at fixed timesteps and seeded noise,
-    # every eval_every steps into <plane>/metrics.jsonl and <plane>/heldout_loss.png (0: never)
+    # every eval_every steps into <plane>/metrics.jsonl and <plane>/heldout_loss.png (0: never); when
+    # on, the val patients are held out of pretraining (else pretraining learns from train + val)
     eval_every: int = 0
     eval_volumes: int = 8  # held-out volumes scored (the first in series order)
 

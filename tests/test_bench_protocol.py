@@ -45,7 +45,34 @@ def test_unlabeled_pool_is_disjoint_from_labeled_patients_and_at_least_five_time
 
     config = yaml.safe_load((Path(pool["pretraining"]) / "config.yaml").read_text())
     assert config["data"]["cache"] == str(Path(pool["pool"]) / "cache")
-    assert set(load_splits(config["data"]["splits"]).train) == set(unlabeled["patient_id"])
+    pool_splits = load_splits(config["data"]["splits"])
+    assert set(pool_splits.train) | set(pool_splits.val) == set(unlabeled["patient_id"])
+    # a few pool patients are held out of pretraining and score its denoising loss
+    assert len(pool_splits.val) == config["pretrain"]["eval_volumes"] == 2
+    assert not set(pool_splits.train) & set(pool_splits.val)
+
+
+def test_report_shows_the_held_out_pretraining_loss(bench):
+    from orthodiff.bench.pretraining_report import heldout_curves
+
+    out, _ = bench
+    pool = json.loads((out / "results.json").read_text())["unlabeled_pool"]
+    curves = heldout_curves(Path(pool["pretraining"]))
+    assert set(curves) == {"sagittal", "coronal", "axial"}
+    assert [step for step, _ in curves["sagittal"]] == [1, 2]  # eval_every=1, max_steps=2
+    report = (out / "report.md").read_text()
+    assert "## Pretraining: held-out denoising loss" in report
+    assert f"| 2 | {curves['sagittal'][-1][1]:.4f} |" in report
+    assert (out / "pretraining_heldout_loss.png").stat().st_size > 1000
+
+
+def test_flat_verdict_reads_the_last_quarter_of_the_curve():
+    from orthodiff.bench.pretraining_report import last_quarter_change
+
+    falling = [(100, 1.0), (200, 0.5), (300, 0.3), (400, 0.2)]
+    assert last_quarter_change(falling) == pytest.approx(1 / 3)
+    assert last_quarter_change([(100, 0.10), (200, 0.05), (300, 0.050), (400, 0.049)]) == pytest.approx(0.02)
+    assert last_quarter_change([(100, 0.1), (200, 0.09)]) is None
 
 
 def test_pool_checks_refuse_overlap_and_a_small_pool(tmp_path):

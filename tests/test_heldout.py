@@ -63,6 +63,17 @@ def test_heldout_loss_is_logged_plotted_and_reproducible(cache, tmp_path):
     assert [r["heldout_loss"] for r in again] == [r["heldout_loss"] for r in records]
 
 
+def test_heldout_patients_are_left_out_of_pretraining(cache, tmp_path):
+    """A held-out loss on volumes the model trained on would hide overfitting: with it on, pretraining
+    learns from the train patients only; without it, from train and val."""
+    from orthodiff.training.pretrain import open_plane_dataset
+
+    scored = open_plane_dataset(_config(cache, tmp_path / "scored"), "sagittal")
+    assert scored.series_ids == ["knee-0001/sagittal", "knee-0002/sagittal", "knee-0003/sagittal"]
+    unscored = open_plane_dataset(_config(cache, tmp_path / "unscored", "pretrain.eval_every=0"), "sagittal")
+    assert unscored.series_ids == [f"knee-000{i}/sagittal" for i in range(1, 6)]
+
+
 def test_heldout_loss_needs_val_patients(cache, tmp_path):
     cfg = tiny_config(cache, tmp_path / "none", "pretrain.eval_every=2")  # splits file missing
     with pytest.raises(OrthodiffError, match="pretrain.eval_every=2: held-out volumes come from the val patients"):

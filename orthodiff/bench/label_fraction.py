@@ -17,6 +17,7 @@ from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
+from .pretraining_report import pretraining_section
 from .protocol import label_counts, low_label_shortfalls, protocol_lines
 from .results import Pooler, ResultsFile, fmt, fmt_diff, fmt_pooled, select
 from .workspace import prepare_joint
@@ -81,6 +82,8 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
     fractions = sorted({r["fraction"] for r in rows if r["task"] == "classify"}, reverse=True)
     methods = [m for m in preset.methods if select(rows, task="classify", method=m)]
     low, high = headline_fractions(preset)
+    pool = results.header.get("unlabeled_pool") or {}
+    pretraining_lines, pretraining_png = pretraining_section(pool.get("pretraining"), out)
 
     def cells(task, method, fraction):
         return select(rows, task=task, method=method, fraction=fraction)
@@ -97,6 +100,7 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
         "deviation over seeds (label subsets and initialisations)."),
         "",
         *_pool_lines(results.header.get("unlabeled_pool") or {}),
+        *pretraining_lines,
         *(protocol_lines(_counts_from(counts), results.header.get("shortfalls", []), preset.min_test_positives)
           if counts else []),
         "## Macro AUROC over the headline labels (test patients)" if counts else "## Macro AUROC (test patients)",
@@ -167,6 +171,8 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
         files.append(plots.metric_vs_fraction(seg_series, "mean Dice (test)", "Knee segmentation: Dice vs labels",
                                               out / "dice_vs_fraction.png"))
     lines += convergence_lines(rows)
+    if pretraining_png is not None:
+        files.append(pretraining_png)
     curves = plots.loss_curves(rows, out / "loss_curves.png")
     if curves is not None:
         files.append(curves)

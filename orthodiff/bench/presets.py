@@ -121,6 +121,8 @@ PRESETS = {
             "pretrain.preview_every=0",
             "pretrain.log_every=1",
             "pretrain.tracker=none",
+            "pretrain.eval_every=1",
+            "pretrain.eval_volumes=2",
             "features.timesteps=[100]",
             "features.blocks=[mid]",
             "finetune.epochs=1",
@@ -169,6 +171,9 @@ PRESETS = {
             "pretrain.preview_every=0",
             "pretrain.log_every=25",
             "pretrain.tracker=none",
+            # held-out denoising loss (16 pool patients never trained on), so the report shows it flattened
+            "pretrain.eval_every=50",
+            "pretrain.eval_volumes=16",
             # first block and timestep: what partial fine-tuning reads; the probes choose per plane
             "features.timesteps=[100,25]",
             "features.blocks=[mid,up0,up1]",
@@ -208,6 +213,8 @@ PRESETS = {
             "pretrain.max_steps=50000",
             "pretrain.batch_size=8",
             "pretrain.tracker=none",
+            "pretrain.eval_every=1000",
+            "pretrain.eval_volumes=32",
             # first block and timestep: what partial fine-tuning reads; the probes choose per plane
             "features.timesteps=[100,50,200]",
             "features.blocks=[mid,up1,up2,up3]",

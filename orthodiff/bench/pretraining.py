@@ -180,9 +180,10 @@ def cached_pretraining(pool: Pool, preset: BenchPreset, out: Path, patients: lis
 
 
 def write_pool_splits(pool: Pool, patients: list[str], out: Path) -> Path:
-    """A splits file of the pool's manifest whose training patients are ``patients`` (pretraining reads
-    train + val); the others (a held-out domain) sit in test. Made from the whole manifest, so its
-    data fingerprint matches the pool's cache."""
+    """A splits file of the pool's manifest whose training patients are ``patients``; the others (a
+    held-out domain) sit in test. With a held-out pretraining loss (``pretrain.eval_every`` > 0),
+    ``pretrain.eval_volumes`` of ``patients``, drawn with the pool's seed, sit in val instead: scored,
+    never trained on. Made from the whole manifest, so its data fingerprint matches the pool's cache."""
     from ..data.manifest import read_manifest
     from ..data.splits import load_splits, make_splits
     from ..fileio import read_json
@@ -194,12 +195,25 @@ def write_pool_splits(pool: Pool, patients: list[str], out: Path) -> Path:
     stored = read_json(draft)
     chosen = sorted(set(patients))
     rest = sorted(set(stored["train"]) - set(chosen))
-    stored.update(train=chosen, val=[], test=rest, subsets={"1": chosen}, val_subsets={"1": []},
-                  label_positives={}, pretraining_pool={"patients": len(chosen), "left_out": len(rest)})
+    held_out = heldout_patients(chosen, pool.config)
+    train = [p for p in chosen if p not in set(held_out)]
+    stored.update(train=train, val=held_out, test=rest, subsets={"1": train}, val_subsets={"1": held_out},
+                  label_positives={}, pretraining_pool={"patients": len(train), "held_out": len(held_out),
+                                                        "left_out": len(rest)})
     write_json(out, stored)
     draft.unlink()
     load_splits(out)  # checks disjointness
     return out
+
+
+def heldout_patients(patients: list[str], config: ExperimentConfig) -> list[str]:
+    """The pool patients whose denoising loss is scored during pretraining (none when it is off)."""
+    import random
+
+    if int(config.pretrain.eval_every) <= 0:
+        return []
+    count = min(int(config.pretrain.eval_volumes), len(patients) // 10)
+    return sorted(random.Random(int(config.seed)).sample(sorted(patients), count))
 
 
 def pool_pretraining(preset: BenchPreset, out: Path, joint: str, config: ExperimentConfig, labeled: list,
@@ -255,5 +269,5 @@ def _alive(lock: Path) -> bool:
     return pid != os.getpid()
 
 
-__all__ = ["Pool", "cache_root", "cached_pretraining", "check_pool", "pool_patients", "pool_pretraining", "prepare_pool",
+__all__ = ["Pool", "cache_root", "cached_pretraining", "check_pool", "heldout_patients", "pool_patients", "pool_pretraining", "prepare_pool",
            "pretrain_key"]

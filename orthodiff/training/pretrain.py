@@ -140,7 +140,9 @@ def cached_planes(cfg: ExperimentConfig) -> list[str]:
 
 
 def open_plane_dataset(cfg: ExperimentConfig, plane: str):
-    """The plane's training volumes: train + val patients of the splits file, or every patient."""
+    """The plane's training volumes: train + val patients of the splits file, or every patient. With a
+    held-out loss (``pretrain.eval_every`` > 0) the val patients are what it scores, so they are left
+    out of training: a loss on volumes the model learned from would not show when it stops generalising."""
     from ..data.cache import PlaneCache
     from ..data.datasets import PlaneVolumeDataset
     from ..data.selection import select_cache
@@ -159,10 +161,11 @@ def open_plane_dataset(cfg: ExperimentConfig, plane: str):
 
         splits = load_splits(splits_path)
         cache.check_splits(splits)
-        patients = list(splits.train) + list(splits.val)
+        patients = list(splits.train) + ([] if int(cfg.pretrain.eval_every) > 0 else list(splits.val))
     dataset = PlaneVolumeDataset(cache, plane, patient_ids=patients)
     if len(dataset) == 0:
-        whose = f" of the train/val patients of {splits_path}" if patients is not None else ""
+        who = "train" if int(cfg.pretrain.eval_every) > 0 else "train/val"
+        whose = f" of the {who} patients of {splits_path}" if patients is not None else ""
         raise OrthodiffError(
             f"data.cache={root}: no prepared {plane} volumes{whose}; prepare that plane or choose another pretrain.plane"
         )
