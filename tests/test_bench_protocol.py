@@ -66,6 +66,20 @@ def test_report_shows_the_held_out_pretraining_loss(bench):
     assert (out / "pretraining_heldout_loss.png").stat().st_size > 1000
 
 
+def test_ablation_table_reads_the_grid_probes_records(bench):
+    from orthodiff.bench.ablation import grid_scores
+
+    out, _ = bench
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    scores = grid_scores(rows, out)
+    probe_100 = scores[("orthodiff-probe", 1.0)]
+    assert {plane for plane, _ in probe_100} == {"sagittal", "coronal", "axial"}
+    report = (out / "report.md").read_text()
+    assert "## Ablation: block and timestep per plane" in report
+    (plane, key), values = sorted(probe_100.items())[0]
+    assert f"| {plane} | {key} | {sum(values) / len(values):.3f} (n=1) |" in report
+
+
 def test_flat_verdict_reads_the_last_quarter_of_the_curve():
     from orthodiff.bench.pretraining_report import last_quarter_change
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..fileio import write_text
 from . import plots
+from .ablation import ablation_lines
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
@@ -170,6 +171,7 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
     if seg_series:
         files.append(plots.metric_vs_fraction(seg_series, "mean Dice (test)", "Knee segmentation: Dice vs labels",
                                               out / "dice_vs_fraction.png"))
+    lines += ablation_lines(rows, results.path.parent)
     lines += convergence_lines(rows)
     if pretraining_png is not None:
         files.append(pretraining_png)
