@@ -1,10 +1,12 @@
 """``orthodiff demo``: every stage of the pipeline on built-in synthetic knee data.
 
-synth -> scan -> prepare -> split -> pretrain (three planes) -> extract -> diagnosis probes at 100%
-and 10% of the training labels, with the two floors at 10% (the probe on untrained denoisers, a
-linear probe on raw voxels), and segmentation at 100% and 10% -> evaluate -> ``report.md`` (with
-Dice per structure and predictions drawn beside the reference) and ``results.json``. Each stage writes its artifact into the demo folder, so a
-rerun resumes where the last one stopped.
+synth -> scan -> prepare -> split -> denoisers (the three plane denoisers the small bench pretrained
+on its separate unlabeled archive, shipped with the package; ``--pretrain`` pretrains them again the
+same way) -> extract -> diagnosis probes at 100% and 10% of the training labels, with the two floors
+at 10% (the probe on untrained denoisers, a linear probe on raw voxels), and segmentation at 100% ->
+evaluate -> ``report.md`` (with Dice per structure and predictions drawn beside the reference) and
+``results.json``. Each stage writes its artifact into the demo folder, so a rerun resumes where the
+last one stopped.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ class DemoSize:
     segment_steps: int
 
 
-FULL = DemoSize(studies=120, matrix=96, config_files=("demo",), segment_steps=90)
-QUICK = DemoSize(studies=36, matrix=64, config_files=("demo", "demo-quick"), segment_steps=60)
+FULL = DemoSize(studies=240, matrix=64, config_files=("demo",), segment_steps=300)
+QUICK = DemoSize(studies=36, matrix=64, config_files=("demo", "demo-quick"), segment_steps=40)
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,11 @@ def demo_runs(size: DemoSize) -> list[DemoRun]:
     segment = (("learning_rate", 5e-3), ("batch_size", 4), ("max_steps", size.segment_steps),
                ("eval_every", max(1, size.segment_steps // 6)))
     return [
-        DemoRun("classify-probe-100", "classify", 1.0, "pretrained", "probe"),
-        DemoRun("classify-probe-10", "classify", 0.1, "pretrained", "probe"),
-        DemoRun("classify-scratch-10", "classify", 0.1, "scratch", "probe"),
+        DemoRun("classify-probe-100", "classify", 1.0, "pretrained", "grid"),
+        DemoRun("classify-probe-10", "classify", 0.1, "pretrained", "grid"),
+        DemoRun("classify-scratch-10", "classify", 0.1, "scratch", "grid"),
         DemoRun("classify-raw-voxels-10", "classify", 0.1, "none", RAW_VOXELS),
         DemoRun("segment-100", "segment", 1.0, "pretrained", "probe", segment),
-        DemoRun("segment-10", "segment", 0.1, "pretrained", "probe", segment),
     ]
 
 
@@ -65,6 +66,7 @@ class DemoResult:
     out: Path
     rows: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    denoisers: Path | None = None  # the folder holding denoisers/<plane> the features came from
 
     def describe(self) -> str:
         lines = ["", *_results_table(self.rows)]
@@ -73,13 +75,12 @@ class DemoResult:
         return "\n".join(lines)
 
 
-def run_demo(out: Path, quick: bool = False, seed: int = 0) -> DemoResult:
+def run_demo(out: Path, quick: bool = False, seed: int = 0, pretrain: bool = False) -> DemoResult:
     size = QUICK if quick else FULL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    claim_demo_folder(out, quick=quick, seed=seed)
+    claim_demo_folder(out, quick=quick, seed=seed, pretrain=pretrain)
     config = _demo_config(out, size, seed)
-    save_config(config, out / "config.yaml")
     result = DemoResult(out=out)
 
     def stage(name, function):
@@ -93,7 +94,10 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> DemoResult:
     stage("scan", lambda: _scan(out / "archive", Path(config.data.manifest)))
     stage("prepare", lambda: _prepare(config))
     stage("split", lambda: _split(config))
-    stage("pretrain", lambda: _pretrain(config))
+    denoisers = stage("denoisers", lambda: _denoisers(config, out, pretrain))
+    config = replace(config, finetune=replace(config.finetune, pretrained=str(denoisers)))
+    save_config(config, out / "config.yaml")
+    result.denoisers = denoisers
     stage("extract", lambda: _extract(config))
     for run in demo_runs(size):
         run_config = _run_config(config, out, run)
@@ -104,12 +108,12 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0) -> DemoResult:
     return result
 
 
-def claim_demo_folder(out: Path, quick: bool, seed: int) -> None:
-    """Resume only a demo of the same size and seed: its artifacts would otherwise be reused silently."""
+def claim_demo_folder(out: Path, quick: bool, seed: int, pretrain: bool = False) -> None:
+    """Resume only a demo of the same size, seed and denoisers: its artifacts would otherwise be reused silently."""
     from .errors import OrthodiffError
     from .fileio import read_json
 
-    marker, settings = out / "demo.json", {"quick": bool(quick), "seed": int(seed)}
+    marker, settings = out / "demo.json", {"quick": bool(quick), "seed": int(seed), "pretrain": bool(pretrain)}
     if marker.exists():
         found = read_json(marker)
         if found != settings:
@@ -131,7 +135,6 @@ def _demo_config(out: Path, size: DemoSize, seed: int) -> ExperimentConfig:
             f"data.splits={out / 'splits.json'}",
             f"pretrain.output_dir={out / 'pretrain'}",
             f"features.output_dir={out / 'features'}",
-            f"finetune.pretrained={out / 'pretrain'}",
         ],
     )
 
@@ -171,10 +174,28 @@ def _split(config: ExperimentConfig) -> None:
     )
 
 
-def _pretrain(config: ExperimentConfig) -> None:
-    from .training.pretrain import run_pretraining
+def _denoisers(config: ExperimentConfig, out: Path, pretrain: bool) -> Path:
+    """The folder holding ``denoisers/<plane>``: the shipped ones, or with ``pretrain`` the small
+    bench's pretraining redone (hours of CPU)."""
+    if not pretrain:
+        from .pretrained import shipped_folder
 
-    run_pretraining(replace(config, pretrain=replace(config.pretrain, plane="all")))
+        return shipped_folder()
+    from .bench.presets import PRESETS
+
+    return bench_pretraining(config, out, PRESETS["small"])
+
+
+def bench_pretraining(config: ExperimentConfig, out: Path, preset) -> Path:
+    """``preset``'s pretraining redone under ``<out>/pretraining``: its unlabeled archive, network and
+    steps, checked to hold none of the demo's patients and at least 5x its training patients."""
+    from .bench.pretraining import pool_pretraining
+    from .bench.workspace import joint_config
+
+    bench = replace(preset, pretrain_cache=str(out / "pretraining"))
+    bench_config = joint_config(bench, out / "pretraining" / "knee", "knee")
+    folder, _ = pool_pretraining(bench, out, "knee", bench_config, [(config.data.manifest, config.data.splits)])
+    return folder
 
 
 def _extract(config: ExperimentConfig) -> None:
@@ -348,15 +369,42 @@ def _segmentation_pictures(out: Path, rows: list) -> list[str]:
     return lines
 
 
+def _denoiser_lines(folder: Path | None) -> list[str]:
+    """Where the denoisers come from: how many unlabeled patients, how many steps, the held-out loss."""
+    from .bench.pretraining_report import heldout_curves
+    from .fileio import read_json
+    from .pretrained import PROVENANCE
+
+    if folder is None:
+        return []
+    folder = Path(folder)
+    if (folder / PROVENANCE).exists():
+        shipped = read_json(folder / PROVENANCE)
+        source = (f"Denoisers: shipped with orthodiff, pretrained by `{shipped['commands'][0]}` for {shipped['steps']} "
+                  f"steps x {shipped['batch_size']} on {shipped['pool_patients']} unlabeled synthetic knee patients "
+                  "(none of them in this demo)")
+        curves = {plane: [tuple(point) for point in points] for plane, points in shipped["heldout_loss"].items()}
+    else:
+        source = f"Denoisers: pretrained in this run into `{folder}` on the small bench's unlabeled archive"
+        curves = heldout_curves(folder)
+    if curves:
+        source += "; held-out denoising loss at the last step: " + ", ".join(
+            f"{plane} {points[-1][1]:.4f} (from {points[0][1]:.4f} at step {points[0][0]})"
+            for plane, points in curves.items())
+    return [source + "."]
+
+
 def _write_report(result: DemoResult) -> None:
     out = result.out
     write_json(out / "results.json", {"runs": result.rows, "timings_s": result.timings})
     lines = [
         "# orthodiff demo",
         "",
-        "A synthetic knee archive, three plane denoisers pretrained on its unlabeled training scans,",
-        "diagnosis probes and segmentation heads trained with 100% and 10% of the training labels,",
+        "A synthetic knee archive; three plane denoisers pretrained on a separate unlabeled archive;",
+        "diagnosis probes trained with 100% and 10% of the training labels, a segmentation head with 100%,",
         "all evaluated on the held-out test patients (95% intervals: patient bootstrap).",
+        "",
+        *_denoiser_lines(result.denoisers),
         "",
         *_results_table(result.rows),
         "",
@@ -376,12 +424,9 @@ def _write_report(result: DemoResult) -> None:
         "|---|---|",
         *[f"| {name} | {seconds:.1f} |" for name, seconds in result.timings.items()],
         "",
-        "## What the denoisers learned",
+        "## Evaluation plots",
         "",
     ]
-    for preview in sorted((out / "pretrain").glob("*/previews/*.png"))[-3:]:
-        lines.append(f"![{preview.parts[-3]} preview]({preview.relative_to(out)})")
-    lines += ["", "## Evaluation plots", ""]
     for row in result.rows:
         for png in sorted(Path(row["eval"]).glob("*.png")):
             lines.append(f"![{row['run']} {png.stem}]({png.relative_to(out)})")

@@ -3,8 +3,10 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
+import yaml
 
 
 def _quick_demo(out):
@@ -23,13 +25,13 @@ def test_quick_demo_runs_every_stage_and_writes_its_report(tmp_path):
     results = json.loads((out / "results.json").read_text())
     runs = {row["run"]: row for row in results["runs"]}
     assert set(runs) == {"classify-probe-100", "classify-probe-10", "classify-scratch-10", "classify-raw-voxels-10",
-                         "segment-100", "segment-10"}
+                         "segment-100"}
     for row in runs.values():
         if row["task"] == "classify":
             assert 0.0 <= row["macro_auroc"] <= 1.0
         else:
             assert 0.0 <= row["mean_dice"] <= 1.0
-    for stage in ("synth", "scan", "prepare", "split", "pretrain", "extract"):
+    for stage in ("synth", "scan", "prepare", "split", "denoisers", "extract"):
         assert stage in results["timings_s"]
 
     report = (out / "report.md").read_text()
@@ -47,11 +49,19 @@ def test_quick_demo_runs_every_stage_and_writes_its_report(tmp_path):
     for line in pictures:
         assert (out / line.split("](")[1].rstrip(")")).exists()
 
-    # Three plane denoisers, each loadable on its own.
-    for plane in ("sagittal", "coronal", "axial"):
-        assert (out / "pretrain" / "denoisers" / plane / "model.safetensors").exists()
-    # The 100% runs exported as one pipeline directory for `orthodiff predict`.
+    # The features come from the shipped denoisers, and the report says what made them.
+    from orthodiff.pretrained import shipped_folder
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["finetune"]["pretrained"] == str(shipped_folder())
+    assert "Denoisers: shipped with orthodiff, pretrained by `orthodiff bench label-fraction" in report
+    # The probes chose a block and timestep per plane among the configured ones, as the bench does.
+    grid = json.loads((out / "runs" / "classify-probe-10" / "run.json").read_text())["grid"]
+    assert grid["best"]
+    # The 100% runs exported as one pipeline directory for `orthodiff predict`, with the denoisers.
     assert (out / "pipeline" / "pipeline.json").exists()
+    for plane in ("sagittal", "coronal", "axial"):
+        assert (out / "pipeline" / "denoisers" / plane / "model.safetensors").exists()
 
     # A second run resumes: every artifact exists, so nothing is retrained.
     again = _quick_demo(out)
@@ -69,3 +79,30 @@ def test_a_demo_folder_resumes_only_the_same_size_and_seed(tmp_path):
         claim_demo_folder(tmp_path, quick=True, seed=1)
     with pytest.raises(OrthodiffError, match="another --out"):
         claim_demo_folder(tmp_path, quick=False, seed=0)
+    with pytest.raises(OrthodiffError, match="another --out"):
+        claim_demo_folder(tmp_path, quick=True, seed=0, pretrain=True)
+
+
+@pytest.mark.slow
+def test_demo_pretrain_redoes_the_bench_pretraining_on_a_separate_archive(tmp_path):
+    """`demo --pretrain` runs the bench's pool pretraining (here at the test preset's size): denoisers
+    for the three planes, from an unlabeled archive that holds none of the demo's patients."""
+    from orthodiff.bench.presets import PRESETS
+    from orthodiff.config import load_config
+    from orthodiff.data.splits import load_splits, make_splits
+    from orthodiff.demo import bench_pretraining
+    from orthodiff.synth import synthesize_archive
+    from orthodiff.data.scan import scan_archive
+
+    synthesize_archive(tmp_path / "archive", joint="knee", studies=12, seed=3, matrix=32, progress=False)
+    scan_archive(tmp_path / "archive", tmp_path / "manifest.parquet")
+    make_splits(tmp_path / "manifest.parquet", tmp_path / "splits.json", seed=0, val_fraction=0.2, test_fraction=0.2)
+    config = load_config(["demo"], [f"data.manifest={tmp_path / 'manifest.parquet'}",
+                                    f"data.splits={tmp_path / 'splits.json'}"])
+    folder = bench_pretraining(config, tmp_path, replace(PRESETS["test"], unlabeled_studies={"knee": 48}))
+    for plane in ("sagittal", "coronal", "axial"):
+        assert (folder / "denoisers" / plane / "model.safetensors").exists()
+    assert folder.parent == tmp_path / "pretraining"
+    pool = load_splits(folder / "pool-splits.json")
+    demo_patients = set(load_splits(tmp_path / "splits.json").train)
+    assert pool.train and not set(pool.train) & demo_patients and not set(pool.val) & demo_patients
