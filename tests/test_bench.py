@@ -66,6 +66,15 @@ def test_label_fraction_grid_writes_rows_report_and_plots(bench):
     assert len(per_label) == 1 and per_label[0].count("[") >= 1
     assert (out / "auroc_vs_fraction.png").stat().st_size > 1000
     assert (out / "dice_vs_fraction.png").exists()
+    # segmentation per structure: Dice and HD95 of every structure, the mean and the thin-structure mean
+    from orthodiff.bench.segmentation_report import structure_metrics
+
+    segment = next(r for r in stored["rows"] if r["task"] == "segment")
+    found = structure_metrics(segment, out)
+    assert {"femur", "medial_meniscus", "mean", "thin mean"} <= set(found)
+    assert "## Segmentation per structure: Dice" in report and "## Segmentation per structure: HD95 (mm)" in report
+    dice_row = next(line for line in report.splitlines() if line.startswith("| scratch-unet | 100% |"))
+    assert f"{found['femur']['dice']:.3f}" in dice_row and f"{found['thin mean']['dice']:.3f}" in dice_row
 
 
 def test_rerun_skips_finished_cells(bench):

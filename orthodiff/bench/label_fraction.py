@@ -19,6 +19,7 @@ from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
 from .pretraining_report import pretraining_section
+from .segmentation_report import structure_lines
 from .protocol import label_counts, low_label_shortfalls, protocol_lines
 from .results import Pooler, ResultsFile, fmt, fmt_diff, fmt_pooled, select
 from .workspace import prepare_joint
@@ -165,6 +166,7 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
                 lines += ["", f"Paired difference {a} - {b}: " + ", ".join(
                     f"{f:.0%} {fmt_diff(pooler.difference(cells('segment', a, f), cells('segment', b, f)))}"
                     for f in seg_fractions) + "."]
+        lines += structure_lines(rows, results.path.parent, seg_methods, seg_fractions)
 
     files = [plots.metric_vs_fraction(series, "macro AUROC (test)", "Knee diagnosis: macro AUROC vs labels",
                                       out / "auroc_vs_fraction.png", chance=0.5)]
