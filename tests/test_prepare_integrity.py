@@ -231,3 +231,41 @@ def test_folder_stamp_notices_replaced_added_and_removed_files(tmp_path):
     (folder / "3.dcm").unlink()
     (folder / "1.dcm").unlink()
     assert source_stamp(folder)["bytes"] == 2000
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
+def test_pool_workers_of_any_command_exit_with_their_killed_parent(tmp_path):
+    """The initializer every orthodiff process pool uses (prepare, process_map, the bench's cells):
+    a worker busy with a long task exits once its parent is killed."""
+    script = (
+        "import os, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "import multiprocessing\n"
+        "from orthodiff.data.workers import one_thread_worker\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                               initializer=one_thread_worker, initargs=(os.getpid(),))\n"
+        "    pool.submit(time.sleep, 300)\n"
+        "    time.sleep(300)\n"
+    )
+    (tmp_path / "parent.py").write_text(script)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, str(tmp_path / "parent.py")], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        workers = []
+        while time.monotonic() < deadline and not workers:
+            workers = [pid for pid in _children(process.pid) if _alive(pid)]
+            time.sleep(0.2)
+        assert workers, "the pool never started a worker"
+        time.sleep(3.0)  # the worker is importing torch or sleeping in its task
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+            time.sleep(0.2)
+        assert not [pid for pid in workers if _alive(pid)], "a pool worker outlived its killed parent"
+    finally:
+        if process.poll() is None:
+            process.kill()

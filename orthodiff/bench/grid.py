@@ -40,26 +40,25 @@ def _run_parallel(missing: list, inputs_for, preset: BenchPreset, results: Resul
     run in one process, one after another; the groups run side by side. Rows are saved by this
     process only, as groups finish (a cell whose run finished is only evaluated again on resume)."""
     import multiprocessing
+    import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from ..data.workers import one_thread_worker
 
     groups: dict = {}
     for cell in missing:
         groups.setdefault((cell.joint, cell.scenario, cell.task, cell.method, cell.seed), []).append(cell)
     done = 0
     context = multiprocessing.get_context("spawn")  # no forked torch state
-    with ProcessPoolExecutor(max_workers=int(preset.workers), mp_context=context, initializer=_one_thread) as pool:
+    # workers exit when this process dies: a killed bench leaves none training on
+    with ProcessPoolExecutor(max_workers=int(preset.workers), mp_context=context, initializer=one_thread_worker,
+                             initargs=(os.getpid(),)) as pool:
         futures = [pool.submit(_run_group, group, [inputs_for(c) for c in group], preset) for group in groups.values()]
         for future in as_completed(futures):
             for row, seconds in future.result():
                 done += 1
                 _record(results, row, bench, done, len(missing), seconds)
     return done
-
-
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)
 
 
 def _run_group(cells: list, inputs: list, preset: BenchPreset) -> list:

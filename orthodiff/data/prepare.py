@@ -28,8 +28,6 @@ import errno
 import json
 import os
 import re
-import threading
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +40,7 @@ from ..io.volume import Volume
 from ..planes import PLANES, check_plane
 from .fingerprint import data_fingerprint
 from .source_stamp import source_stamp
+from .workers import one_thread_worker
 
 CACHE_FORMAT_VERSION = 1
 PLANE_AXCODES = {"sagittal": "RIP", "coronal": "AIL", "axial": "SPL"}
@@ -496,7 +495,7 @@ def _run(tasks: list, workers: int):
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         context = multiprocessing.get_context(method)
         pool = ProcessPoolExecutor(
-            max_workers=workers, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
+            max_workers=workers, mp_context=context, initializer=one_thread_worker, initargs=(os.getpid(),)
         )
         futures = []
         try:
@@ -513,21 +512,6 @@ def _progress(total: int):
     from tqdm import tqdm
 
     return tqdm(total=total, desc="prepare", unit="series", disable=None, leave=False)
-
-
-def _worker_init(parent_pid: int) -> None:
-    """Each worker uses one thread (the pool supplies the parallelism) and exits when its parent
-    dies: a killed ``prepare`` would otherwise leave its idle workers holding their memory."""
-    import torch
-
-    torch.set_num_threads(1)
-    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
-
-
-def _exit_when_orphaned(parent_pid: int, every_s: float = 0.5) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(every_s)
-    os._exit(1)
 
 
 def _prepare_series(task: dict) -> dict:

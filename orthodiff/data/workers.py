@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 from ..errors import OrthodiffError
 
@@ -30,11 +32,24 @@ def process_map(function, tasks: list, workers: int, chunksize: int = 4):
 
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     context = multiprocessing.get_context(method)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=one_thread_worker,
+                             initargs=(os.getpid(),)) as pool:
         return list(pool.map(function, tasks, chunksize=max(1, min(chunksize, len(tasks) // (workers * 4) or 1))))
 
 
-def _one_thread() -> None:
-    """Numerical libraries use one thread per worker; the pool supplies the parallelism."""
+def one_thread_worker(parent_pid: int) -> None:
+    """Pool worker setup: numerical libraries and torch use one thread (the pool supplies the
+    parallelism), and the worker exits when its parent dies, so a killed command leaves no worker
+    computing on or holding its memory."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[name] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+    threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_when_orphaned(parent_pid: int, every_s: float = 0.5) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(every_s)
+    os._exit(1)
