@@ -183,6 +183,16 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _kill_and_wait_for(process, workers: list[int], seconds: float) -> None:
+    """kill -9 the parent, then assert that every worker is gone within ``seconds``."""
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.2)
+    assert not [pid for pid in workers if _alive(pid)], "pool workers outlived their killed parent"
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process table from /proc")
 def test_kill_9_of_prepare_leaves_no_worker(tmp_path):
     source = _series(tmp_path / "big.nii.gz", seed=0, shape=(160, 160, 40))
@@ -202,12 +212,7 @@ def test_kill_9_of_prepare_leaves_no_worker(tmp_path):
             time.sleep(0.1)
         assert len(workers) >= 2, workers
         time.sleep(1.0)
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
-            time.sleep(0.2)
-        assert not [pid for pid in workers if _alive(pid)], "pool workers outlived their killed parent"
+        _kill_and_wait_for(process, workers, seconds=15)
     finally:
         if process.poll() is None:
             process.kill()
@@ -260,12 +265,7 @@ def test_pool_workers_of_any_command_exit_with_their_killed_parent(tmp_path):
             time.sleep(0.2)
         assert workers, "the pool never started a worker"
         time.sleep(3.0)  # the worker is importing torch or sleeping in its task
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and any(_alive(pid) for pid in workers):
-            time.sleep(0.2)
-        assert not [pid for pid in workers if _alive(pid)], "a pool worker outlived its killed parent"
+        _kill_and_wait_for(process, workers, seconds=30)
     finally:
         if process.poll() is None:
             process.kill()
