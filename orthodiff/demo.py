@@ -133,7 +133,6 @@ def _demo_config(out: Path, size: DemoSize, seed: int) -> ExperimentConfig:
             f"data.manifest={out / 'manifest.parquet'}",
             f"data.cache={out / 'cache'}",
             f"data.splits={out / 'splits.json'}",
-            f"pretrain.output_dir={out / 'pretrain'}",
             f"features.output_dir={out / 'features'}",
         ],
     )

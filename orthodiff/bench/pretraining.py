@@ -196,7 +196,7 @@ def write_pool_splits(pool: Pool, patients: list[str], out: Path) -> Path:
     chosen = sorted(set(patients))
     rest = sorted(set(stored["train"]) - set(chosen))
     held_out = heldout_patients(chosen, pool.config)
-    train = [p for p in chosen if p not in set(held_out)]
+    train = sorted(set(chosen) - set(held_out))
     stored.update(train=train, val=held_out, test=rest, subsets={"1": train}, val_subsets={"1": held_out},
                   label_positives={}, pretraining_pool={"patients": len(train), "held_out": len(held_out),
                                                         "left_out": len(rest)})

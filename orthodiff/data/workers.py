@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -42,10 +43,9 @@ def one_thread_worker(parent_pid: int) -> None:
     parallelism), and the worker exits when its parent dies, so a killed command leaves no worker
     computing on or holding its memory."""
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[name] = "1"
-    import torch
-
-    torch.set_num_threads(1)
+        os.environ[name] = "1"  # read by torch when the worker imports it
+    if "torch" in sys.modules:  # a forked worker inherits an imported torch: tell it directly
+        sys.modules["torch"].set_num_threads(1)
     threading.Thread(target=_exit_when_orphaned, args=(parent_pid,), daemon=True).start()
 
 
