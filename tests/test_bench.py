@@ -21,9 +21,9 @@ from orthodiff.data.splits import load_splits
 from orthodiff.errors import OrthodiffError
 
 # The grid the end-to-end test runs: 2 fractions x 4 classify methods (one orthodiff, the two floors,
-# one baseline) + 1 segmentation cell, one seed.
+# one baseline) + 2 segmentation cells (scratch, and the frozen pretrained denoisers read per voxel), one seed.
 GRID = ["seeds=[0]", "fractions=[1.0,0.5]", "methods=[orthodiff-probe,orthodiff-probe-random-init,raw-voxels,resnet3d]",
-        "segment_methods=[scratch-unet]", "segment_fractions=[1.0]"]
+        "segment_methods=[scratch-unet,orthodiff-pixel]", "segment_fractions=[1.0]"]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +46,8 @@ def test_label_fraction_grid_writes_rows_report_and_plots(bench):
         f"knee/in-domain/classify/{method}/{fraction}/seed0"
         for method in ("orthodiff-probe", "orthodiff-probe-random-init", "raw-voxels", "resnet3d")
         for fraction in ("1", "0.5")
-    } | {"knee/in-domain/segment/scratch-unet/1/seed0"}
-    assert first.computed == 9
+    } | {"knee/in-domain/segment/scratch-unet/1/seed0", "knee/in-domain/segment/orthodiff-pixel/1/seed0"}
+    assert first.computed == 10
     assert stored["command"].startswith("orthodiff bench label-fraction --preset test")
     for row in stored["rows"]:
         metric = row["macro_auroc"] if row["task"] == "classify" else row["mean_dice"]
@@ -69,12 +69,40 @@ def test_label_fraction_grid_writes_rows_report_and_plots(bench):
     # segmentation per structure: Dice and HD95 of every structure, the mean and the thin-structure mean
     from orthodiff.bench.segmentation_report import structure_metrics
 
-    segment = next(r for r in stored["rows"] if r["task"] == "segment")
+    segment = next(r for r in stored["rows"] if r["method"] == "scratch-unet")
     found = structure_metrics(segment, out)
     assert {"femur", "medial_meniscus", "mean", "thin mean"} <= set(found)
     assert "## Segmentation per structure: Dice" in report and "## Segmentation per structure: HD95 (mm)" in report
     dice_row = next(line for line in report.splitlines() if line.startswith("| scratch-unet | 100% |"))
     assert f"{found['femur']['dice']:.3f}" in dice_row and f"{found['thin mean']['dice']:.3f}" in dice_row
+
+
+def test_pixel_segmentation_reads_frozen_pretrained_denoisers_and_records_its_choice(bench):
+    out, _ = bench
+    stored = json.loads((out / "results.json").read_text())
+    row = next(r for r in stored["rows"] if r["method"] == "orthodiff-pixel")
+    info = json.loads((out / row["run_dir"] / "run.json").read_text())
+    assert info["task"] == "segment" and info["mode"] == "probe" and info["init"] == "pretrained"
+    assert info["features"]["segmenter"] == "pixel"
+    # the blocks x timesteps grid was tried on validation and its choice is one of the cells tried
+    tried = [(cell["blocks"], cell["timesteps"]) for cell in info["pixel"]["cells"]]
+    assert len(tried) > 1 and (info["features"]["blocks"], info["features"]["timesteps"]) in tried
+    assert "orthodiff-pixel - scratch-unet" in (out / "report.md").read_text()
+
+
+def test_segmentation_methods_train_what_their_names_say(bench):
+    out, _ = bench
+    preset, _ = resolve_preset("test", [])
+    data = prepare_joint(preset, out, "knee")
+    inputs = CellInputs(config=data.config, splits=data.splits, pretrained=None, features=out / "f", runs=out / "r")
+
+    def finetune(method):
+        ft = cell_config(Cell("knee", "in-domain", "segment", method, 1.0, 0), inputs, preset).finetune
+        return ft.mode, ft.init, ft.segmenter
+
+    assert finetune("orthodiff-finetune") == ("partial", "pretrained", "decoder")
+    assert finetune("orthodiff-pixel") == ("probe", "pretrained", "pixel")
+    assert finetune("scratch-unet") == ("partial", "scratch", "decoder")
 
 
 def test_rerun_skips_finished_cells(bench):
@@ -260,3 +288,23 @@ def test_per_label_and_macro_pools_keep_their_patient_bootstrap_in_any_order(ben
         assert pooled.replicates is not None and pooled.interval == "seed and patient bootstrap of the seed mean"
         assert pooled.ci_low <= pooled.value <= pooled.ci_high
     assert one_label.value == pytest.approx(sum(r["auroc"][label]["value"] for r in rows) / len(rows))
+
+
+def test_pooling_ablation_retrains_the_probes_with_other_poolings(bench):
+    import runpy
+
+    out, _ = bench
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pooling_ablation.py"
+    ablation = runpy.run_path(str(script), run_name="pooling_ablation")
+    assert ablation["main"]([str(out), "--seeds", "0", "--fractions", "1", "--poolings", "grid_max",
+                             "--n-bootstrap", "50"]) == 0
+    retrained = out / "knee" / "ablation-pooling" / "grid_max" / "classify-orthodiff-probe-1-seed0"
+    info = json.loads((retrained / "run.json").read_text())
+    assert info["pooling"] == "grid_max" and info["mode"] == "grid"
+    # the bench's own cell is untouched: still its preset's pooling
+    stored = json.loads((out / "results.json").read_text())
+    bench_row = next(r for r in stored["rows"] if r["key"] == "knee/in-domain/classify/orthodiff-probe/1/seed0")
+    assert json.loads((out / bench_row["run_dir"] / "run.json").read_text())["pooling"] != "grid_max"
+    table = (out / "ablation_pooling.md").read_text().splitlines()
+    lines = [line for line in table if line.startswith("| orthodiff-probe | 100% | grid_max |")]
+    assert len(lines) == 1 and "[" in lines[0]

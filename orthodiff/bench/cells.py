@@ -63,6 +63,9 @@ def cell_config(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> Experime
         features = inputs.features.parent.with_name(inputs.features.parent.name + "-random-init") / inputs.features.name
     elif cell.method == "orthodiff-finetune":
         ft = replace(ft, mode="partial", init="pretrained", **common)
+    elif cell.method == "orthodiff-pixel":
+        # frozen pretrained denoisers; blocks x timesteps chosen on validation (finetune.pixel_grid)
+        ft = replace(ft, mode="probe", segmenter="pixel", init="pretrained", **common)
     elif cell.method == "scratch-unet":
         # trained from random weights: the encoder learns at the head's rate, not the fine-tuning fraction of it
         ft = replace(ft, mode="partial", init="scratch", encoder_lr_scale=1.0, **common)

@@ -21,9 +21,11 @@ CLASSIFY_METHODS = ("orthodiff-probe", "orthodiff-finetune", "orthodiff-probe-ra
 FLOOR_METHODS = ("orthodiff-probe-random-init", "raw-voxels")
 # supervised networks trained by bench/baselines_train.py rather than the fine-tuning loop
 BASELINE_METHODS = ("raw-voxels", "resnet3d", "mrnet2d")
-# Segmentation methods: the pretrained denoiser with a decoder, against the same network from scratch.
-SEGMENT_METHODS = ("orthodiff-finetune", "scratch-unet", "dynunet")
-PRETRAINED_METHODS = ("orthodiff-probe", "orthodiff-finetune")
+# Segmentation methods: the pretrained denoiser with a decoder (partly fine-tuned), the frozen pretrained
+# denoiser read per voxel (DDPM-segmentation: multi-block, multi-timestep features and a light head), the
+# denoiser's network from scratch, and nnU-Net's DynUNet (the supervised reference).
+SEGMENT_METHODS = ("orthodiff-finetune", "orthodiff-pixel", "scratch-unet", "dynunet")
+PRETRAINED_METHODS = ("orthodiff-probe", "orthodiff-finetune", "orthodiff-pixel")
 
 
 @dataclass
