@@ -92,17 +92,19 @@ def test_pixel_segmentation_reads_frozen_pretrained_denoisers_and_records_its_ch
 
 def test_segmentation_methods_train_what_their_names_say(bench):
     out, _ = bench
-    preset, _ = resolve_preset("test", [])
+    preset, _ = resolve_preset("test", ["segment_learning_rate=0.005"])
     data = prepare_joint(preset, out, "knee")
     inputs = CellInputs(config=data.config, splits=data.splits, pretrained=None, features=out / "f", runs=out / "r")
 
-    def finetune(method):
-        ft = cell_config(Cell("knee", "in-domain", "segment", method, 1.0, 0), inputs, preset).finetune
-        return ft.mode, ft.init, ft.segmenter
+    def finetune(method, task="segment"):
+        ft = cell_config(Cell("knee", "in-domain", task, method, 1.0, 0), inputs, preset).finetune
+        return ft.mode, ft.init, ft.segmenter, ft.learning_rate
 
-    assert finetune("orthodiff-finetune") == ("partial", "pretrained", "decoder")
-    assert finetune("orthodiff-pixel") == ("probe", "pretrained", "pixel")
-    assert finetune("scratch-unet") == ("partial", "scratch", "decoder")
+    assert finetune("orthodiff-finetune") == ("partial", "pretrained", "decoder", 0.005)
+    assert finetune("orthodiff-pixel") == ("probe", "pretrained", "pixel", 0.005)
+    assert finetune("scratch-unet") == ("partial", "scratch", "decoder", 0.005)
+    # the segmentation learning rate is the segmentation cells' only
+    assert finetune("orthodiff-finetune", "classify")[3] == data.config.finetune.learning_rate != 0.005
 
 
 def test_rerun_skips_finished_cells(bench):

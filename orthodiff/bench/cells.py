@@ -73,6 +73,8 @@ def cell_config(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> Experime
         ft = replace(ft, **common)
     if cell.task == "segment":
         base_epochs = preset.segment_epochs
+        if preset.segment_learning_rate:
+            ft = replace(ft, learning_rate=float(preset.segment_learning_rate))
     elif cell.method.startswith("orthodiff-probe") and preset.probe_epochs:
         base_epochs = preset.probe_epochs
     else:
