@@ -255,6 +255,20 @@ def test_segmentation_shifted_masks_lower_dice_positive_hd95(tmp_path):
     assert "| femur |" in (run / "eval" / "metrics.md").read_text()
 
 
+def test_dice_only_scores_equal_the_full_scores_without_distances(tmp_path):
+    from orthodiff.evaluation.rundir import read_run
+    from orthodiff.evaluation.segmentation import series_scores
+
+    inputs = read_run(make_segment_run(tmp_path / "run", shift=1))
+    structures = ["femur", "tibia", "patella"]
+    full, _ = series_scores(inputs.segmentations, structures)
+    dice_only, _ = series_scores(inputs.segmentations, structures, distances=False)
+    dice = [f"dice_{s}" for s in structures]
+    pd.testing.assert_frame_equal(dice_only[dice], full[dice])
+    assert not any(column.startswith("hd95_") for column in dice_only.columns)
+    assert full["hd95_femur"].notna().all()
+
+
 def test_thin_structure_mean_is_reported_beside_the_whole_mean(tmp_path):
     run = make_segment_run(tmp_path / "run", shift=1)
     (run / "run.json").write_text(json.dumps({"task": "segment",

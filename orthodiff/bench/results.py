@@ -89,7 +89,8 @@ def _test_patient_dice(run_dir: Path) -> dict:
 
     inputs = read_run(run_dir)
     structures = structure_names(inputs.classes, inputs.segmentations)
-    scores, _ = series_scores(inputs.segmentations[inputs.segmentations["split"] == "test"], structures)
+    scores, _ = series_scores(inputs.segmentations[inputs.segmentations["split"] == "test"], structures,
+                              distances=False)
     if scores.empty:
         return {}
     with warnings.catch_warnings():

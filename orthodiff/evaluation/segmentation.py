@@ -33,8 +33,11 @@ def structure_names(classes: list, segmentations: pd.DataFrame) -> list[str]:
     return [f"class_{k}" for k in range(1, largest + 1)]
 
 
-def series_scores(segmentations: pd.DataFrame, structures: list[str]) -> tuple[pd.DataFrame, list[dict]]:
-    """One row per readable series with ``dice_<s>`` and ``hd95_<s>``; and the skipped series with reasons."""
+def series_scores(segmentations: pd.DataFrame, structures: list[str],
+                  distances: bool = True) -> tuple[pd.DataFrame, list[dict]]:
+    """One row per readable series with ``dice_<s>`` and (with ``distances``) ``hd95_<s>``; and the
+    skipped series with reasons. Surface distances cost most of the time: a caller that pools Dice
+    only leaves them out."""
     from monai.metrics import DiceMetric, compute_hausdorff_distance  # MONAI is slow to import: only here
     from monai.networks.utils import one_hot
 
@@ -51,15 +54,18 @@ def series_scores(segmentations: pd.DataFrame, structures: list[str]) -> tuple[p
         target_1h = one_hot(torch.from_numpy(target.astype(np.int64))[None, None], num_classes)
         dice = dice_metric(y_pred=pred_1h, y=target_1h)[0].numpy()
         dice_metric.reset()
-        with warnings.catch_warnings():  # empty structures are expected; recorded as n_absent / n_missed
-            warnings.simplefilter("ignore")
-            hd95 = compute_hausdorff_distance(pred_1h, target_1h, include_background=False, percentile=95,
-                                              spacing=list(record["spacing"]))[0].numpy()
+        hd95 = None
+        if distances:
+            with warnings.catch_warnings():  # empty structures are expected; recorded as n_absent / n_missed
+                warnings.simplefilter("ignore")
+                hd95 = compute_hausdorff_distance(pred_1h, target_1h, include_background=False, percentile=95,
+                                                  spacing=list(record["spacing"]))[0].numpy()
         row = {key: record[key] for key in _META}
         for k, name in enumerate(structures):
             present = bool(target_1h[0, k + 1].any())
             row[f"dice_{name}"] = float(dice[k]) if present else np.nan
-            row[f"hd95_{name}"] = float(hd95[k]) if present and np.isfinite(hd95[k]) else np.nan
+            if hd95 is not None:
+                row[f"hd95_{name}"] = float(hd95[k]) if present and np.isfinite(hd95[k]) else np.nan
             row[f"absent_{name}"] = not present
             row[f"missed_{name}"] = present and not bool(pred_1h[0, k + 1].any())
         rows.append(row)
