@@ -45,6 +45,7 @@ def ablation_row(bench: Path, row: dict, pooling: str, n_bootstrap: int) -> dict
     out = results_row(cell, run_dir.relative_to(bench), evaluation.metrics, seconds=seconds)
     out.update(training_record(run_dir))
     out["pooling"] = pooling
+    out["key"] = f"{out['key']}/pooling={pooling}"  # the pooler caches by key: never the bench cell's
     return out
 
 

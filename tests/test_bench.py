@@ -310,3 +310,9 @@ def test_pooling_ablation_retrains_the_probes_with_other_poolings(bench):
     table = (out / "ablation_pooling.md").read_text().splitlines()
     lines = [line for line in table if line.startswith("| orthodiff-probe | 100% | grid_max |")]
     assert len(lines) == 1 and "[" in lines[0]
+    # the retrained probe is scored from its own predictions, not the bench cell's
+    metrics = json.loads((retrained / "eval" / "metrics.json").read_text())["classification"]["overall"]
+    headline = stored["label_counts"]["headline_labels"]
+    values = [metrics["labels"][label]["auroc"]["value"] for label in headline
+              if metrics["labels"][label]["auroc"]["value"] is not None]
+    assert f"{sum(values) / len(values):.3f}" in lines[0].split("|")[4]
