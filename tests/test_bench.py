@@ -180,6 +180,21 @@ def test_probe_epochs_apply_to_the_probe_only(bench):
     assert epochs("segment", "orthodiff-finetune") == 2
 
 
+def test_only_cells_sharing_a_feature_store_run_one_after_another():
+    from orthodiff.bench.grid import cell_groups
+
+    cells = [Cell("knee", "in-domain", task, method, fraction, seed) for seed in (0, 1) for fraction in (1.0, 0.1)
+             for task, method in (("classify", "orthodiff-probe"), ("classify", "orthodiff-probe-random-init"),
+                                  ("classify", "resnet3d"), ("segment", "dynunet"))]
+    groups = list(cell_groups(cells).values())
+    probes = [g for g in groups if g[0].method.startswith("orthodiff-probe")]
+    # one group per probe method and seed, holding both fractions
+    assert len(probes) == 4 and all(len(g) == 2 and len({c.seed for c in g}) == 1 for g in probes)
+    # every other cell runs on its own, so two segmentation cells of one method run side by side
+    assert sorted(len(g) for g in groups if g not in probes) == [1] * 8
+    assert sum(len(g) for g in groups) == len(cells)
+
+
 def test_pooled_summary_without_run_directories_uses_seed_intervals():
     rows = [{"key": f"k{s}", "joint": "knee", "scenario": "x", "task": "classify", "run_dir": "/missing",
              "auroc": {"a": {"value": v}}, "macro_auroc": {"value": v, "ci_low": v - 0.1, "ci_high": v + 0.1}}

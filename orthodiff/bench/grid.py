@@ -36,18 +36,16 @@ def _record(results: ResultsFile, row: dict, bench: str, index: int, total: int,
 
 
 def _run_parallel(missing: list, inputs_for, preset: BenchPreset, results: ResultsFile, bench: str, total: int) -> int:
-    """Cells grouped by (joint, scenario, task, method, seed) so that the cells sharing a feature store
-    run in one process, one after another; the groups run side by side. Rows are saved by this
-    process only, as groups finish (a cell whose run finished is only evaluated again on resume)."""
+    """The groups of ``cell_groups`` run side by side, the cells of a group one after another in one
+    process. Rows are saved by this process only, as groups finish (a cell whose run finished is only
+    evaluated again on resume)."""
     import multiprocessing
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     from ..data.workers import one_thread_worker
 
-    groups: dict = {}
-    for cell in missing:
-        groups.setdefault((cell.joint, cell.scenario, cell.task, cell.method, cell.seed), []).append(cell)
+    groups = cell_groups(missing)
     done = 0
     context = multiprocessing.get_context("spawn")  # no forked torch state
     # workers exit when this process dies: a killed bench leaves none training on
@@ -59,6 +57,17 @@ def _run_parallel(missing: list, inputs_for, preset: BenchPreset, results: Resul
                 done += 1
                 _record(results, row, bench, done, len(missing), seconds)
     return done
+
+
+def cell_groups(cells: list) -> dict:
+    """The probe cells of one (joint, scenario, method, seed) share a feature store: one group, so the
+    store is extracted once and never written by two processes. Every other cell is a group of its own."""
+    groups: dict = {}
+    for cell in cells:
+        shares_store = cell.task == "classify" and cell.method.startswith("orthodiff-probe")
+        key = (cell.joint, cell.scenario, cell.method, cell.seed) if shares_store else cell.key
+        groups.setdefault(key, []).append(cell)
+    return groups
 
 
 def _run_group(cells: list, inputs: list, preset: BenchPreset) -> list:
