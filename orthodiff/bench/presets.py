@@ -56,8 +56,8 @@ class BenchPreset:
     min_test_positives: int = 10
     min_low_label_positives: int = 10
     segment_epochs: int = 10
-    # learning rate of the orthodiff and scratch segmentation cells (0: finetune.learning_rate): their decoder
-    # starts from nothing and needs a larger step than fine-tuning a classifier (DynUNet has its own, in dynunet)
+    # learning rate of the segmentation cells (0: finetune.learning_rate): a decoder starts from nothing and
+    # needs a larger step than fine-tuning a classifier. DynUNet's own dynunet["learning_rate"], when set, wins.
     segment_learning_rate: float = 0.0
     # the orthodiff probes (pretrained and random-init alike): "grid" chooses each plane's (block, timestep)
     # among features.blocks x features.timesteps and the learning rate on validation; "probe" reads the first
