@@ -145,6 +145,9 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
     decoder_width: int = 16  # least channels of a segmentation decoder level
+    # segment (decoder): convolution blocks that read the plane tensor at full resolution before it joins the
+    # decoder's last block (0: the raw tensor joins); the encoder's finest features are at half resolution
+    decoder_image_stem: int = 2
     classes: list = field(default_factory=list)  # segmentation class names; empty: <data.archive>/archive.json
     source_geometry: bool = False  # segment: also write each prediction on the series' original voxel grid
     # segment: "decoder" (a decoder on the middle block and encoder levels) or "pixel" (DDPM-segmentation:

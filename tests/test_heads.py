@@ -176,6 +176,36 @@ def test_segmentation_head_overfits_a_tiny_batch():
     assert after > 0.8 and after > before + 0.3
 
 
+def test_image_stem_reads_the_plane_tensor_at_full_resolution():
+    torch.manual_seed(0)
+    shapes, plane_size = _seg_setup()
+    size = {"sagittal": plane_size["sagittal"]}
+    with pytest.raises(OrthodiffError, match="decoder_image_stem"):
+        SegmentationModel({"sagittal": shapes}, size, "mid", ["down0"], 2, image_stem=2)
+    model = SegmentationModel({"sagittal": shapes}, size, "mid", ["down0"], 2, width=8, image_channels=1, image_stem=2)
+    assert len(model.decoders["sagittal"].image_stem) == 2
+    # A structure one voxel thick that only the full-size image shows; the features are noise.
+    image = torch.randn(2, 1, 8, 16, 16) * 0.1
+    target = torch.zeros(2, 1, 8, 16, 16, dtype=torch.long)
+    target[:, :, 2:6, 4:12, 7] = 1
+    image[target == 1] += 1.0
+    features = {"sagittal": {b: torch.randn(2, *s) for b, s in shapes.items()}}
+    present = torch.ones(2, 1, dtype=torch.bool)
+    loss_fn = make_dice_ce_loss()
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = loss_fn(model(features, present, {"sagittal": image})["sagittal"], target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    stem = model.decoders["sagittal"].image_stem[0][0].weight
+    assert stem.grad is not None and float(stem.grad.abs().sum()) > 0
+    pred = model(features, present, {"sagittal": image})["sagittal"].argmax(1, keepdim=True)
+    hit = float(((pred == 1) & (target == 1)).sum())
+    dice = 2 * hit / float((pred == 1).sum() + (target == 1).sum())
+    assert dice > 0.8
+
+
 def test_local_evidence_pool_shapes():
     from orthodiff.heads import AttentionMaxPool, GridPool
 

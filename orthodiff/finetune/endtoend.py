@@ -272,7 +272,8 @@ def train_segmenter(cfg, denoisers, datasets: dict, num_classes: int, log: Metri
         shapes = {p: {b: d.feature_shape(b) for b in [bottleneck, *skips]} for p, d in denoisers.items()}
         plane_size = {p: tuple(d.plane_size) for p, d in denoisers.items()}
         head = SegmentationModel(shapes, plane_size, bottleneck, skips, num_classes, pooling=ft.pooling,
-                                 width=int(ft.decoder_width), image_channels=1)
+                                 width=int(ft.decoder_width), image_channels=1,
+                                 image_stem=int(ft.decoder_image_stem))
         model, summary = _fit_segmenter(cfg, EndToEndSegmenter(backbone, head), datasets, num_classes, log, loss_fn)
     summary["class_weights"] = None if weights is None else [round(float(w), 4) for w in weights]
     return model, summary

@@ -308,6 +308,8 @@ def _save_head(head, out: Path, info: dict) -> None:
             "planes": list(head.planes), "features": info.get("features", {})}
     if hasattr(head, "image_channels"):  # segmentation decoders also read the plane tensor
         spec["image_channels"] = int(head.image_channels)
+    if hasattr(head, "image_stem"):
+        spec["image_stem"] = int(head.image_stem)
     write_json(out / "head.json", spec)
 
 

@@ -39,9 +39,12 @@ class SegmentationDecoder(nn.Module):
 
     ``shapes`` maps block name -> (C, d, h, w) for this plane size (``Denoiser.feature_shape``);
     ``bottleneck`` names the deepest block, ``skips`` the others (any order: they are climbed from
-    the coarsest to the finest). The denoiser's finest block is already at half resolution, so with
+    the coarsest to the finest). The encoder's finest block is at half resolution, so with
     ``image_channels`` the plane tensor itself joins at full size for the last block (thin
-    structures such as cartilage and menisci need it). Output: logits (B, num_classes, *out_size).
+    structures such as cartilage and menisci need it), first through ``image_stem`` convolution
+    blocks of ``width`` channels: a full-resolution stage like a UNet's top level, so a structure
+    one or two voxels thick is seen by more than one convolution. Output: logits
+    (B, num_classes, *out_size).
     """
 
     def __init__(
@@ -54,10 +57,13 @@ class SegmentationDecoder(nn.Module):
         out_size: Sequence[int],
         width: int = 16,
         image_channels: int = 0,
+        image_stem: int = 0,
     ):
         super().__init__()
         if num_classes < 2:
             raise OrthodiffError("segmentation: need at least 2 classes (background and one structure)")
+        if int(image_stem) < 0 or (int(image_stem) and not int(image_channels)):
+            raise OrthodiffError(f"finetune.decoder_image_stem={image_stem}: must be >= 0, and 0 without an image")
         unknown = [name for name in [bottleneck, *skips] if name not in shapes]
         if unknown:
             raise OrthodiffError(f"segmentation: no feature shape for blocks {unknown}; known: {sorted(shapes)}")
@@ -75,7 +81,10 @@ class SegmentationDecoder(nn.Module):
             self.up_blocks.append(ConvBlock(channels + int(shapes[name][0]), out_channels))
             channels = out_channels
         self.image_channels = int(image_channels)
-        self.final = nn.Sequential(ConvBlock(channels + self.image_channels, width), nn.Conv3d(width, num_classes, 1))
+        stem = [ConvBlock(self.image_channels if i == 0 else width, width) for i in range(int(image_stem))]
+        self.image_stem = nn.Sequential(*stem)
+        image_width = width if stem else self.image_channels
+        self.final = nn.Sequential(ConvBlock(channels + image_width, width), nn.Conv3d(width, num_classes, 1))
 
     def forward(
         self, features: Mapping[str, torch.Tensor], fused: torch.Tensor, image: torch.Tensor | None = None
@@ -91,7 +100,7 @@ class SegmentationDecoder(nn.Module):
         if self.image_channels:
             if image is None:
                 raise OrthodiffError("segmentation decoder was built with image_channels but got no image")
-            x = torch.cat([x, image.to(x.dtype)], dim=1)
+            x = torch.cat([x, self.image_stem(image.to(x.dtype))], dim=1)
         return self.final(x)
 
 
@@ -109,12 +118,14 @@ class SegmentationModel(nn.Module):
         pooling: str = "mean",
         width: int = 16,
         image_channels: int = 0,
+        image_stem: int = 0,
     ):
         super().__init__()
         self.planes = tuple(plane for plane in PLANES if plane in shapes)
         if not self.planes:
             raise OrthodiffError("segmentation: shapes names no plane")
         self.image_channels = int(image_channels)
+        self.image_stem = int(image_stem)
         self.pools = nn.ModuleDict(
             {plane: make_pool(pooling, int(shapes[plane][bottleneck][0])) for plane in self.planes}
         )
@@ -126,7 +137,7 @@ class SegmentationModel(nn.Module):
             {
                 plane: SegmentationDecoder(
                     shapes[plane], bottleneck, skips, self.fusion.out_features, num_classes, plane_size[plane], width,
-                    image_channels,
+                    image_channels, image_stem,
                 )
                 for plane in self.planes
             }

@@ -481,7 +481,8 @@ def build_segmenter(spec: dict, num_classes: int, denoisers: Mapping) -> torch.n
     size = {p: tuple(denoisers[p].plane_size) for p in spec["planes"]}
     return SegmentationModel(shapes, size, spec["bottleneck"], spec["skips"], num_classes,
                              pooling=spec["pooling"], width=int(spec["width"]),
-                             image_channels=int(spec.get("image_channels", 0)))
+                             image_channels=int(spec.get("image_channels", 0)),
+                             image_stem=int(spec.get("image_stem", 0)))
 
 
 def _image_channels(spec: dict, head: dict, run_dir: Path, denoisers: Mapping) -> int:

@@ -96,6 +96,8 @@ def segmenter_spec(run_dir: Path, info: dict, head: dict, cfg) -> dict:
         "seed": int(info.get("seed", cfg.seed)),
         "pooling": head.get("pooling", "attention"),
         "width": int(cfg.finetune.decoder_width),
+        # runs saved before the decoder had an image stem record none: the raw tensor joined
+        "image_stem": int(head.get("image_stem", 0)),
     }
 
 
