@@ -100,6 +100,11 @@ def test_pool_checks_refuse_overlap_and_a_small_pool(tmp_path):
     with pytest.raises(OrthodiffError, match="at least 5x"):
         check_pool([f"U-{i}" for i in range(9)], manifest, ["P1", "P2"], "pool")
     assert check_pool([f"U-{i}" for i in range(10)], manifest, ["P1", "P2"], "pool")["ratio"] == 5.0
+    # patients held out to score the denoising loss are not learned from: they do not count
+    with pytest.raises(OrthodiffError, match="learns from 9 unlabeled patients"):
+        check_pool([f"U-{i}" for i in range(10)], manifest, ["P1", "P2"], "pool", held_out=1)
+    counts = check_pool([f"U-{i}" for i in range(12)], manifest, ["P1", "P2"], "pool", held_out=1)
+    assert (counts["trained_patients"], counts["held_out_patients"], counts["ratio"]) == (11, 1, 5.5)
 
 
 def test_floors_and_training_records_appear_in_results_and_report(bench):

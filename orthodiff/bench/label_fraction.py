@@ -189,7 +189,10 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
 def _pool_lines(pool: dict) -> list[str]:
     if not pool:
         return []
-    return [(f"Pretraining: {pool['unlabeled_patients']} unlabeled knee patients from a separate archive "
+    held_out = int(pool.get("held_out_patients", 0))
+    trained = pool.get("trained_patients", pool["unlabeled_patients"])
+    scored = f", {held_out} more held out to score its denoising loss" if held_out else ""
+    return [(f"Pretraining: {trained} unlabeled knee patients from a separate archive{scored} "
              f"({pool['ratio']}x the {pool['labeled_train_patients']} labeled training patients; no patient in "
              "any labeled split, checked), cached and shared by the benches."), ""]
 

@@ -121,8 +121,10 @@ def pool_patients(pool: Pool, exclude: tuple[str, object] | None = None) -> list
     return sorted(frame["patient_id"].astype(str).unique())
 
 
-def check_pool(pool_ids: list[str], labeled_manifest: Path, train_patients: list[str], source: str) -> dict:
-    """Assert that no pool patient is a labeled patient and that the pool is at least
+def check_pool(pool_ids: list[str], labeled_manifest: Path, train_patients: list[str], source: str,
+               held_out: int = 0) -> dict:
+    """Assert that no pool patient is a labeled patient and that the patients pretraining learns from
+    (the pool less the ``held_out`` ones that only score its denoising loss) are at least
     ``MIN_POOL_RATIO`` x the labeled training patients; returns the counts for the report."""
     from ..data.manifest import read_manifest
 
@@ -131,12 +133,14 @@ def check_pool(pool_ids: list[str], labeled_manifest: Path, train_patients: list
     if shared:
         raise OrthodiffError(f"{source}: {len(shared)} unlabeled patient(s) are also labeled patients (e.g. "
                              f"{shared[0]!r}); the unlabeled archive must hold other patients")
-    if len(pool_ids) < MIN_POOL_RATIO * len(train_patients):
+    trained = len(pool_ids) - int(held_out)
+    if trained < MIN_POOL_RATIO * len(train_patients):
         raise OrthodiffError(
-            f"{source}: {len(pool_ids)} unlabeled patients for {len(train_patients)} labeled training patients; "
-            f"the protocol needs at least {MIN_POOL_RATIO}x: raise unlabeled_studies")
-    return {"unlabeled_patients": len(pool_ids), "labeled_train_patients": len(train_patients),
-            "ratio": round(len(pool_ids) / max(1, len(train_patients)), 2), "disjoint": True}
+            f"{source}: pretraining learns from {trained} unlabeled patients for {len(train_patients)} labeled "
+            f"training patients; the protocol needs at least {MIN_POOL_RATIO}x: raise unlabeled_studies")
+    return {"unlabeled_patients": len(pool_ids), "held_out_patients": int(held_out), "trained_patients": trained,
+            "labeled_train_patients": len(train_patients),
+            "ratio": round(trained / max(1, len(train_patients)), 2), "disjoint": True}
 
 
 def pretrain_key(config: ExperimentConfig, patients: list[str], cache_fingerprint: str) -> str:
@@ -230,7 +234,8 @@ def pool_pretraining(preset: BenchPreset, out: Path, joint: str, config: Experim
     patients = pool_patients(pool, exclude)
     counts = {}
     for manifest, splits in labeled:
-        counts = check_pool(patients, Path(manifest), load_splits(splits).train, str(pool.root))
+        counts = check_pool(patients, Path(manifest), load_splits(splits).train, str(pool.root),
+                            held_out=len(heldout_patients(patients, config)))
     folder = cached_pretraining(pool, preset, out, patients, name)
     return folder, {**counts, "joint": joint, "pretraining": str(folder), "pool": str(pool.root)}
 
