@@ -92,13 +92,21 @@ def test_pixel_segmentation_reads_frozen_pretrained_denoisers_and_records_its_ch
 
 def test_segmentation_methods_train_what_their_names_say(bench):
     out, _ = bench
-    preset, _ = resolve_preset("test", ["segment_learning_rate=0.005"])
+    preset, _ = resolve_preset("test", ["segment_learning_rate=0.005", "segment_finetune={max_steps: 7}"])
     data = prepare_joint(preset, out, "knee")
     inputs = CellInputs(config=data.config, splits=data.splits, pretrained=None, features=out / "f", runs=out / "r")
 
     def finetune(method, task="segment"):
         ft = cell_config(Cell("knee", "in-domain", task, method, 1.0, 0), inputs, preset).finetune
         return ft.mode, ft.init, ft.segmenter, ft.learning_rate
+
+    # the segmentation step budget reaches every segmentation cell, DynUNet's too, and no other
+    assert {cell_config(Cell("knee", "in-domain", "segment", m, 1.0, 0), inputs, preset).finetune.max_steps
+            for m in ("orthodiff-finetune", "orthodiff-pixel", "scratch-unet", "dynunet")} == {7}
+    assert cell_config(Cell("knee", "in-domain", "classify", "raw-voxels", 1.0, 0), inputs,
+                       preset).finetune.max_steps == data.config.finetune.max_steps != 7
+    with pytest.raises(OrthodiffError, match="segment_finetune"):
+        resolve_preset("test", ["segment_finetune={max_step: 7}"])
 
     assert finetune("orthodiff-finetune") == ("partial", "pretrained", "decoder", 0.005)
     assert finetune("orthodiff-pixel") == ("probe", "pretrained", "pixel", 0.005)
@@ -331,3 +339,37 @@ def test_pooling_ablation_retrains_the_probes_with_other_poolings(bench):
     values = [metrics["labels"][label]["auroc"]["value"] for label in headline
               if metrics["labels"][label]["auroc"]["value"] is not None]
     assert f"{sum(values) / len(values):.3f}" in lines[0].split("|")[4]
+
+
+def test_pretraining_ablation_probes_denoisers_pretrained_otherwise(bench):
+    import runpy
+
+    out, _ = bench
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "pretraining_ablation.py"
+    ablation = runpy.run_path(str(script), run_name="pretraining_ablation")
+    assert ablation["main"]([str(out), "--steps", "1", "--pool-patients", "20", "--seeds", "0", "--fractions", "1",
+                             "--n-bootstrap", "50"]) == 0
+    stored = json.loads((out / "results.json").read_text())
+    bench_pretraining = Path(stored["unlabeled_pool"]["pretraining"])
+    used = {}
+    for name in ("steps=1", "pool=20"):
+        run = out / "knee" / f"runs-ablation-{name}" / "classify-orthodiff-probe-1-seed0"
+        used[name] = _pretrained_of(run)
+        # each variant reads its own pretraining and extracts its own features
+        assert used[name] != bench_pretraining and (out / "knee" / f"features-ablation-{name}" / "seed0").is_dir()
+    assert used["steps=1"] != used["pool=20"]
+    steps = [json.loads(line)["step"] for line in (used["steps=1"] / "sagittal" / "metrics.jsonl").read_text().splitlines()
+             if "step" in json.loads(line)]
+    assert max(steps) == 1
+    pool_splits = json.loads((used["pool=20"] / "pool-splits.json").read_text())
+    assert len(pool_splits["train"]) + len(pool_splits["val"]) == 20
+    table = (out / "ablation_pretraining.md").read_text().splitlines()
+    for label in ("1 steps", "20 patients"):
+        line = next(line for line in table if line.startswith("| ") and label in line.split("|")[1])
+        assert "[" in line.split("|")[3] and "[" in line.split("|")[4]
+
+
+def _pretrained_of(run: Path) -> Path:
+    import yaml
+
+    return Path(yaml.safe_load((run / "config.yaml").read_text())["finetune"]["pretrained"])

@@ -75,6 +75,7 @@ def cell_config(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> Experime
         base_epochs = preset.segment_epochs
         if preset.segment_learning_rate:
             ft = replace(ft, learning_rate=float(preset.segment_learning_rate))
+        ft = replace(ft, **preset.segment_finetune)
     elif cell.method.startswith("orthodiff-probe") and preset.probe_epochs:
         base_epochs = preset.probe_epochs
     else:

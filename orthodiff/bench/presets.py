@@ -59,6 +59,9 @@ class BenchPreset:
     # learning rate of the segmentation cells (0: finetune.learning_rate): a decoder starts from nothing and
     # needs a larger step than fine-tuning a classifier. DynUNet's own dynunet["learning_rate"], when set, wins.
     segment_learning_rate: float = 0.0
+    # finetune fields for the segmentation cells, DynUNet's included (e.g. {max_steps: 600, eval_every: 50}):
+    # a segmenter converges in more steps than a classifier; applied after segment_learning_rate
+    segment_finetune: dict = field(default_factory=dict)
     # the orthodiff probes (pretrained and random-init alike): "grid" chooses each plane's (block, timestep)
     # among features.blocks x features.timesteps and the learning rate on validation; "probe" reads the first
     probe_mode: str = "grid"
@@ -297,6 +300,12 @@ def _check(preset: BenchPreset) -> None:
                              "e.g. {knee: 600}")
     if preset.probe_mode not in ("probe", "grid"):
         raise OrthodiffError(f"probe_mode={preset.probe_mode!r}: use probe or grid")
+    from ..config import FinetuneConfig
+
+    known = {f.name for f in fields(FinetuneConfig)}
+    if not isinstance(preset.segment_finetune, dict) or set(preset.segment_finetune) - known:
+        raise OrthodiffError(f"segment_finetune={preset.segment_finetune!r}: give finetune fields, e.g. "
+                             "{max_steps: 600, eval_every: 50}")
     unknown = [m for m in preset.segment_methods if m not in SEGMENT_METHODS]
     if unknown:
         raise OrthodiffError(f"segment_methods: {unknown} unknown; use some of {', '.join(SEGMENT_METHODS)}")
