@@ -49,13 +49,8 @@ def ablation_row(bench: Path, row: dict, pooling: str, n_bootstrap: int) -> dict
     return out
 
 
-def validation_score(bench: Path, row: dict) -> float | None:
-    info = json.loads((bench / row["run_dir"] / "run.json").read_text())
-    return (info.get("grid") or {}).get("best", {}).get("val_macro_auroc") if info.get("grid") else None
-
-
 def main(argv=None) -> int:
-    from orthodiff.bench.results import Pooler, fmt_diff, fmt_pooled
+    from orthodiff.bench.results import Pooler, fmt_diff, fmt_pooled, grid_validation
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench", type=Path, help="a finished label-fraction bench folder (results.json)")
@@ -104,8 +99,7 @@ def main(argv=None) -> int:
                 mine = [rows[k] for k in rows if k[0] == pooling and k[1] == method and k[2] == fraction]
                 if not mine:
                     continue
-                scores = [s for s in (validation_score(args.bench, r) for r in mine) if s is not None]
-                validation = f"{sum(scores) / len(scores):.3f}" if scores else "n/a"
+                validation = grid_validation(args.bench, mine)
                 difference = "-" if pooling == bench_pooling else fmt_diff(pooler.difference(mine, reference))
                 lines.append(f"| {method} | {fraction:.0%} | {pooling} | {fmt_pooled(pooler.pooled(mine))} | "
                              f"{difference} | {validation} |")

@@ -69,14 +69,9 @@ def final_heldout_loss(folder: Path) -> str:
     return " / ".join(f"{points[-1][1]:.4f}" for points in curves.values())
 
 
-def validation_score(bench: Path, row: dict) -> float | None:
-    info = json.loads((bench / row["run_dir"] / "run.json").read_text())
-    return (info.get("grid") or {}).get("best", {}).get("val_macro_auroc") if info.get("grid") else None
-
-
 def main(argv=None) -> int:
     from orthodiff.bench.presets import resolve_preset
-    from orthodiff.bench.results import Pooler, fmt_diff, fmt_pooled
+    from orthodiff.bench.results import Pooler, fmt_diff, fmt_pooled, grid_validation
     from orthodiff.bench.workspace import prepare_joint
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -144,8 +139,7 @@ def main(argv=None) -> int:
             mine = [rows[k] for k in rows if k[0] == label and k[1] == PROBE and k[2] == fraction]
             if not mine:
                 continue
-            scores = [s for s in (validation_score(bench, r) for r in mine) if s is not None]
-            validation = f"{sum(scores) / len(scores):.3f}" if scores else "n/a"
+            validation = grid_validation(bench, mine)
             versus_bench = "-" if label == reference_name else fmt_diff(pooler.difference(mine, reference))
             versus_untrained = fmt_diff(pooler.difference(mine, untrained)) if untrained else "n/a"
             lines.append(f"| {label} | {fraction:.0%} | {fmt_pooled(pooler.pooled(mine))} | {versus_bench} | "

@@ -280,6 +280,17 @@ def fmt_pooled(pooled: Pooled) -> str:
     return text
 
 
+def grid_validation(root: Path, rows: list) -> str:
+    """The mean over ``rows`` of the validation macro AUROC their probe grid chose by (run.json's
+    ``grid.best``), formatted; "n/a" when no row's run chose on a grid."""
+    scores = []
+    for row in rows:
+        grid = read_json(Path(root) / row["run_dir"] / "run.json").get("grid") or {}
+        if grid.get("best", {}).get("val_macro_auroc") is not None:
+            scores.append(float(grid["best"]["val_macro_auroc"]))
+    return f"{sum(scores) / len(scores):.3f}" if scores else "n/a"
+
+
 def fmt_diff(diff: dict | None) -> str:
     if not diff:
         return "-"
