@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -51,10 +50,7 @@ def variant_row(preset, bench: Path, data, folder: Path, name: str, fraction: fl
     from orthodiff.bench.cells import Cell, run_cell
 
     cell = Cell("knee", "in-domain", "classify", PROBE, float(fraction), int(seed))
-    inputs = data.cell_inputs(int(seed), folder, tag=f"ablation-{name}")
-    start = time.perf_counter()
-    row = run_cell(cell, inputs, preset)
-    row["train_seconds"] = round(time.perf_counter() - start, 1)
+    row = run_cell(cell, data.cell_inputs(int(seed), folder, tag=f"ablation-{name}"), preset)
     row["run_dir"] = str(Path(row["run_dir"]).resolve().relative_to(bench.resolve()))
     row["key"] = f"{row['key']}/pretraining={name}"  # the pooler caches by key: never the bench cell's
     return row
@@ -99,7 +95,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"{bench / 'results.json'}: no {PROBE} rows for seeds {args.seeds} at fractions "
                          f"{args.fractions}; run the label-fraction bench first")
     data = prepare_joint(preset, bench, "knee")
-    reference_name = (f"bench: {preset_steps(preset)} steps, {pool.get('unlabeled_patients', '?')} patients")
+    steps = int(data.config.pretrain.max_steps)
+    reference_name = f"bench: {steps} steps, {pool.get('unlabeled_patients', '?')} patients"
     variants = [("steps", n) for n in args.steps] + [("pool", p) for p in args.pool_patients]
     rows = {(reference_name, r["method"], r["fraction"], r["seed"]): r for r in base}
     losses = {reference_name: final_heldout_loss(Path(pool["pretraining"])) if pool.get("pretraining") else "n/a"}
@@ -107,8 +104,7 @@ def main(argv=None) -> int:
         name = f"{variant[0]}={variant[1]}"
         print(f"[pretraining ablation] pretraining {name}", flush=True)
         folder, patients = variant_pretraining(preset, bench, data, variant)
-        label = f"{variant[1]} steps, {patients} patients" if variant[0] == "steps" else \
-            f"{preset_steps(preset)} steps, {patients} patients"
+        label = f"{variant[1] if variant[0] == 'steps' else steps} steps, {patients} patients"
         losses[label] = final_heldout_loss(folder)
         for seed in args.seeds:
             for fraction in sorted(args.fractions, reverse=True):
@@ -149,12 +145,6 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     print(f"wrote {out}")
     return 0
-
-
-def preset_steps(preset) -> int:
-    from orthodiff.config import load_config
-
-    return int(load_config([], list(preset.config)).pretrain.max_steps)
 
 
 if __name__ == "__main__":
