@@ -77,6 +77,39 @@ def test_label_fraction_grid_writes_rows_report_and_plots(bench):
     assert f"{found['femur']['dice']:.3f}" in dice_row and f"{found['thin mean']['dice']:.3f}" in dice_row
 
 
+
+def test_segmentation_aims_are_judged_in_words_and_a_segmentation_only_report_has_no_diagnosis_table(bench, tmp_path):
+    from orthodiff.bench.label_fraction import write_label_fraction_report
+    from orthodiff.bench.results import ResultsFile
+    from orthodiff.bench.segmentation_report import REFERENCE_AIMS, segmentation_section, structure_metrics
+
+    out, _ = bench
+    stored = json.loads((out / "results.json").read_text())
+    rows = stored["rows"]
+    pooler = Pooler(rows, n_bootstrap=50, root=out)
+    # the test grid has no DynUNet: say so rather than judge against nothing
+    lines, _ = segmentation_section(rows, pooler, ["scratch-unet", "orthodiff-pixel"], out)
+    assert "Aims: not judged, dynunet (the supervised reference) was not run at 100%." in lines
+    # with the scratch UNet as the reference, every aim gets its verdict from the measured values
+    lines, series = segmentation_section(rows, pooler, ["scratch-unet", "orthodiff-pixel"], out, reference="scratch-unet")
+    reference = next(r for r in rows if r["method"] == "scratch-unet")
+    femur = structure_metrics(reference, out)["femur"]["dice"]
+    verdict = next(line for line in lines if line.startswith("- scratch-unet at 100%: "))
+    assert f"femur {femur:.3f} ({'met' if femur >= REFERENCE_AIMS['femur'] else 'NOT met'})" in verdict
+    pixel = next(line for line in lines if line.startswith("- orthodiff-pixel: "))
+    gap = series["orthodiff-pixel"][0][1].value - series["scratch-unet"][0][1].value
+    assert pixel.startswith(f"- orthodiff-pixel: {'within' if gap >= -0.02 else 'NOT within'} 0.02 of scratch-unet")
+    # a run of segmentation cells only: no empty diagnosis table and no empty AUROC plot
+    preset, _ = resolve_preset("test", [*GRID, "methods=[]"])
+    header = {k: v for k, v in stored.items() if k != "rows"}
+    copy = tmp_path / "results.json"
+    copy.write_text(json.dumps({**header, "rows": [r for r in rows if r["task"] == "segment"]}))
+    (tmp_path / "knee").symlink_to(out / "knee", target_is_directory=True)
+    report, files, _ = write_label_fraction_report(ResultsFile.open(copy, header), preset, tmp_path)
+    text = report.read_text()
+    assert "Macro AUROC" not in text and "## Segmentation: mean Dice" in text
+    assert not (tmp_path / "auroc_vs_fraction.png").exists() and tmp_path / "dice_vs_fraction.png" in files
+
 def test_pixel_segmentation_reads_frozen_pretrained_denoisers_and_records_its_choice(bench):
     out, _ = bench
     stored = json.loads((out / "results.json").read_text())

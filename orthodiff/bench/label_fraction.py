@@ -19,9 +19,9 @@ from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
 from .pretraining_report import pretraining_section
-from .segmentation_report import structure_lines
+from .segmentation_report import segmentation_section
 from .protocol import label_counts, low_label_shortfalls, protocol_lines
-from .results import Pooler, ResultsFile, fmt, fmt_diff, fmt_pooled, select
+from .results import Pooler, ResultsFile, clearly_above, fmt, fmt_diff, fmt_pooled, select
 from .workspace import prepare_joint
 
 BENCH = "label-fraction"
@@ -105,11 +105,12 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
         *pretraining_lines,
         *(protocol_lines(_counts_from(counts), results.header.get("shortfalls", []), preset.min_test_positives)
           if counts else []),
-        "## Macro AUROC over the headline labels (test patients)" if counts else "## Macro AUROC (test patients)",
-        "",
-        "| method | " + " | ".join(f"{f:.0%}" for f in fractions) + " |",
-        "|---|" + "---|" * len(fractions),
     ]
+    if methods:  # a segmentation-only run has no diagnosis table
+        lines += ["## Macro AUROC over the headline labels (test patients)" if counts
+                  else "## Macro AUROC (test patients)", "",
+                  "| method | " + " | ".join(f"{f:.0%}" for f in fractions) + " |",
+                  "|---|" + "---|" * len(fractions)]
     series = {}
     for method in methods:
         pooled = [(f, pooler.pooled(cells("classify", method, f))) for f in fractions]
@@ -140,7 +141,7 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
         for method in orthodiff:
             mine = cells("classify", method, low)
             gap = pooler.difference(mine, cells("classify", best_high, high))
-            beats = [b for b in scratch if _clearly_above(pooler.difference(mine, cells("classify", b, low)))]
+            beats = [b for b in scratch if clearly_above(pooler.difference(mine, cells("classify", b, low)))]
             within = gap is not None and gap["value"] >= -0.03
             verdict = (f"- {method} at {low:.0%}: {'within' if within else 'NOT within'} 0.03 of {best_high} at "
                        f"{high:.0%} (difference {fmt_diff(gap)}); above by more than the interval at {low:.0%}: "
@@ -149,27 +150,13 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
             headline.append(verdict[2:])
 
     lines += _per_label_table(rows, pooler, methods, [f for f in (high, low) if f in fractions])
-    seg_methods = [m for m in preset.segment_methods if select(rows, task="segment", method=m)]
-    seg_series = {}
-    if seg_methods:
-        seg_fractions = sorted({r["fraction"] for r in rows if r["task"] == "segment"}, reverse=True)
-        lines += ["", "## Segmentation: mean Dice over structures (test patients)", "",
-                  "| method | " + " | ".join(f"{f:.0%}" for f in seg_fractions) + " |",
-                  "|---|" + "---|" * len(seg_fractions)]
-        for method in seg_methods:
-            pooled = [(f, pooler.pooled(cells("segment", method, f))) for f in seg_fractions]
-            seg_series[method] = pooled
-            lines.append(f"| {method} | " + " | ".join(fmt_pooled(p) for _, p in pooled) + " |")
-        mine = [m for m in seg_methods if m in PRETRAINED_METHODS]
-        for a in mine:
-            for b in [m for m in seg_methods if m not in mine]:
-                lines += ["", f"Paired difference {a} - {b}: " + ", ".join(
-                    f"{f:.0%} {fmt_diff(pooler.difference(cells('segment', a, f), cells('segment', b, f)))}"
-                    for f in seg_fractions) + "."]
-        lines += structure_lines(rows, results.path.parent, seg_methods, seg_fractions)
+    seg_lines, seg_series = segmentation_section(rows, pooler, preset.segment_methods, results.path.parent)
+    lines += seg_lines
 
-    files = [plots.metric_vs_fraction(series, "macro AUROC (test)", "Knee diagnosis: macro AUROC vs labels",
-                                      out / "auroc_vs_fraction.png", chance=0.5)]
+    files = []
+    if series:
+        files.append(plots.metric_vs_fraction(series, "macro AUROC (test)", "Knee diagnosis: macro AUROC vs labels",
+                                              out / "auroc_vs_fraction.png", chance=0.5))
     if seg_series:
         files.append(plots.metric_vs_fraction(seg_series, "mean Dice (test)", "Knee segmentation: Dice vs labels",
                                               out / "dice_vs_fraction.png"))
@@ -231,11 +218,6 @@ def convergence_lines(rows: list) -> list[str]:
         lines.append(f"| {task} | {method} | {fraction:.0%} | {int(np.mean(steps)) if steps else '-'} | "
                      f"{int(np.mean(patients)) if patients else '-'} | {first:.3f} | {best:.3f} | {last:.3f} |")
     return lines
-
-
-def _clearly_above(diff) -> bool:
-    """The paired difference's whole interval lies above 0."""
-    return bool(diff) and diff.get("ci_low") is not None and diff["ci_low"] > 0
 
 
 def _per_label_table(rows, pooler: Pooler, methods, fractions) -> list[str]:

@@ -291,6 +291,11 @@ def grid_validation(root: Path, rows: list) -> str:
     return f"{sum(scores) / len(scores):.3f}" if scores else "n/a"
 
 
+def clearly_above(diff: dict | None) -> bool:
+    """The paired difference's whole interval lies above 0."""
+    return bool(diff) and diff.get("ci_low") is not None and diff["ci_low"] > 0
+
+
 def fmt_diff(diff: dict | None) -> str:
     if not diff:
         return "-"
