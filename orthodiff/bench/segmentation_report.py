@@ -53,7 +53,7 @@ def structure_lines(rows: list, root: Path, methods: list, fractions: list) -> l
     return lines
 
 
-# The bar the issue sets: the supervised reference at 100% of the labels, and orthodiff against it.
+# The benchmark's segmentation aims: the supervised reference at 100% of the labels, and orthodiff against it.
 REFERENCE = "dynunet"
 REFERENCE_AIMS = {"femur": 0.90, "tibia": 0.90, "mean": 0.60}
 WITHIN_AT_FULL = 0.02
