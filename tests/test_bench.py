@@ -156,6 +156,12 @@ def test_rerun_skips_finished_cells(bench):
     assert again.computed == 0
     assert json.loads((out / "results.json").read_text())["rows"] == before
     assert {r["key"]: (out / r["run_dir"] / "run.json").stat().st_mtime_ns for r in before} == stamps
+    # a report-only rerun keeps the rows and the command that computed them, and records its own
+    run_bench("label-fraction", "test", out, [*GRID, f"pretrain_cache={out.parent.parent / 'bench-pretrain-cache'}",
+                                              "run_cells=false"])
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["rows"] == before and "run_cells" not in stored["command"]
+    assert stored["report_command"].endswith("run_cells=false")
 
 
 def test_seeds_redraw_subsets_but_never_the_test_set(bench):

@@ -48,7 +48,10 @@ class ResultsFile:
                     f"{path}: holds {key} {stored.get(key)!r}, this run is {header.get(key)!r}; "
                     "give another --out folder or delete it"
                 )
-        return cls(path, {**stored, **header, "format": FORMAT, "version": VERSION}, list(stored.get("rows", [])))
+        opened = cls(path, {**stored, **header, "format": FORMAT, "version": VERSION}, list(stored.get("rows", [])))
+        if any(stored.get(key) != value for key, value in opened.header.items()):
+            opened.save()  # the file describes what this run's report shows (a re-counted pool, a report command)
+        return opened
 
     def has(self, key: str) -> bool:
         return any(row["key"] == key for row in self.rows)
