@@ -77,7 +77,6 @@ def test_label_fraction_grid_writes_rows_report_and_plots(bench):
     assert f"{found['femur']['dice']:.3f}" in dice_row and f"{found['thin mean']['dice']:.3f}" in dice_row
 
 
-
 def test_segmentation_aims_are_judged_in_words_and_a_segmentation_only_report_has_no_diagnosis_table(bench, tmp_path):
     from orthodiff.bench.label_fraction import write_label_fraction_report
     from orthodiff.bench.results import ResultsFile
@@ -91,8 +90,7 @@ def test_segmentation_aims_are_judged_in_words_and_a_segmentation_only_report_ha
     lines, _ = segmentation_section(rows, pooler, ["scratch-unet", "orthodiff-pixel"], out)
     assert any(line.startswith("Aims: not judged; they need dynunet") for line in lines)
     # nor is a run without 100% judged: the aims are set there
-    partial = [r for r in rows if r["task"] == "segment" and r["fraction"] != 1.0] + [
-        {**r, "fraction": 0.02, "key": r["key"] + "-low"} for r in rows if r["task"] == "segment"]
+    partial = [{**r, "fraction": 0.02, "key": r["key"] + "-low"} for r in rows if r["task"] == "segment"]
     lines, _ = segmentation_section(partial, pooler, ["scratch-unet", "orthodiff-pixel"], out, reference="scratch-unet")
     assert any(line.startswith("Aims: not judged") for line in lines)
     # with the scratch UNet as the reference, every aim gets its verdict from the measured values
@@ -114,6 +112,7 @@ def test_segmentation_aims_are_judged_in_words_and_a_segmentation_only_report_ha
     text = report.read_text()
     assert "Macro AUROC" not in text and "## Segmentation: mean Dice" in text
     assert not (tmp_path / "auroc_vs_fraction.png").exists() and tmp_path / "dice_vs_fraction.png" in files
+
 
 def test_pixel_segmentation_reads_frozen_pretrained_denoisers_and_records_its_choice(bench):
     out, _ = bench
