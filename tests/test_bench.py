@@ -384,6 +384,39 @@ def test_pooling_ablation_retrains_the_probes_with_other_poolings(bench):
     assert f"{sum(values) / len(values):.3f}" in lines[0].split("|")[4]
 
 
+def test_probe_ablation_retrains_the_probes_with_a_fixed_recipe(bench):
+    import runpy
+
+    from orthodiff.errors import OrthodiffError
+
+    out, _ = bench
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_ablation.py"
+    ablation = runpy.run_path(str(script), run_name="probe_ablation")
+    # the test preset's store holds mid and up1 at t=100: the fixed recipe reads both on every plane
+    assert ablation["main"]([str(out), "--seeds", "0", "--fractions", "1", "--variant", "fixed-all", "mode=probe",
+                             "concat_features=2", "learning_rate=1e-3", "--n-bootstrap", "50"]) == 0
+    retrained = out / "knee" / "ablation-probe" / "fixed-all" / "classify-orthodiff-probe-1-seed0"
+    info = json.loads((retrained / "run.json").read_text())
+    assert info["mode"] == "probe" and "grid" not in info
+    assert all(len(keys) == 2 for keys in info["features"]["selection"].values())
+    stored = json.loads((out / "results.json").read_text())
+    bench_row = next(r for r in stored["rows"] if r["key"] == "knee/in-domain/classify/orthodiff-probe/1/seed0")
+    assert json.loads((out / bench_row["run_dir"] / "run.json").read_text())["mode"] == "grid"
+    table = (out / "ablation_probe.md").read_text().splitlines()
+    assert any("--variant fixed-all mode=probe concat_features=2 learning_rate=1e-3" in line for line in table)
+    line = next(line for line in table if line.startswith("| orthodiff-probe | 100% | fixed-all |"))
+    cells = [cell.strip() for cell in line.split("|")]
+    metrics = json.loads((retrained / "eval" / "metrics.json").read_text())["classification"]["overall"]
+    values = [metrics["labels"][label]["auroc"]["value"] for label in stored["label_counts"]["headline_labels"]
+              if metrics["labels"][label]["auroc"]["value"] is not None]
+    assert cells[4].startswith(f"{sum(values) / len(values):.3f}")
+    assert cells[5].startswith(("+", "-")) and "[" in cells[5]  # paired with the bench's own probe
+    # a single probe is chosen by its early-stopping point: that validation score is in run.json and the table
+    assert cells[6] == f"{info['best_val_macro_auroc']:.3f}"
+    with pytest.raises(OrthodiffError, match="variant setting 'colour=red'"):
+        ablation["main"]([str(out), "--seeds", "0", "--fractions", "1", "--variant", "odd", "colour=red"])
+
+
 def test_pretraining_ablation_probes_denoisers_pretrained_otherwise(bench):
     import runpy
 

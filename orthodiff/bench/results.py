@@ -284,13 +284,15 @@ def fmt_pooled(pooled: Pooled) -> str:
 
 
 def grid_validation(root: Path, rows: list) -> str:
-    """The mean over ``rows`` of the validation macro AUROC their probe grid chose by (run.json's
-    ``grid.best``), formatted; "n/a" when no row's run chose on a grid."""
+    """The mean over ``rows`` of the validation macro AUROC their probes were chosen by (run.json's
+    ``grid.best``, or a single probe's ``best_val_macro_auroc``: its early-stopping point), formatted;
+    "n/a" when no row's run recorded one."""
     scores = []
     for row in rows:
-        grid = read_json(Path(root) / row["run_dir"] / "run.json").get("grid") or {}
-        if grid.get("best", {}).get("val_macro_auroc") is not None:
-            scores.append(float(grid["best"]["val_macro_auroc"]))
+        info = read_json(Path(root) / row["run_dir"] / "run.json")
+        score = ((info.get("grid") or {}).get("best") or {}).get("val_macro_auroc", info.get("best_val_macro_auroc"))
+        if score is not None:
+            scores.append(float(score))
     return f"{sum(scores) / len(scores):.3f}" if scores else "n/a"
 
 

@@ -145,6 +145,7 @@ def _classify(cfg, cache, patients, info, out: Path, metrics_log):
         head: MultiLabelClassifier = best.model
         info["features"] = {"store": str(store.root.resolve()), "selection": best.selection, "extraction": store.spec}
         info["best_epoch"], info["best_step"] = best.best_epoch, best.best_step
+        info["best_val_macro_auroc"] = best.best_val_auroc
         if grid is not None:
             info["grid"] = grid
     else:
