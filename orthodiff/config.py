@@ -144,6 +144,9 @@ class FinetuneConfig:
     grid_learning_rates: list = field(default_factory=lambda: [1e-3, 3e-4, 1e-4])
     max_grad_norm: float = 1.0
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, else no
+    # end-to-end runs (fine-tuning, segmentation, DynUNet): 3D convolutions in channels-last memory order
+    # (benchmarks/segment_throughput.py); same arithmetic in another summation order, so not bit-identical
+    channels_last: bool = False
     decoder_width: int = 16  # least channels of a segmentation decoder level
     # segment (decoder): convolution blocks that read the plane tensor at full resolution before it joins the
     # decoder's last block (0: the raw tensor joins); the encoder's finest features are at half resolution

@@ -102,3 +102,25 @@ def test_class_weights_follow_inverse_square_root_frequency():
 def test_unknown_segmenter_is_refused(project, tmp_path):
     with pytest.raises(OrthodiffError, match="finetune.segmenter"):
         run_finetune(tiny_config(project, tmp_path, *SEGMENT, "finetune.segmenter=unet"))
+
+
+def test_channels_last_trains_the_same_decoder_in_another_memory_order(project, tmp_path, monkeypatch):
+    from orthodiff.finetune import endtoend
+    from orthodiff.finetune.endtoend import use_channels_last
+    from orthodiff.heads.segmentation import ConvBlock
+
+    converted = []
+    monkeypatch.setattr(endtoend, "use_channels_last", lambda model: converted.append(model) or use_channels_last(model))
+    runs = {}
+    for channels_last in (False, True):
+        cfg = tiny_config(project, tmp_path / str(channels_last), *SEGMENT, "finetune.mode=partial",
+                          "finetune.max_steps=3", "finetune.eval_every=3", "finetune.augment=false",
+                          f"finetune.channels_last={str(channels_last).lower()}")
+        runs[channels_last] = _log(run_finetune(cfg).run_dir)
+        assert len(converted) == int(channels_last)  # only the run that asks for it is converted
+    # the same arithmetic in another summation order: the same losses and Dice up to rounding
+    assert runs[True][0]["train_loss"] == pytest.approx(runs[False][0]["train_loss"], rel=1e-4)
+    assert runs[True][0]["val_mean_dice"] == pytest.approx(runs[False][0]["val_mean_dice"], abs=1e-3)
+    block = use_channels_last(ConvBlock(2, 4))
+    assert block[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert not block[0].weight.is_contiguous()
