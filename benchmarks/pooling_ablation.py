@@ -24,6 +24,7 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     from orthodiff.bench.ablation import bench_probe_rows, run_variants, write_variant_table
+    from orthodiff.errors import OrthodiffError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench", type=Path, help="a finished label-fraction bench folder (results.json)")
@@ -36,7 +37,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    base, headline = bench_probe_rows(args.bench, args.seeds, args.fractions)
+    try:
+        base, headline = bench_probe_rows(args.bench, args.seeds, args.fractions)
+    except OrthodiffError as exc:
+        parser.error(str(exc))
     bench_pooling = json.loads((args.bench / base[0]["run_dir"] / "run.json").read_text())["pooling"]
     variants = {p: {"pooling": p} for p in args.poolings if p != bench_pooling}
     rows = run_variants(args.bench, base, "ablation-pooling", variants, bench_pooling, args.n_bootstrap)
@@ -52,9 +56,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from orthodiff.errors import OrthodiffError
-
-    try:
-        raise SystemExit(main())
-    except OrthodiffError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    raise SystemExit(main())

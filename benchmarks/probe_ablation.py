@@ -25,6 +25,7 @@ def main(argv=None) -> int:
     import shlex
 
     from orthodiff.bench.ablation import bench_probe_rows, finetune_overrides, run_variants, write_variant_table
+    from orthodiff.errors import OrthodiffError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench", type=Path, help="a finished label-fraction bench folder (results.json)")
@@ -41,10 +42,13 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    variants = {v[0]: finetune_overrides(v[1:]) for v in args.variant}
+    try:
+        variants = {v[0]: finetune_overrides(v[1:]) for v in args.variant}
+        base, headline = bench_probe_rows(args.bench, args.seeds, args.fractions)
+    except OrthodiffError as exc:
+        parser.error(str(exc))
     if "bench" in variants:
         parser.error("--variant bench: that name is the bench's own probes; choose another")
-    base, headline = bench_probe_rows(args.bench, args.seeds, args.fractions)
     rows = run_variants(args.bench, base, "ablation-probe", variants, "bench", args.n_bootstrap)
     command = shlex.join(["python", "benchmarks/probe_ablation.py", str(args.bench),
                           "--seeds", *map(str, args.seeds), "--fractions", *(f"{f:g}" for f in args.fractions)]
@@ -60,9 +64,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from orthodiff.errors import OrthodiffError
-
-    try:
-        raise SystemExit(main())
-    except OrthodiffError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    raise SystemExit(main())

@@ -112,6 +112,8 @@ def retrain_probe(bench: Path, row: dict, folder: str, variant: str, overrides: 
 
 def bench_probe_rows(bench: Path, seeds: list[int], fractions: list[float]) -> tuple[list, list | None]:
     """The bench's probe rows at ``seeds`` and ``fractions``, and its headline labels."""
+    if not (bench / "results.json").is_file():
+        raise OrthodiffError(f"{bench / 'results.json'}: not found; give the folder of a finished label-fraction bench")
     stored = read_json(bench / "results.json")
     headline = (stored.get("label_counts") or {}).get("headline_labels")
     rows = [r for r in stored["rows"] if r["task"] == "classify" and r["method"] in PROBES
