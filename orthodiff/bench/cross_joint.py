@@ -20,7 +20,7 @@ from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
-from .protocol import headline_note, label_counts, low_label_shortfalls
+from .protocol import headline_note, label_counts, low_label_shortfalls, test_set_shortfall
 from .results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
 from .workspace import joint_config, prepare_joint
 
@@ -55,7 +55,8 @@ def run_cross_joint(preset: BenchPreset, out: Path, header: dict):
     labeled = [(d.config.data.manifest, d.splits) for d in targets.values()]
     counts = {joint: label_counts(d.splits, d.config.data.manifest, preset.min_test_positives)
               for joint, d in targets.items()}
-    shortfalls = {joint: low_label_shortfalls(c, min(preset.cross_joint_fractions), preset.min_low_label_positives)
+    shortfalls = {joint: test_set_shortfall(c, preset.min_test_patients)
+                  + low_label_shortfalls(c, min(preset.cross_joint_fractions), preset.min_low_label_positives)
                   for joint, c in counts.items()}
     pools = {}
     if preset.knee_pretrained:
@@ -124,7 +125,7 @@ def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Pat
         note = headline_note(counts.get(joint))
         lines += [f"{joint}: {note}", ""] if note else []
         for line in (results.header.get("shortfalls") or {}).get(joint, []):
-            lines += [f"- {joint} low-label subset short of the protocol: {line}", ""]
+            lines += [f"- {joint} short of the protocol: {line}", ""]
         for task, metric in (("classify", "macro AUROC"), ("segment", "mean Dice")):
             chosen = select(rows, joint=joint, task=task)
             if not chosen:

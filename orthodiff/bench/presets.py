@@ -55,6 +55,7 @@ class BenchPreset:
     # training subset should hold at least min_low_label_positives of each headline label (reported)
     min_test_positives: int = 10
     min_low_label_positives: int = 10
+    min_test_patients: int = 150  # a smaller test set is named in the report as short of the protocol
     segment_epochs: int = 10
     # learning rate of the segmentation cells (0: finetune.learning_rate): a decoder starts from nothing and
     # needs a larger step than fine-tuning a classifier. DynUNet's own dynunet["learning_rate"], when set, wins.
@@ -153,13 +154,15 @@ PRESETS = {
         # a 7-patient test set: the thresholds scaled down so the report's code paths run
         min_test_positives=1,
         min_low_label_positives=1,
+        min_test_patients=1,
         cross_joint_targets=["ankle"],
         cross_joint_fractions=[1.0],
         robustness={"unseen-field-strength": _SHARED_SCENARIOS["unseen-field-strength"]},
     ),
     "small": BenchPreset(
         name="small",
-        # ~640 knee patients: 22% test (>= 150 patients), 13% validation, ~415 training patients
+        # ~640 knee patients: 22% test (140 patients: short of the protocol's 150, named in the report; the
+        # committed results were made so), 13% validation, ~415 training patients
         studies={"knee": 720, "ankle": 300, "shoulder": 300},
         # ~2230 unlabeled knee patients: over 5x the labeled training patients (checked at bench start)
         unlabeled_studies={"knee": 2500, "ankle": 1000, "shoulder": 1000},

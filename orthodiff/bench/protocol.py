@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MIN_TEST_POSITIVES = 10
+MIN_TEST_PATIENTS = 150  # about what it takes to resolve a 0.05 macro AUROC difference at these prevalences
 MIN_TRAIN_POSITIVES = 10  # positives of each headline label in the low-label training subset
 LOW_FRACTION = 0.1
 
@@ -60,6 +61,14 @@ def label_counts(splits_path: Path, manifest: Path, min_test_positives: int = MI
     )
 
 
+def test_set_shortfall(counts: LabelCounts, minimum: int = MIN_TEST_PATIENTS) -> list[str]:
+    """One line when the test set holds fewer than ``minimum`` patients (empty when it holds enough)."""
+    if counts.test_patients >= minimum:
+        return []
+    return [f"test set: {counts.test_patients} patients (protocol: at least {minimum}, to resolve a 0.05 macro "
+            "AUROC difference)"]
+
+
 def low_label_shortfalls(counts: LabelCounts, fraction: float = LOW_FRACTION,
                          minimum: int = MIN_TRAIN_POSITIVES) -> list[str]:
     """Headline labels whose ``fraction`` training subset holds fewer than ``minimum`` positives
@@ -89,7 +98,7 @@ def protocol_lines(counts: LabelCounts, shortfalls: list[str], min_test_positive
             lines.append(f"| {split} | {fraction:.0%} | {entry['patients']} | "
                          + " | ".join(str(entry["positives"][label]) for label in counts.labels) + " |")
     if shortfalls:
-        lines += ["", "**The low-label subset is too small for the protocol:**", ""] + [f"- {s}" for s in shortfalls]
+        lines += ["", "**Where the splits fall short of the protocol:**", ""] + [f"- {s}" for s in shortfalls]
     return lines + [""]
 
 
@@ -101,5 +110,5 @@ def headline_note(stored: dict | None) -> str:
         f"{label} ({stored['test_positives'][label]})" for label in stored["excluded_labels"]) + ".")
 
 
-__all__ = ["LabelCounts", "MIN_TEST_POSITIVES", "headline_note", "label_counts", "low_label_shortfalls",
-           "protocol_lines"]
+__all__ = ["LabelCounts", "MIN_TEST_PATIENTS", "MIN_TEST_POSITIVES", "headline_note", "label_counts",
+           "low_label_shortfalls", "protocol_lines", "test_set_shortfall"]
