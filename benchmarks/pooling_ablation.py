@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     except OrthodiffError as exc:
         parser.error(str(exc))
     bench_pooling = json.loads((args.bench / base[0]["run_dir"] / "run.json").read_text())["pooling"]
-    variants = {p: {"pooling": p} for p in args.poolings if p != bench_pooling}
+    variants = {p: [f"finetune.pooling={p}"] for p in args.poolings if p != bench_pooling}
     rows = run_variants(args.bench, base, "ablation-pooling", variants, bench_pooling, args.n_bootstrap)
     command = (f"python benchmarks/pooling_ablation.py {args.bench} --seeds {' '.join(map(str, args.seeds))} "
                f"--fractions {' '.join(f'{f:g}' for f in args.fractions)} --poolings {' '.join(args.poolings)}")

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
                          + [part for v in args.variant for part in ("--variant", *v)])
     description = ("The bench's probes retrained with other finetune settings on the same cached feature maps, "
                    "seeds, label subsets and step budget. Variants: "
-                   + "; ".join(f"{name}: {' '.join(f'{k}={v}' for k, v in o.items())}" for name, o in variants.items())
+                   + "; ".join(f"{v[0]}: {' '.join(v[1:])}" for v in args.variant)
                    + ".")
     print(write_variant_table(args.bench, args.bench / args.out, "Probe ablation (label-fraction bench, knee)",
                               command, description, rows, "bench", "variant", headline, args.n_bootstrap))

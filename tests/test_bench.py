@@ -387,6 +387,8 @@ def test_pooling_ablation_retrains_the_probes_with_other_poolings(bench):
 def test_probe_ablation_retrains_the_probes_with_a_fixed_recipe(bench, capsys):
     import runpy
 
+    from orthodiff.errors import OrthodiffError
+
     out, _ = bench
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "probe_ablation.py"
     ablation = runpy.run_path(str(script), run_name="probe_ablation")
@@ -411,6 +413,12 @@ def test_probe_ablation_retrains_the_probes_with_a_fixed_recipe(bench, capsys):
     assert cells[5].startswith(("+", "-")) and "[" in cells[5]  # paired with the bench's own probe
     # a single probe is chosen by its early-stopping point: that validation score is in run.json and the table
     assert cells[6] == f"{info['best_val_macro_auroc']:.3f}"
+    # the finished run is reused by a rerun with the same settings, refused under the same name with others
+    assert ablation["main"]([str(out), "--seeds", "0", "--fractions", "1", "--variant", "fixed-all", "mode=probe",
+                             "concat_features=2", "learning_rate=1e-3", "--n-bootstrap", "50"]) == 0
+    with pytest.raises(OrthodiffError, match="trained with other finetune settings than variant 'fixed-all'"):
+        ablation["main"]([str(out), "--seeds", "0", "--fractions", "1", "--variant", "fixed-all", "mode=probe",
+                          "concat_features=2", "learning_rate=1e-2", "--n-bootstrap", "50"])
     with pytest.raises(SystemExit):
         ablation["main"]([str(out), "--seeds", "0", "--fractions", "1", "--variant", "odd", "colour=red"])
     assert "variant setting 'colour=red': give finetune key=value" in capsys.readouterr().err

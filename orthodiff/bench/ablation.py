@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OrthodiffError
-from ..fileio import read_json
+from ..fileio import read_json, write_text
 
 PROBES = ("orthodiff-probe", "orthodiff-probe-random-init")
 
@@ -65,28 +65,27 @@ def ablation_lines(rows: list, root: Path) -> list[str]:
     return lines
 
 
-def finetune_overrides(items: list[str]) -> dict:
-    """``key=value`` finetune settings, values read as YAML (``1e-3``, ``[1, 2, 2]``, ``probe``); one line
-    naming a key that is not a finetune field."""
-    import yaml
-
-    from ..config import FinetuneConfig
+def finetune_overrides(items: list[str]) -> list[str]:
+    """``key=value`` finetune settings as ``finetune.key=value`` overrides, checked against the finetune
+    fields and their types (values are YAML: ``1e-3``, ``[1, 2, 2]``, ``probe``); one line naming a bad one."""
+    from ..config import FinetuneConfig, load_config
 
     known = {f.name for f in fields(FinetuneConfig)}
-    overrides = {}
+    overrides = []
     for item in items:
         key, sep, value = item.partition("=")
         key = key.strip().removeprefix("finetune.")
         if not sep or key not in known:
             raise OrthodiffError(f"variant setting {item!r}: give finetune key=value, e.g. mode=probe "
                                  "(keys: see FinetuneConfig in orthodiff/config.py)")
-        overrides[key] = yaml.safe_load(value)
+        overrides.append(f"finetune.{key}={value}")
+    load_config(overrides=overrides)  # a value of the wrong type stops here, before anything trains
     return overrides
 
 
-def retrain_probe(bench: Path, row: dict, folder: str, variant: str, overrides: dict, n_bootstrap: int) -> dict:
-    """Train (unless its run.json exists) and evaluate the bench row's probe with ``overrides`` of its
-    finetune settings, in ``<bench>/<joint>/<folder>/<variant>/<cell>``. Returns its results row, keyed
+def retrain_probe(bench: Path, row: dict, folder: str, variant: str, overrides: list[str], n_bootstrap: int) -> dict:
+    """Train (unless its run.json exists) and evaluate the bench row's probe with ``overrides``
+    (``finetune.key=value``) of its settings, in ``<bench>/<joint>/<folder>/<variant>/<cell>``. Returns its results row, keyed
     apart from the bench cell's (the pooler caches by key)."""
     from ..config import load_config
     from ..evaluation.report import run_evaluation
@@ -95,10 +94,15 @@ def retrain_probe(bench: Path, row: dict, folder: str, variant: str, overrides: 
 
     source = bench / row["run_dir"]
     run_dir = bench / row["joint"] / folder / variant / source.name
-    config = load_config([source / "config.yaml"])
-    config = replace(config, finetune=replace(config.finetune, **overrides, output_dir=str(run_dir.resolve())))
+    config = load_config([source / "config.yaml"], overrides=overrides)
+    config = replace(config, finetune=replace(config.finetune, output_dir=str(run_dir.resolve())))
     start = time.perf_counter()
-    if not (run_dir / "run.json").exists():
+    if (run_dir / "run.json").exists():
+        # a finished run is reused only if it was trained with these very settings
+        if load_config([run_dir / "config.yaml"]).finetune != config.finetune:
+            raise OrthodiffError(f"{run_dir}: trained with other finetune settings than variant {variant!r} "
+                                 "gives now; name the variant otherwise, or delete that folder to retrain it")
+    else:
         run_finetune(config)
     seconds = time.perf_counter() - start
     evaluation = run_evaluation(run_dir, run_dir / "eval", n_bootstrap=n_bootstrap)
@@ -126,7 +130,7 @@ def bench_probe_rows(bench: Path, seeds: list[int], fractions: list[float]) -> t
 
 def run_variants(bench: Path, base: list, folder: str, variants: dict, reference: str, n_bootstrap: int) -> dict:
     """{(variant, method, fraction, seed): row}: the bench's ``base`` rows under ``reference``, then every
-    variant's ({name: finetune overrides}) retrained rows."""
+    variant's ({name: finetune overrides}, see ``finetune_overrides``) retrained rows."""
     rows = {(reference, r["method"], r["fraction"], r["seed"]): r for r in base}
     for name, overrides in variants.items():
         for r in base:
@@ -165,7 +169,7 @@ def write_variant_table(bench: Path, out: Path, title: str, command: str, descri
                 lines.append(f"| {method} | {fraction:.0%} | {variant} | {fmt_pooled(pooler.pooled(mine))} | "
                              f"{difference} | {grid_validation(bench, mine)} |")
     text = "\n".join(lines) + "\n"
-    out.write_text(text)
+    write_text(out, text)
     return text
 
 
