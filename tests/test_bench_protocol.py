@@ -12,7 +12,7 @@ import pytest
 
 from orthodiff.bench import run_bench
 from orthodiff.bench.presets import resolve_preset
-from orthodiff.bench.protocol import label_counts, low_label_shortfalls, protocol_lines, test_set_shortfall
+from orthodiff.bench.protocol import label_counts, low_label_shortfalls, protocol_lines, short_test_set
 from orthodiff.bench.results import Pooler
 from orthodiff.data.splits import load_splits, make_splits
 from orthodiff.errors import OrthodiffError
@@ -174,8 +174,8 @@ def test_labels_under_ten_test_positives_leave_the_headline_macro_and_are_named(
     shortfalls = low_label_shortfalls(counts)
     assert len(shortfalls) == 1 and shortfalls[0].startswith("common:")
     # a test set under the protocol's size is named beside them, with its real count
-    assert counts.test_patients < 150 and test_set_shortfall(counts, counts.test_patients) == []
-    short = test_set_shortfall(counts)
+    assert counts.test_patients < 150 and short_test_set(counts, counts.test_patients) == []
+    short = short_test_set(counts)
     assert short == [f"test set: {counts.test_patients} patients (protocol: at least 150, to resolve a 0.05 macro "
                      "AUROC difference)"]
     lines = protocol_lines(counts, short + shortfalls)

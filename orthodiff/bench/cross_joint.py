@@ -20,7 +20,7 @@ from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
-from .protocol import headline_note, label_counts, low_label_shortfalls, test_set_shortfall
+from .protocol import headline_note, label_counts, low_label_shortfalls, short_test_set
 from .results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
 from .workspace import joint_config, prepare_joint
 
@@ -55,7 +55,7 @@ def run_cross_joint(preset: BenchPreset, out: Path, header: dict):
     labeled = [(d.config.data.manifest, d.splits) for d in targets.values()]
     counts = {joint: label_counts(d.splits, d.config.data.manifest, preset.min_test_positives)
               for joint, d in targets.items()}
-    shortfalls = {joint: test_set_shortfall(c, preset.min_test_patients)
+    shortfalls = {joint: short_test_set(c, preset.min_test_patients)
                   + low_label_shortfalls(c, min(preset.cross_joint_fractions), preset.min_low_label_positives)
                   for joint, c in counts.items()}
     pools = {}

@@ -20,7 +20,7 @@ from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
 from .pretraining_report import pretraining_section
 from .segmentation_report import segmentation_section
-from .protocol import label_counts, low_label_shortfalls, protocol_lines, test_set_shortfall
+from .protocol import label_counts, low_label_shortfalls, protocol_lines, short_test_set
 from .results import Pooler, ResultsFile, clearly_above, fmt, fmt_diff, fmt_pooled, select
 from .workspace import prepare_joint
 
@@ -49,7 +49,7 @@ def run_label_fraction(preset: BenchPreset, out: Path, header: dict):
 
     data = stage(BENCH, "data (synth, scan, prepare, split)", lambda: prepare_joint(preset, out, JOINT))
     counts = label_counts(data.splits, data.config.data.manifest, preset.min_test_positives)
-    shortfalls = (test_set_shortfall(counts, preset.min_test_patients)
+    shortfalls = (short_test_set(counts, preset.min_test_patients)
                   + low_label_shortfalls(counts, minimum=preset.min_low_label_positives))
     for line in shortfalls:
         print(f"[orthodiff bench {BENCH}] protocol: {line}", flush=True)

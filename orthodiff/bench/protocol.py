@@ -61,7 +61,7 @@ def label_counts(splits_path: Path, manifest: Path, min_test_positives: int = MI
     )
 
 
-def test_set_shortfall(counts: LabelCounts, minimum: int = MIN_TEST_PATIENTS) -> list[str]:
+def short_test_set(counts: LabelCounts, minimum: int = MIN_TEST_PATIENTS) -> list[str]:
     """One line when the test set holds fewer than ``minimum`` patients (empty when it holds enough)."""
     if counts.test_patients >= minimum:
         return []
@@ -111,4 +111,4 @@ def headline_note(stored: dict | None) -> str:
 
 
 __all__ = ["LabelCounts", "MIN_TEST_PATIENTS", "MIN_TEST_POSITIVES", "headline_note", "label_counts",
-           "low_label_shortfalls", "protocol_lines", "test_set_shortfall"]
+           "low_label_shortfalls", "protocol_lines", "short_test_set"]
