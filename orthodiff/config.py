@@ -147,6 +147,9 @@ class FinetuneConfig:
     # end-to-end runs (fine-tuning, segmentation, DynUNet): 3D convolutions in channels-last memory order
     # (benchmarks/segment_throughput.py); same arithmetic in another summation order, so not bit-identical
     channels_last: bool = False
+    # learning rate over the run: constant, or poly (nnU-Net's (1 - step / total) ** 0.9, as the DynUNet
+    # reference always trains)
+    lr_schedule: str = "constant"
     decoder_width: int = 16  # least channels of a segmentation decoder level
     # segment (decoder): convolution blocks that read the plane tensor at full resolution before it joins the
     # decoder's last block (0: the raw tensor joins); the encoder's finest features are at half resolution

@@ -124,3 +124,22 @@ def test_channels_last_trains_the_same_decoder_in_another_memory_order(project, 
     block = use_channels_last(ConvBlock(2, 4))
     assert block[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
     assert not block[0].weight.is_contiguous()
+
+
+def test_poly_schedule_decays_the_learning_rate_over_the_step_budget(project, tmp_path, monkeypatch):
+    from orthodiff.baselines import dynunet
+
+    calls = []
+    poly = dynunet.poly_factor
+    monkeypatch.setattr(dynunet, "poly_factor", lambda step, total: calls.append((step, total)) or poly(step, total))
+    cfg = tiny_config(project, tmp_path, *SEGMENT, "finetune.max_steps=3", "finetune.eval_every=3",
+                      "finetune.lr_schedule=poly")
+    run_finetune(cfg)
+    assert calls == [(0, 3), (1, 3), (2, 3)]  # every step, against the whole budget
+    assert poly(0, 3) == 1.0 and poly(2, 3) == pytest.approx((1 / 3) ** 0.9)
+    calls.clear()
+    run_finetune(tiny_config(project, tmp_path / "constant", *SEGMENT, "finetune.max_steps=3"))
+    assert calls == []  # the default rate stays constant
+    with pytest.raises(OrthodiffError, match="finetune.lr_schedule='cosine': use constant or poly"):
+        run_finetune(tiny_config(project, tmp_path / "bad", *SEGMENT, "finetune.max_steps=3",
+                                 "finetune.lr_schedule=cosine"))

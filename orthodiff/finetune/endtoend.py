@@ -100,6 +100,16 @@ def parameter_groups(model: nn.Module, cfg) -> list[dict]:
     return groups
 
 
+def learning_rate_schedule(name: str):
+    """``finetune.lr_schedule`` as a factor of (step, total steps), or None for a constant rate."""
+    from ..baselines.dynunet import poly_factor
+
+    schedules = {"constant": None, "poly": poly_factor}
+    if name not in schedules:
+        raise OrthodiffError(f"finetune.lr_schedule={name!r}: use constant or poly")
+    return schedules[name]
+
+
 def use_channels_last(model: nn.Module) -> nn.Module:
     """``model`` with its 5-D weights in channels-last order: 3D convolutions then run on oneDNN's
     channels-last kernels and pass that order on, so the inputs need no conversion."""
@@ -148,13 +158,15 @@ def fit_best(cfg, model: nn.Module, train_set, loss_of, validate, log: MetricsLo
     ``loss_of(model, batch)`` gives the batch loss (None: nothing to learn from, skipped);
     ``validate(model, device)`` gives the validation score (None when undefined). ``optimizer``
     defaults to AdamW over ``parameter_groups``; ``schedule(step, total)`` multiplies every group's
-    learning rate (e.g. a poly decay). Returns (model with the best weights loaded, summary:
+    learning rate (default: ``finetune.lr_schedule``'s). Returns (model with the best weights loaded, summary:
     best_epoch, best_step, steps, stopped_early and ``metric``).
     """
     from .steps import StepBudget, train_best
 
     ft = cfg.finetune
     budget = StepBudget.from_finetune(ft)
+    if schedule is None:
+        schedule = learning_rate_schedule(ft.lr_schedule)
     accelerator = make_accelerator(cfg)
     if ft.channels_last:
         model = use_channels_last(model)
