@@ -204,6 +204,24 @@ def test_dynunet_trains_by_steps_and_writes_the_evaluate_contract(project, tmp_p
         train_segmentation_baseline(cfg, "dynunet", tmp_path / "bad", {"optimizer": "lion"})
 
 
+def test_dynunet_reruns_to_the_same_bits_under_one_seed(project, tmp_path):
+    from tiny_archive import tiny_config
+
+    from orthodiff.bench.baselines_train import train_segmentation_baseline
+
+    def run(name, seed):
+        cfg = tiny_config(project, tmp_path / name, "finetune.task=segment", "finetune.max_steps=3",
+                          "finetune.eval_every=3", "finetune.augment=true", f"seed={seed}")
+        train_segmentation_baseline(cfg, "dynunet", tmp_path / name / "run", {"base_filters": 4})
+        run_dir = tmp_path / name / "run"
+        masks = [p.read_bytes() for p in sorted((run_dir / "segmentations").rglob("*.npy"))]
+        return (run_dir / "metrics.jsonl").read_text(), masks
+
+    first, second, other = run("a", 0), run("b", 0), run("c", 1)
+    assert first == second and first[1]
+    assert first[0] != other[0]
+
+
 def test_classification_baseline_trains_exactly_max_steps(project, tmp_path):
     import json
 
