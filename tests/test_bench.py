@@ -290,6 +290,12 @@ def test_cross_joint_reuses_knee_denoisers_and_pretrains_the_target_on_request(b
     assert "| orthodiff-probe (ankle-pretrained) |" in report and "| orthodiff-probe |" in report
     assert "orthodiff-probe (ankle-pretrained) at 100%: resnet3d" in report
     assert (tmp_path / "cross-joint" / "ankle_classify.png").stat().st_size > 1000
+    # how every cell trained, and both pretrainings' held-out curves, as in the label-fraction report
+    assert "## Convergence (training loss, mean over seeds): ankle" in report
+    assert "| segment | orthodiff-finetune (ankle-pretrained) | 100% |" in report
+    assert "## Pretraining (knee): held-out denoising loss" in report and "## Pretraining (ankle):" in report
+    assert (tmp_path / "cross-joint" / "pretraining_heldout_loss_ankle.png").exists()
+    assert (tmp_path / "cross-joint" / "ankle_loss_curves.png").exists() and "Training time over all cells" in report
 
 
 def test_robustness_holds_the_domain_out_of_training_and_pretraining(bench, tmp_path):
@@ -321,6 +327,10 @@ def test_robustness_holds_the_domain_out_of_training_and_pretraining(bench, tmp_
     report = (tmp_path / "robustness" / "report.md").read_text()
     assert "1.5T (unseen)" in report and "| orthodiff-probe |" in report and "| resnet3d |" in report
     assert (tmp_path / "robustness" / "unseen-field-strength.png").exists()
+    assert "## Convergence (training loss, mean over seeds): unseen-field-strength" in report
+    assert "| classify | resnet3d | 100% |" in report
+    assert "## Pretraining (unseen-field-strength): held-out denoising loss" in report
+    assert (tmp_path / "robustness" / "pretraining_heldout_loss_unseen-field-strength.png").exists()
 
 
 def _field_strengths(root: Path) -> dict:

@@ -20,8 +20,10 @@ from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
+from .pretraining_report import pretraining_section
 from .protocol import headline_note, label_counts, low_label_shortfalls, short_test_set
 from .results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
+from .training_report import convergence_lines, timing_line
 from .workspace import joint_config, prepare_joint
 
 BENCH = "cross-joint"
@@ -155,6 +157,16 @@ def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Pat
             lines.append("")
             files.append(plots.grouped_bars(groups, metric, f"{joint}: {metric} by label fraction",
                                             out / f"{joint}_{task}.png"))
+    for joint in preset.cross_joint_targets:
+        lines += convergence_lines(select(rows, joint=joint), joint)
+        curves = plots.loss_curves(select(rows, joint=joint), out / f"{joint}_loss_curves.png")
+        files += [curves] if curves is not None else []
+    lines.append("")
+    for name, pool in (results.header.get("unlabeled_pools") or {}).items():
+        section, picture = pretraining_section(pool.get("pretraining"), out, name)
+        lines += section
+        files += [picture] if picture is not None else []
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files]
+    lines += ["", timing_line(rows)]
     write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md", files, headline

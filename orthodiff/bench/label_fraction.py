@@ -20,6 +20,7 @@ from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
 from .pretraining_report import pretraining_section
 from .segmentation_report import segmentation_section
+from .training_report import convergence_lines, timing_line
 from .protocol import label_counts, low_label_shortfalls, protocol_lines, short_test_set
 from .results import Pooler, ResultsFile, clearly_above, fmt, fmt_diff, fmt_pooled, select
 from .workspace import prepare_joint
@@ -169,7 +170,7 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
     if curves is not None:
         files.append(curves)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files]
-    lines += ["", _timing_line(rows)]
+    lines += ["", timing_line(rows)]
     write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md", files, headline
 
@@ -195,32 +196,6 @@ def _counts_from(stored: dict):
                        headline=stored["headline_labels"], excluded=stored["excluded_labels"])
 
 
-def convergence_lines(rows: list) -> list[str]:
-    """Per method and fraction: steps, and the last against the best training loss (mean over seeds);
-    a last loss far above the best says training stopped before it settled."""
-    import numpy as np
-
-    keyed = {}
-    for row in rows:
-        keyed.setdefault((row["task"], row["method"], row["fraction"]), []).append(row)
-    if not any(r.get("loss_curve") for r in rows):
-        return []
-    lines = ["", "## Convergence (training loss, mean over seeds)", "",
-             "| task | method | fraction | steps | train patients | first loss | best loss | last loss |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (task, method, fraction), chosen in keyed.items():
-        curves = [r["loss_curve"] for r in chosen if r.get("loss_curve")]
-        if not curves:
-            continue
-        steps = [r["steps"] for r in chosen if r.get("steps") is not None]
-        patients = [r.get("patients", {}).get("train") for r in chosen if r.get("patients", {}).get("train")]
-        first, best, last = (float(np.mean([f(c) for c in curves])) for f in (
-            lambda c: c[0][1], lambda c: min(v for _, v in c), lambda c: c[-1][1]))
-        lines.append(f"| {task} | {method} | {fraction:.0%} | {int(np.mean(steps)) if steps else '-'} | "
-                     f"{int(np.mean(patients)) if patients else '-'} | {first:.3f} | {best:.3f} | {last:.3f} |")
-    return lines
-
-
 def _per_label_table(rows, pooler: Pooler, methods, fractions) -> list[str]:
     """Per-label AUROC at the headline fractions: seed mean [95% seed and patient bootstrap interval]."""
     labels = list(dict.fromkeys(label for r in rows if r["task"] == "classify" for label in r["auroc"]))
@@ -236,11 +211,6 @@ def _per_label_table(rows, pooler: Pooler, methods, fractions) -> list[str]:
             values = [fmt(pooler.pooled(chosen, label).as_dict(), digits=2) for label in labels]
             lines.append(f"| {method} | {fraction:.0%} | " + " | ".join(values) + " |")
     return lines
-
-
-def _timing_line(rows) -> str:
-    total = sum(r.get("train_seconds", 0.0) for r in rows)
-    return f"Training time over all cells: {total / 60:.1f} min (excluding data preparation and pretraining)."
 
 
 __all__ = ["fmt", "label_fraction_cells", "run_label_fraction", "write_label_fraction_report"]

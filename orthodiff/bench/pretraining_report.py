@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..fileio import safe_filename
 from ..planes import PLANES
 from ..plotting import pyplot, save_png
 
@@ -38,13 +39,14 @@ def last_quarter_change(points: list[tuple[int, float]]) -> float | None:
     return (earlier[-1] - last) / earlier[-1]
 
 
-def pretraining_section(folder: Path | None, out: Path) -> tuple[list[str], Path | None]:
-    """Report lines and the picture (``<out>/pretraining_heldout_loss.png``) of the cached pretraining
-    in ``folder``; a line saying it was not measured when no plane logged a held-out loss."""
+def pretraining_section(folder: Path | None, out: Path, name: str = "") -> tuple[list[str], Path | None]:
+    """Report lines and the picture (``<out>/pretraining_heldout_loss[_<name>].png``) of the cached
+    pretraining in ``folder``; a line saying it was not measured when no plane logged a held-out loss.
+    ``name`` tells apart the pretrainings of one report (a robustness scenario, a joint)."""
     if not folder:
         return [], None
     curves = heldout_curves(Path(folder))
-    lines = ["## Pretraining: held-out denoising loss", ""]
+    lines = [f"## Pretraining{f' ({name})' if name else ''}: held-out denoising loss", ""]
     if not curves:
         return lines + ["No held-out loss was logged (pretrain.eval_every=0): convergence of pretraining is "
                         "not shown.", ""], None
@@ -65,7 +67,8 @@ def pretraining_section(folder: Path | None, out: Path) -> tuple[list[str], Path
             state = "flat" if change < FLAT_CHANGE else "still falling"
             verdicts.append(f"{plane} {state} ({change:+.1%} over the last quarter of the steps)")
     lines += ["", f"Last quarter (flat: a drop under {FLAT_CHANGE:.0%}): " + "; ".join(verdicts) + ".", ""]
-    return lines, _plot(curves, Path(out) / "pretraining_heldout_loss.png")
+    stem = "pretraining_heldout_loss" + (f"_{safe_filename(name)}" if name else "")
+    return lines, _plot(curves, Path(out) / f"{stem}.png")
 
 
 def _plot(curves: dict, path: Path) -> Path:

@@ -1,0 +1,39 @@
+"""What every bench report says about how its cells trained: steps and training loss per method
+and fraction (did it settle?), and the time the cells took."""
+
+from __future__ import annotations
+
+
+def convergence_lines(rows: list, name: str = "") -> list[str]:
+    """Per method and fraction: steps, and the last against the best training loss (mean over seeds);
+    a last loss far above the best says training stopped before it settled. ``name`` tells apart the
+    tables of one report (a joint, a scenario)."""
+    import numpy as np
+
+    keyed = {}
+    for row in rows:
+        keyed.setdefault((row["task"], row["method"], row["fraction"]), []).append(row)
+    if not any(r.get("loss_curve") for r in rows):
+        return []
+    lines = ["", f"## Convergence (training loss, mean over seeds){f': {name}' if name else ''}", "",
+             "| task | method | fraction | steps | train patients | first loss | best loss | last loss |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (task, method, fraction), chosen in keyed.items():
+        curves = [r["loss_curve"] for r in chosen if r.get("loss_curve")]
+        if not curves:
+            continue
+        steps = [r["steps"] for r in chosen if r.get("steps") is not None]
+        patients = [r.get("patients", {}).get("train") for r in chosen if r.get("patients", {}).get("train")]
+        first, best, last = (float(np.mean([f(c) for c in curves])) for f in (
+            lambda c: c[0][1], lambda c: min(v for _, v in c), lambda c: c[-1][1]))
+        lines.append(f"| {task} | {method} | {fraction:.0%} | {int(np.mean(steps)) if steps else '-'} | "
+                     f"{int(np.mean(patients)) if patients else '-'} | {first:.3f} | {best:.3f} | {last:.3f} |")
+    return lines
+
+
+def timing_line(rows) -> str:
+    total = sum(r.get("train_seconds", 0.0) for r in rows)
+    return f"Training time over all cells: {total / 60:.1f} min (excluding data preparation and pretraining)."
+
+
+__all__ = ["convergence_lines", "timing_line"]
