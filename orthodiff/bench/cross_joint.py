@@ -20,10 +20,9 @@ from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
-from .pretraining_report import pretraining_section
 from .protocol import headline_note, label_counts, low_label_shortfalls, short_test_set
 from .results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
-from .training_report import convergence_lines, timing_line
+from .training_report import timing_line, training_sections
 from .workspace import joint_config, prepare_joint
 
 BENCH = "cross-joint"
@@ -157,15 +156,10 @@ def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Pat
             lines.append("")
             files.append(plots.grouped_bars(groups, metric, f"{joint}: {metric} by label fraction",
                                             out / f"{joint}_{task}.png"))
-    for joint in preset.cross_joint_targets:
-        lines += convergence_lines(select(rows, joint=joint), joint)
-        curves = plots.loss_curves(select(rows, joint=joint), out / f"{joint}_loss_curves.png")
-        files += [curves] if curves is not None else []
-    lines.append("")
-    for name, pool in (results.header.get("unlabeled_pools") or {}).items():
-        section, picture = pretraining_section(pool.get("pretraining"), out, name)
-        lines += section
-        files += [picture] if picture is not None else []
+    sections, pictures = training_sections({joint: select(rows, joint=joint) for joint in preset.cross_joint_targets},
+                                           results.header.get("unlabeled_pools") or {}, out)
+    lines += sections
+    files += pictures
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files]
     lines += ["", timing_line(rows)]
     write_text(out / "report.md", "\n".join(lines) + "\n")

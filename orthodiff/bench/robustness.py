@@ -18,10 +18,9 @@ from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import PRETRAINED_METHODS, BenchPreset
-from .pretraining_report import pretraining_section
 from .protocol import headline_note, label_counts
 from .results import Pooler, ResultsFile, fmt_pooled, select
-from .training_report import convergence_lines, timing_line
+from .training_report import timing_line, training_sections
 from .workspace import prepare_joint, write_domain_splits
 
 BENCH = "robustness"
@@ -137,15 +136,10 @@ def write_robustness_report(results: ResultsFile, preset: BenchPreset, out: Path
         lines.append("")
         files.append(plots.grouped_bars(groups, "macro AUROC (test)", f"{scenario}: macro AUROC per {spec['column']}",
                                         out / f"{scenario}.png"))
-    for scenario in preset.robustness:
-        lines += convergence_lines(select(rows, scenario=scenario), scenario)
-        curves = plots.loss_curves(select(rows, scenario=scenario), out / f"{scenario}_loss_curves.png")
-        files += [curves] if curves is not None else []
-    lines.append("")
-    for scenario, pool in (results.header.get("unlabeled_pools") or {}).items():
-        section, picture = pretraining_section(pool.get("pretraining"), out, scenario)
-        lines += section
-        files += [picture] if picture is not None else []
+    sections, pictures = training_sections({scenario: select(rows, scenario=scenario) for scenario in preset.robustness},
+                                           results.header.get("unlabeled_pools") or {}, out)
+    lines += sections
+    files += pictures
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files]
     lines += ["", timing_line(rows)]
     write_text(out / "report.md", "\n".join(lines) + "\n")

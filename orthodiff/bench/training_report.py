@@ -3,6 +3,8 @@ and fraction (did it settle?), and the time the cells took."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def convergence_lines(rows: list, name: str = "") -> list[str]:
     """Per method and fraction: steps, and the last against the best training loss (mean over seeds);
@@ -36,4 +38,23 @@ def timing_line(rows) -> str:
     return f"Training time over all cells: {total / 60:.1f} min (excluding data preparation and pretraining)."
 
 
-__all__ = ["convergence_lines", "timing_line"]
+def training_sections(groups: dict, pools: dict, out: Path) -> tuple[list[str], list[Path]]:
+    """Report lines and pictures for a bench whose cells fall into named groups (joints, scenarios):
+    a convergence table and loss curves per group, then the held-out curve of each pretraining in
+    ``pools`` (the results header's ``unlabeled_pools``)."""
+    from . import plots
+    from .pretraining_report import pretraining_section
+
+    lines, files = [], []
+    for name, rows in groups.items():
+        lines += convergence_lines(rows, name)
+        files.append(plots.loss_curves(rows, Path(out) / f"{name}_loss_curves.png"))
+    lines.append("")
+    for name, pool in pools.items():
+        section, picture = pretraining_section(pool.get("pretraining"), out, name)
+        lines += section
+        files.append(picture)
+    return lines, [f for f in files if f is not None]
+
+
+__all__ = ["convergence_lines", "timing_line", "training_sections"]
