@@ -19,10 +19,10 @@ from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
 from .pretraining_report import pretraining_section
-from .segmentation_report import segmentation_section
-from .training_report import convergence_lines, timing_line
 from .protocol import label_counts, low_label_shortfalls, protocol_lines, short_test_set
 from .results import Pooler, ResultsFile, clearly_above, fmt, fmt_diff, fmt_pooled, select
+from .segmentation_report import segmentation_section
+from .training_report import convergence_lines, timing_line
 from .workspace import prepare_joint
 
 BENCH = "label-fraction"
