@@ -292,6 +292,7 @@ def test_cross_joint_reuses_knee_denoisers_and_pretrains_the_target_on_request(b
     assert (tmp_path / "cross-joint" / "ankle_classify.png").stat().st_size > 1000
     # how every cell trained, and both pretrainings' held-out curves, as in the label-fraction report
     assert "## Convergence (training loss, mean over seeds): ankle" in report
+    assert "## Protocol: patients and positives per label: ankle" in report and "| train | 100% |" in report
     assert "| segment | orthodiff-finetune (ankle-pretrained) | 100% |" in report
     assert "## Pretraining (knee): held-out denoising loss" in report and "## Pretraining (ankle):" in report
     assert (tmp_path / "cross-joint" / "pretraining_heldout_loss_ankle.png").exists()
@@ -328,6 +329,7 @@ def test_robustness_holds_the_domain_out_of_training_and_pretraining(bench, tmp_
     assert "1.5T (unseen)" in report and "| orthodiff-probe |" in report and "| resnet3d |" in report
     assert (tmp_path / "robustness" / "unseen-field-strength.png").exists()
     assert "## Convergence (training loss, mean over seeds): unseen-field-strength" in report
+    assert "## Protocol: patients and positives per label: unseen-field-strength" in report
     assert "| classify | resnet3d | 100% |" in report
     assert "## Pretraining (unseen-field-strength): held-out denoising loss" in report
     assert (tmp_path / "robustness" / "pretraining_heldout_loss_unseen-field-strength.png").exists()

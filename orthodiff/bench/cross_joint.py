@@ -20,7 +20,7 @@ from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
-from .protocol import headline_note, label_counts, low_label_shortfalls, short_test_set
+from .protocol import counts_from_dict, label_counts, low_label_shortfalls, protocol_lines, short_test_set
 from .results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
 from .training_report import timing_line, training_sections
 from .workspace import joint_config, prepare_joint
@@ -123,10 +123,9 @@ def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Pat
     files, headline = [], []
     for joint in preset.cross_joint_targets:
         pooler = poolers[joint]
-        note = headline_note(counts.get(joint))
-        lines += [f"{joint}: {note}", ""] if note else []
-        for line in (results.header.get("shortfalls") or {}).get(joint, []):
-            lines += [f"- {joint} short of the protocol: {line}", ""]
+        if counts.get(joint):
+            lines += protocol_lines(counts_from_dict(counts[joint]), (results.header.get("shortfalls") or {}).get(joint, []),
+                                    preset.min_test_positives, name=joint)
         for task, metric in (("classify", "macro AUROC"), ("segment", "mean Dice")):
             chosen = select(rows, joint=joint, task=task)
             if not chosen:

@@ -19,7 +19,7 @@ from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
 from .pretraining_report import pretraining_section
-from .protocol import label_counts, low_label_shortfalls, protocol_lines, short_test_set
+from .protocol import counts_from_dict, label_counts, low_label_shortfalls, protocol_lines, short_test_set
 from .results import Pooler, ResultsFile, clearly_above, fmt, fmt_diff, fmt_pooled, select
 from .segmentation_report import segmentation_section
 from .training_report import convergence_lines, timing_line
@@ -105,7 +105,7 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
         "",
         *_pool_lines(results.header.get("unlabeled_pool") or {}),
         *pretraining_lines,
-        *(protocol_lines(_counts_from(counts), results.header.get("shortfalls", []), preset.min_test_positives)
+        *(protocol_lines(counts_from_dict(counts), results.header.get("shortfalls", []), preset.min_test_positives)
           if counts else []),
     ]
     if methods:  # a segmentation-only run has no diagnosis table
@@ -184,16 +184,6 @@ def _pool_lines(pool: dict) -> list[str]:
     return [(f"Pretraining: {trained} unlabeled knee patients from a separate archive{scored} "
              f"({pool['ratio']}x the {pool['labeled_train_patients']} labeled training patients; no patient in "
              "any labeled split, checked), cached and shared by the benches."), ""]
-
-
-def _counts_from(stored: dict):
-    from .protocol import LabelCounts
-
-    return LabelCounts(labels=stored["labels"], test_patients=stored["test_patients"],
-                       test_positives=stored["test_positives"],
-                       train={float(k): v for k, v in stored["train"].items()},
-                       val={float(k): v for k, v in stored["val"].items()},
-                       headline=stored["headline_labels"], excluded=stored["excluded_labels"])
 
 
 def _per_label_table(rows, pooler: Pooler, methods, fractions) -> list[str]:

@@ -81,9 +81,11 @@ def low_label_shortfalls(counts: LabelCounts, fraction: float = LOW_FRACTION,
             for label in counts.headline if subset["positives"][label] < minimum]
 
 
-def protocol_lines(counts: LabelCounts, shortfalls: list[str], min_test_positives: int = MIN_TEST_POSITIVES) -> list[str]:
-    """The report's protocol section: real counts per fraction and the headline labels."""
-    lines = ["## Protocol: patients and positives per label", "",
+def protocol_lines(counts: LabelCounts, shortfalls: list[str], min_test_positives: int = MIN_TEST_POSITIVES,
+                   name: str = "") -> list[str]:
+    """The report's protocol section: real counts per fraction and the headline labels. ``name`` tells
+    apart the sections of one report (a joint, a scenario)."""
+    lines = [f"## Protocol: patients and positives per label{f': {name}' if name else ''}", "",
              f"Test set: {counts.test_patients} patients. Headline macro over the labels with at least "
              f"{min_test_positives} positive test patients: {', '.join(counts.headline) or 'none'}."]
     if counts.excluded:
@@ -102,13 +104,14 @@ def protocol_lines(counts: LabelCounts, shortfalls: list[str], min_test_positive
     return lines + [""]
 
 
-def headline_note(stored: dict | None) -> str:
-    """One report line naming the labels a stored ``LabelCounts.as_dict()`` leaves out of the headline."""
-    if not stored or not stored.get("excluded_labels"):
-        return ""
-    return ("Left out of the headline macro (too few test positives): " + ", ".join(
-        f"{label} ({stored['test_positives'][label]})" for label in stored["excluded_labels"]) + ".")
+def counts_from_dict(stored: dict) -> LabelCounts:
+    """The ``LabelCounts`` a results header stored with ``as_dict()``."""
+    return LabelCounts(labels=stored["labels"], test_patients=stored["test_patients"],
+                       test_positives=stored["test_positives"],
+                       train={float(k): v for k, v in stored["train"].items()},
+                       val={float(k): v for k, v in stored["val"].items()},
+                       headline=stored["headline_labels"], excluded=stored["excluded_labels"])
 
 
-__all__ = ["LabelCounts", "MIN_TEST_PATIENTS", "MIN_TEST_POSITIVES", "headline_note", "label_counts",
+__all__ = ["LabelCounts", "MIN_TEST_PATIENTS", "MIN_TEST_POSITIVES", "counts_from_dict", "label_counts",
            "low_label_shortfalls", "protocol_lines", "short_test_set"]

@@ -18,7 +18,7 @@ from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import PRETRAINED_METHODS, BenchPreset
-from .protocol import headline_note, label_counts
+from .protocol import counts_from_dict, label_counts, protocol_lines
 from .results import Pooler, ResultsFile, fmt_pooled, select
 from .training_report import timing_line, training_sections
 from .workspace import prepare_joint, write_domain_splits
@@ -111,8 +111,9 @@ def write_robustness_report(results: ResultsFile, preset: BenchPreset, out: Path
         other_names = sorted({n for r in chosen for n in r[other]})
         methods = list(dict.fromkeys(r["method"] for r in chosen))
         label = lambda n, held=held: f"{n} (unseen)" if n == held else n
-        note = headline_note(counts.get(scenario))
-        lines += [f"## {scenario}: trained without {spec['column']} = {held}", "", *([note, ""] if note else []),
+        if counts.get(scenario):
+            lines += protocol_lines(counts_from_dict(counts[scenario]), [], preset.min_test_positives, name=scenario)
+        lines += [f"## {scenario}: trained without {spec['column']} = {held}", "",
                   "| method | overall | " + " | ".join(label(n) for n in names) + " | unseen - seen |",
                   "|---|---|" + "---|" * len(names) + "---|"]
         groups = {label(n): {} for n in names}
