@@ -15,14 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import OrthodiffError
-from ..fileio import write_text
 from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
 from .protocol import counts_from_dict, label_counts, low_label_shortfalls, protocol_lines, short_test_set
 from .results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
-from .training_report import timing_line, training_sections
+from .training_report import write_grouped_report
 from .workspace import joint_config, prepare_joint
 
 BENCH = "cross-joint"
@@ -155,11 +154,6 @@ def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Pat
             lines.append("")
             files.append(plots.grouped_bars(groups, metric, f"{joint}: {metric} by label fraction",
                                             out / f"{joint}_{task}.png"))
-    sections, pictures = training_sections({joint: select(rows, joint=joint) for joint in preset.cross_joint_targets},
-                                           results.header.get("unlabeled_pools") or {}, out)
-    lines += sections
-    files += pictures
-    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files]
-    lines += ["", timing_line(rows)]
-    write_text(out / "report.md", "\n".join(lines) + "\n")
-    return out / "report.md", files, headline
+    report, files = write_grouped_report(lines, files, {joint: select(rows, joint=joint) for joint in preset.cross_joint_targets},
+                                         results.header.get("unlabeled_pools") or {}, rows, out)
+    return report, files, headline

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import write_text
 from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
 from .presets import PRETRAINED_METHODS, BenchPreset
 from .protocol import counts_from_dict, label_counts, protocol_lines
 from .results import Pooler, ResultsFile, fmt_pooled, select
-from .training_report import timing_line, training_sections
+from .training_report import write_grouped_report
 from .workspace import prepare_joint, write_domain_splits
 
 BENCH = "robustness"
@@ -137,11 +136,6 @@ def write_robustness_report(results: ResultsFile, preset: BenchPreset, out: Path
         lines.append("")
         files.append(plots.grouped_bars(groups, "macro AUROC (test)", f"{scenario}: macro AUROC per {spec['column']}",
                                         out / f"{scenario}.png"))
-    sections, pictures = training_sections({scenario: select(rows, scenario=scenario) for scenario in preset.robustness},
-                                           results.header.get("unlabeled_pools") or {}, out)
-    lines += sections
-    files += pictures
-    lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files]
-    lines += ["", timing_line(rows)]
-    write_text(out / "report.md", "\n".join(lines) + "\n")
-    return out / "report.md", files, headline
+    report, files = write_grouped_report(lines, files, {scenario: select(rows, scenario=scenario) for scenario in preset.robustness},
+                                         results.header.get("unlabeled_pools") or {}, rows, out)
+    return report, files, headline

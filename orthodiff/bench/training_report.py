@@ -57,4 +57,19 @@ def training_sections(groups: dict, pools: dict, out: Path) -> tuple[list[str], 
     return lines, [f for f in files if f is not None]
 
 
-__all__ = ["convergence_lines", "timing_line", "training_sections"]
+def write_grouped_report(lines: list[str], files: list[Path], groups: dict, pools: dict, rows: list,
+                         out: Path) -> tuple[Path, list[Path]]:
+    """Close a grouped bench's report (cross-joint, robustness): the training sections of ``groups``
+    and ``pools``, every picture and the training time. Writes ``out/report.md``; returns its path
+    and all the pictures."""
+    from ..fileio import write_text
+
+    sections, pictures = training_sections(groups, pools, out)
+    files = list(files) + pictures
+    lines = lines + sections + ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in files]
+    lines += ["", timing_line(rows)]
+    write_text(Path(out) / "report.md", "\n".join(lines) + "\n")
+    return Path(out) / "report.md", files
+
+
+__all__ = ["convergence_lines", "timing_line", "training_sections", "write_grouped_report"]
