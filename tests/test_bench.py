@@ -114,6 +114,29 @@ def test_segmentation_aims_are_judged_in_words_and_a_segmentation_only_report_ha
     assert not (tmp_path / "auroc_vs_fraction.png").exists() and tmp_path / "dice_vs_fraction.png" in files
 
 
+def test_segmentation_aims_say_whether_the_judged_cells_had_converged(bench):
+    from orthodiff.bench.segmentation_report import segmentation_section
+    from orthodiff.bench.training_report import last_quarter_gain
+
+    out, _ = bench
+    rows = [r for r in json.loads((out / "results.json").read_text())["rows"] if r["task"] == "segment"]
+    pooler = Pooler(rows, n_bootstrap=20, root=out)
+    rising = [[50, 0.30], [100, 0.40], [150, 0.50], [200, 0.58]]
+    flat = [[50, 0.30], [100, 0.55], [150, 0.580], [200, 0.582]]
+    assert last_quarter_gain(rising) == pytest.approx(0.08) and last_quarter_gain(flat) == pytest.approx(0.002)
+    assert last_quarter_gain(rising[:3]) is None  # too short to tell
+
+    def verdict(curve_of):
+        marked = [{**r, "val_curve": curve_of(r)} for r in rows]
+        lines, _ = segmentation_section(marked, pooler, ["scratch-unet", "orthodiff-pixel"], out, reference="scratch-unet")
+        return next(line for line in lines if line.startswith("- Convergence"))
+
+    line = verdict(lambda r: rising if r["method"] == "scratch-unet" else flat)
+    assert "scratch-unet at 100% +0.080" in line and "orthodiff-pixel at 100% +0.002" in line
+    assert "hold at this step budget only" in line
+    assert "every judged cell had flattened" in verdict(lambda r: flat)
+
+
 def test_pixel_segmentation_reads_frozen_pretrained_denoisers_and_records_its_choice(bench):
     out, _ = bench
     stored = json.loads((out / "results.json").read_text())

@@ -12,6 +12,7 @@ import numpy as np
 from ..fileio import read_json
 from .presets import PRETRAINED_METHODS
 from .results import Pooler, clearly_above, fmt, fmt_diff, fmt_pooled, select
+from .training_report import FLAT_VALIDATION_GAIN, last_quarter_gain
 
 
 def structure_metrics(row: dict, root: Path) -> dict | None:
@@ -117,7 +118,29 @@ def _aim_lines(pooler: Pooler, cells, mine: list, reference: str, fractions: lis
             verdict += (f"; at {low:.0%} {'' if clearly_above(above) else 'NOT '}above it by more than the interval "
                         f"(difference {fmt_diff(above)})")
         lines.append(verdict + ".")
+    judged = [(reference, high), *((m, high) for m in mine)]
+    if low < high:
+        judged += [(reference, low), *((m, low) for m in mine)]
+    lines += _convergence_verdict(cells, judged)
     return lines
+
+
+def _convergence_verdict(cells, judged: list) -> list[str]:
+    """Whether the cells the aims were judged on had converged: a verdict on cells whose validation
+    Dice still rose at the end of the budget holds at that budget only."""
+    gains = {}
+    for method, fraction in judged:
+        found = [g for g in (last_quarter_gain(r.get("val_curve")) for r in cells(method, fraction)) if g is not None]
+        if found:
+            gains[(method, fraction)] = float(np.mean(found))
+    if not gains:
+        return []
+    listed = ", ".join(f"{method} at {fraction:.0%} {gain:+.3f}" for (method, fraction), gain in gains.items())
+    rising = [key for key, gain in gains.items() if gain >= FLAT_VALIDATION_GAIN]
+    verdict = ("the cells still rising have not converged, so these verdicts hold at this step budget only"
+               if rising else "every judged cell had flattened")
+    return [f"- Convergence (validation Dice gained over the last quarter of the steps, mean over seeds; flat: "
+            f"under {FLAT_VALIDATION_GAIN}): {listed}; {verdict}."]
 
 
 def _seed_mean(values: list) -> float | None:

@@ -33,6 +33,20 @@ def convergence_lines(rows: list, name: str = "") -> list[str]:
     return lines
 
 
+# A validation curve counts as flat when its last quarter gained less than this (Dice or AUROC).
+FLAT_VALIDATION_GAIN = 0.005
+
+
+def last_quarter_gain(curve) -> float | None:
+    """What a validation curve [[step, value], ...] gained over the last quarter of its steps: the last
+    value minus the first at or after 3/4 of the last step (None: fewer than 4 points)."""
+    if not curve or len(curve) < 4:
+        return None
+    last_step = curve[-1][0]
+    start = next(value for step, value in curve if step >= 0.75 * last_step)
+    return float(curve[-1][1] - start)
+
+
 def timing_line(rows) -> str:
     total = sum(r.get("train_seconds", 0.0) for r in rows)
     return f"Training time over all cells: {total / 60:.1f} min (excluding data preparation and pretraining)."
@@ -72,4 +86,5 @@ def write_grouped_report(lines: list[str], files: list[Path], groups: dict, pool
     return Path(out) / "report.md", files
 
 
-__all__ = ["convergence_lines", "timing_line", "training_sections", "write_grouped_report"]
+__all__ = ["FLAT_VALIDATION_GAIN", "convergence_lines", "last_quarter_gain", "timing_line", "training_sections",
+           "write_grouped_report"]
