@@ -133,7 +133,7 @@ def test_segmentation_aims_say_whether_the_judged_cells_had_converged(bench):
 
     line = verdict(lambda r: rising if r["method"] == "scratch-unet" else flat)
     assert "scratch-unet at 100% +0.080" in line and "orthodiff-pixel at 100% +0.002" in line
-    assert "hold at this step budget only" in line
+    assert "still rising, so not converged: scratch-unet at 100%;" in line and "holds at this step budget only" in line
     assert "every judged cell had flattened" in verdict(lambda r: flat)
 
 

@@ -136,8 +136,8 @@ def _convergence_verdict(cells, judged: list) -> list[str]:
     if not gains:
         return []
     listed = ", ".join(f"{method} at {fraction:.0%} {gain:+.3f}" for (method, fraction), gain in gains.items())
-    rising = [key for key, gain in gains.items() if gain >= FLAT_VALIDATION_GAIN]
-    verdict = ("the cells still rising have not converged, so these verdicts hold at this step budget only"
+    rising = [f"{method} at {fraction:.0%}" for (method, fraction), gain in gains.items() if gain >= FLAT_VALIDATION_GAIN]
+    verdict = (f"still rising, so not converged: {', '.join(rising)}; a verdict on them holds at this step budget only"
                if rising else "every judged cell had flattened")
     return [f"- Convergence (validation Dice gained over the last quarter of the steps, mean over seeds; flat: "
             f"under {FLAT_VALIDATION_GAIN}): {listed}; {verdict}."]
