@@ -30,13 +30,13 @@ def heldout_curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 def last_quarter_change(points: list[tuple[int, float]]) -> float | None:
     """Relative drop of the held-out loss over the last quarter of the steps (None: too few points)."""
-    if len(points) < 3:
+    from .training_report import last_quarter
+
+    found = last_quarter(points)
+    if found is None or found[0] <= 0:
         return None
-    last_step, last = points[-1]
-    earlier = [loss for step, loss in points if step <= 0.75 * last_step]
-    if not earlier or earlier[-1] <= 0:
-        return None
-    return (earlier[-1] - last) / earlier[-1]
+    start, last = found
+    return (start - last) / start
 
 
 def pretraining_section(folder: Path | None, out: Path, name: str = "") -> tuple[list[str], Path | None]:

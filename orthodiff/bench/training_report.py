@@ -37,14 +37,21 @@ def convergence_lines(rows: list, name: str = "") -> list[str]:
 FLAT_VALIDATION_GAIN = 0.005
 
 
-def last_quarter_gain(curve) -> float | None:
-    """What a validation curve [[step, value], ...] gained over the last quarter of its steps: the last
-    value minus the first at or after 3/4 of the last step (None: fewer than 4 points)."""
-    if not curve or len(curve) < 4:
+def last_quarter(points, minimum: int = 3) -> tuple[float, float] | None:
+    """(value at the start of the last quarter of a curve's steps, last value) for a curve
+    [(step, value), ...]: the start is the last point at or before 3/4 of the last step. None with fewer
+    than ``minimum`` points. Every "last quarter" verdict of the reports reads its curve here."""
+    if not points or len(points) < minimum:
         return None
-    last_step = curve[-1][0]
-    start = next(value for step, value in curve if step >= 0.75 * last_step)
-    return float(curve[-1][1] - start)
+    last_step, last = points[-1]
+    earlier = [value for step, value in points if step <= 0.75 * last_step]
+    return (float(earlier[-1]), float(last)) if earlier else None
+
+
+def last_quarter_gain(curve) -> float | None:
+    """What a validation curve gained over the last quarter of its steps (None: fewer than 4 points)."""
+    found = last_quarter(curve, minimum=4)
+    return None if found is None else found[1] - found[0]
 
 
 def timing_line(rows) -> str:
@@ -86,5 +93,5 @@ def write_grouped_report(lines: list[str], files: list[Path], groups: dict, pool
     return Path(out) / "report.md", files
 
 
-__all__ = ["FLAT_VALIDATION_GAIN", "convergence_lines", "last_quarter_gain", "timing_line", "training_sections",
-           "write_grouped_report"]
+__all__ = ["FLAT_VALIDATION_GAIN", "convergence_lines", "last_quarter", "last_quarter_gain", "timing_line",
+           "training_sections", "write_grouped_report"]
