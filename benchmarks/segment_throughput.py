@@ -44,7 +44,7 @@ def dynunet_segmenter() -> torch.nn.Module:
     from orthodiff.baselines.dynunet import DynUNetSegmenter
 
     # the small preset's plan: 16-128 filters; 3.5 mm slices of 0.5 mm pixels after data.slab=fit
-    return DynUNetSegmenter({p: SIZE for p in PLANES}, {p: (3.5, 0.5, 0.5) for p in PLANES}, CLASSES,
+    return DynUNetSegmenter(dict.fromkeys(PLANES, SIZE), dict.fromkeys(PLANES, (3.5, 0.5, 0.5)), CLASSES,
                             base_filters=16, max_filters=128)
 
 
@@ -101,7 +101,7 @@ def main(argv=None) -> int:
             variants[(name, channels_last)] = (model, torch.optim.AdamW(trainable, lr=1e-4))
     batch = make_batch(args.batch, torch.Generator().manual_seed(0))
     times = {key: [] for key in variants}
-    for key, (model, optimizer) in variants.items():
+    for model, optimizer in variants.values():
         step_seconds(model, optimizer, batch, 1)  # warm-up: allocator and kernel choice
     for _ in range(args.rounds):
         for key, (model, optimizer) in variants.items():

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from .config import ExperimentConfig, load_config, save_config
 from .fileio import write_json, write_text
+
 
 @dataclass(frozen=True)
 class DemoSize:
@@ -101,7 +103,7 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, pretrain: bool = Fal
     stage("extract", lambda: _extract(config))
     for run in demo_runs(size):
         run_config = _run_config(config, out, run)
-        evaluation = stage(f"finetune {run.name}", lambda: _finetune_and_evaluate(run_config, run))
+        evaluation = stage(f"finetune {run.name}", partial(_finetune_and_evaluate, run_config, run))
         result.rows.append(_summarise(run, evaluation))
     stage("export pipeline", lambda: _export_pipeline(out))
     _write_report(result)

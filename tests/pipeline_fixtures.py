@@ -54,7 +54,7 @@ def build_tiny_pipeline(root: Path) -> dict:
     root = Path(root)
     archive = write_tiny_archive(root / "archive", studies=STUDIES)
     scan_archive(archive, root / "manifest.parquet")
-    prepare_cache(root / "manifest.parquet", root / "cache", plane_size={p: PLANE_SIZE for p in PLANES}, workers=1)
+    prepare_cache(root / "manifest.parquet", root / "cache", plane_size=dict.fromkeys(PLANES, PLANE_SIZE), workers=1)
     make_splits(root / "manifest.parquet", root / "splits.json", seed=0, val_fraction=0.25, test_fraction=0.25,
                 fractions=[1.0])
     overrides = _overrides(root)

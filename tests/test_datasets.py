@@ -12,8 +12,8 @@ import torch
 
 from orthodiff.data.cache import PlaneCache
 from orthodiff.data.datasets import PlaneVolumeDataset, StudyDataset, collate_studies
-from orthodiff.fileio import safe_filename
 from orthodiff.errors import OrthodiffError
+from orthodiff.fileio import safe_filename
 
 SIZE = {"sagittal": [4, 8, 8], "coronal": [4, 8, 6], "axial": [3, 8, 8]}
 
@@ -228,7 +228,7 @@ def test_synth_scan_prepare_split_to_study_batches(tmp_path, capsys):
     splits = load_splits(tmp_path / "splits.json")
 
     cache = PlaneCache(tmp_path / "cache")
-    assert cache.plane_size == {plane: (8, 32, 32) for plane in ("sagittal", "coronal", "axial")}
+    assert cache.plane_size == dict.fromkeys(("sagittal", "coronal", "axial"), (8, 32, 32))
     patients = splits.train + splits.val + splits.test
     dataset = StudyDataset(cache, patients, labels=splits.labels, with_segmentation=True)
     assert len(dataset) == 6

@@ -89,10 +89,10 @@ def test_demo_pretrain_redoes_the_bench_pretraining_on_a_separate_archive(tmp_pa
     for the three planes, from an unlabeled archive that holds none of the demo's patients."""
     from orthodiff.bench.presets import PRESETS
     from orthodiff.config import load_config
+    from orthodiff.data.scan import scan_archive
     from orthodiff.data.splits import load_splits, make_splits
     from orthodiff.demo import bench_pretraining
     from orthodiff.synth import synthesize_archive
-    from orthodiff.data.scan import scan_archive
 
     synthesize_archive(tmp_path / "archive", joint="knee", studies=12, seed=3, matrix=32, progress=False)
     scan_archive(tmp_path / "archive", tmp_path / "manifest.parquet")

@@ -36,9 +36,9 @@ def make_classify_run(root, n_patients=60, kind="perfect", seed=0, studies_per_p
         targets = {label: int(rng.random() < 0.4) for label in labels}
         # Every patient set has both classes for each label: force the first patients of each split.
         if p in (0, int(n_patients * val_fraction)):
-            targets = {label: 1 for label in labels}
+            targets = dict.fromkeys(labels, 1)
         if p in (1, int(n_patients * val_fraction) + 1):
-            targets = {label: 0 for label in labels}
+            targets = dict.fromkeys(labels, 0)
         probs = {}
         for label, y in targets.items():
             if kind == "perfect":

@@ -89,7 +89,7 @@ def test_classifier_learns_with_a_missing_plane(fusion, pooling):
     targets[0, 1] = float("nan")
     present = torch.ones(12, 3, dtype=torch.bool)
     present[::4, 2] = False
-    model = MultiLabelClassifier({p: 8 for p in PLANES}, ["a", "b"], pooling=pooling, fusion=fusion, num_ehr=4, use_ehr=True)
+    model = MultiLabelClassifier(dict.fromkeys(PLANES, 8), ["a", "b"], pooling=pooling, fusion=fusion, num_ehr=4, use_ehr=True)
     ehr = torch.randn(12, 4)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
     first = None
@@ -115,13 +115,13 @@ def test_masked_bce_ignores_unknown_and_pos_weight():
 
 def _seg_setup():
     shapes = {"down0": (4, 4, 8, 8), "down1": (8, 2, 4, 4), "mid": (8, 2, 4, 4)}
-    plane_size = {plane: (8, 16, 16) for plane in PLANES}
+    plane_size = dict.fromkeys(PLANES, (8, 16, 16))
     return shapes, plane_size
 
 
 def test_segmentation_model_shapes_and_cross_plane_conditioning():
     shapes, plane_size = _seg_setup()
-    model = SegmentationModel({p: shapes for p in PLANES}, plane_size, "mid", ["down0", "down1"], num_classes=3)
+    model = SegmentationModel(dict.fromkeys(PLANES, shapes), plane_size, "mid", ["down0", "down1"], num_classes=3)
     features = {p: {b: torch.randn(2, *s) for b, s in shapes.items()} for p in PLANES}
     present = torch.tensor([[True, True, True], [True, False, True]])
     out = model(features, present)
@@ -158,9 +158,11 @@ def test_segmentation_head_overfits_a_tiny_batch():
     loss_fn = make_dice_ce_loss()
     dice = DiceMetric(include_background=False)
 
+    def onehot(t):
+        return torch.nn.functional.one_hot(t[:, 0], 3).permute(0, 4, 1, 2, 3)
+
     def score():
         pred = model(features, present)["sagittal"].argmax(1, keepdim=True)
-        onehot = lambda t: torch.nn.functional.one_hot(t[:, 0], 3).permute(0, 4, 1, 2, 3)
         dice.reset()
         dice(onehot(pred), onehot(target))
         return dice.aggregate().item()
@@ -249,7 +251,7 @@ def test_grid_pool_tells_where_a_spot_lies_where_the_mean_cannot():
 @pytest.mark.parametrize("pooling", ["attention_max", "grid", "grid_max"])
 def test_classifier_trains_with_local_evidence_pools_and_missing_planes(pooling):
     maps = _maps()
-    channels = {plane: 8 for plane in PLANES}
+    channels = dict.fromkeys(PLANES, 8)
     model = MultiLabelClassifier(channels, ["a", "b"], pooling=pooling, readout_grid=[1, 2, 2])
     present = torch.tensor([[True, True, True], [True, False, True], [False, True, True]])
     logits = model(maps, present)

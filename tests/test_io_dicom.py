@@ -182,7 +182,7 @@ def test_truncated_file_drops_only_its_echo(knee_dicom_dir, tmp_path):
     victim.write_bytes(victim.read_bytes()[:40000])
     kept, problems = index_dicom_folder(folder)
     assert [v.echo_time for v in kept] == [pytest.approx(6.312)]
-    reasons = dict((path.name, reason) for path, reason in problems)
+    reasons = {path.name: reason for path, reason in problems}
     assert "truncated" in reasons[victim.name]
     assert any(victim.name in reason and "echo 2" in reason for reason in reasons.values())
 

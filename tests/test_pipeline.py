@@ -118,7 +118,7 @@ def test_gradcam_maps_explain_both_decisions():
     from orthodiff.pipeline.gradcam import gradcam_maps
 
     torch.manual_seed(0)
-    classifier = MultiLabelClassifier({p: 8 for p in PLANES}, ["a", "b"]).eval()
+    classifier = MultiLabelClassifier(dict.fromkeys(PLANES, 8), ["a", "b"]).eval()
     maps = {p: torch.randn(1, 8, 2, 4, 4) for p in PLANES}
     present = torch.ones(1, 3, dtype=torch.bool)
     positive = gradcam_maps(classifier, maps, present, None, "coronal", (8, 16, 16), [True, True])

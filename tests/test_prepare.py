@@ -11,8 +11,8 @@ import pytest
 
 from orthodiff.data.cache import PlaneCache
 from orthodiff.data.prepare import PLANE_AXCODES, prepare_cache, to_plane_tensor, to_source_geometry
-from orthodiff.fileio import safe_filename
 from orthodiff.errors import OrthodiffError, ScanError
+from orthodiff.fileio import safe_filename
 from orthodiff.io.volume import Volume, read_volume
 
 SIZE = {"sagittal": [8, 32, 32], "coronal": [8, 32, 32], "axial": [8, 32, 32]}

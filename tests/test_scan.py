@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_io_dicom import oblique_affine, write_dicom_series
 
 from orthodiff.data.manifest import load_series, read_manifest
 from orthodiff.data.scan import MANIFEST_COLUMNS, scan_archive
 from orthodiff.errors import OrthodiffError
 from orthodiff.planes import PLANES, plane_from_affine
-
-from test_io_dicom import oblique_affine, write_dicom_series
 
 
 def write_nifti(path: Path, affine: np.ndarray, shape=(12, 10, 5), seed: int = 0, array=None, dtype=np.float32) -> Path:

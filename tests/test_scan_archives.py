@@ -11,15 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_io_dicom import oblique_affine
+from test_scan import write_nifti
 
 from orthodiff.data.manifest import read_manifest
 from orthodiff.data.scan import MANIFEST_COLUMNS, scan_archive
 from orthodiff.data.sequence import SEQUENCE_COLUMNS, contrast_of, fat_suppressed
 from orthodiff.errors import OrthodiffError, ScanError
 from orthodiff.io.volume import read_volume_header
-
-from test_io_dicom import oblique_affine
-from test_scan import write_nifti
 
 SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)

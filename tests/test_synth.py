@@ -12,7 +12,14 @@ import pytest
 from orthodiff.errors import OrthodiffError
 from orthodiff.fileio import read_json
 from orthodiff.planes import plane_from_affine
-from orthodiff.synth import JOINT_CLASSES, JOINT_LABELS, render_study, sample_population, subject_anatomy, synthesize_archive
+from orthodiff.synth import (
+    JOINT_CLASSES,
+    JOINT_LABELS,
+    render_study,
+    sample_population,
+    subject_anatomy,
+    synthesize_archive,
+)
 from orthodiff.synth.abnormalities import apply_abnormalities
 
 SMALL = {"workers": 1, "matrix": 48, "progress": False}
@@ -110,7 +117,7 @@ def test_population_prevalences_cooccurrence_and_ehr():
 
 def _spec_without_labels(joint="knee"):
     spec = sample_population(joint, 1, seed=5)[0]
-    return spec.with_labels(**{name: 0 for name in spec.labels})
+    return spec.with_labels(**dict.fromkeys(spec.labels, 0))
 
 
 def test_effusion_brightens_the_suprapatellar_region_of_the_same_subject():
@@ -250,9 +257,10 @@ def test_pd_fat_suppressed_ordering_of_tissue_intensities():
         assert value["cortex"] < value["fat"] < value["marrow"] < min(value["muscle"], value["cartilage"])
         assert max(value["fibrocartilage"], value["ligament"], value["tendon"]) < value["fat"]
     # And in a rendered series: fluid (an effusion) > muscle > suppressed fat, per voxel tissue.
+    from dataclasses import replace
+
     import torch
     import torch.nn.functional as F
-    from dataclasses import replace
 
     from orthodiff.synth.acquisition import SITE_BY_NAME, sample_pose
     from orthodiff.synth.study import render_study
@@ -285,7 +293,7 @@ def test_coronal_mid_slice_crosses_condyles_menisci_tibia_and_posteriorly_the_fi
     assert min(flexion(spec) for spec in specs) > 20
     seen = 0
     for spec in specs:
-        series = render_study(spec.with_labels(**{name: 0 for name in spec.labels}), 48).get("coronal")
+        series = render_study(spec.with_labels(**dict.fromkeys(spec.labels, 0)), 48).get("coronal")
         if series is None:
             continue
         seen += 1
@@ -357,7 +365,7 @@ def test_lesions_move_with_the_anatomy():
     """The same label lands on different voxels in different subjects (as it would in real exams)."""
     centres = []
     for spec in sample_population("knee", 5, seed=2):
-        normal = spec.with_labels(**{name: 0 for name in spec.labels})
+        normal = spec.with_labels(**dict.fromkeys(spec.labels, 0))
         before = render_study(normal, 48)["sagittal"].image.astype(float)
         after = render_study(normal.with_labels(acl_tear=1), 48)["sagittal"].image.astype(float)
         changed = np.argwhere(np.abs(after - before) > 0)

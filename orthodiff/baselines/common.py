@@ -25,7 +25,7 @@ def check_plane_size(plane_size, planes: Sequence[str] = PLANES) -> dict[str, tu
     if not planes:
         raise OrthodiffError("planes: give at least one of sagittal, coronal, axial")
     if not isinstance(plane_size, Mapping):
-        plane_size = {plane: plane_size for plane in planes}
+        plane_size = dict.fromkeys(planes, plane_size)
     sizes = {}
     for plane in planes:
         size = plane_size.get(plane)

@@ -45,7 +45,6 @@ def label_fraction_cells(preset: BenchPreset) -> list[Cell]:
 
 def run_label_fraction(preset: BenchPreset, out: Path, header: dict):
     from . import BenchResult
-
     from .pretraining import pool_pretraining
 
     data = stage(BENCH, "data (synth, scan, prepare, split)", lambda: prepare_joint(preset, out, JOINT))

@@ -109,13 +109,12 @@ def write_robustness_report(results: ResultsFile, preset: BenchPreset, out: Path
         names = sorted({n for r in chosen for n in r[stratum]})
         other_names = sorted({n for r in chosen for n in r[other]})
         methods = list(dict.fromkeys(r["method"] for r in chosen))
-        label = lambda n, held=held: f"{n} (unseen)" if n == held else n
         if counts.get(scenario):
             lines += protocol_lines(counts_from_dict(counts[scenario]), [], preset.min_test_positives, name=scenario)
         lines += [f"## {scenario}: trained without {spec['column']} = {held}", "",
-                  "| method | overall | " + " | ".join(label(n) for n in names) + " | unseen - seen |",
+                  "| method | overall | " + " | ".join(_mark_unseen(n, held) for n in names) + " | unseen - seen |",
                   "|---|---|" + "---|" * len(names) + "---|"]
-        groups = {label(n): {} for n in names}
+        groups = {_mark_unseen(n, held): {} for n in names}
         for method in methods:
             mine = select(chosen, method=method)
             values = {n: _stratum_mean(mine, stratum, n) for n in names}
@@ -124,7 +123,7 @@ def write_robustness_report(results: ResultsFile, preset: BenchPreset, out: Path
             lines.append(f"| {method} | {fmt_pooled(pooler.pooled(mine))} | "
                          + " | ".join(_cell(values[n]) for n in names) + f" | {'-' if gap is None else f'{gap:+.3f}'} |")
             for n in names:
-                groups[label(n)][method] = values[n]
+                groups[_mark_unseen(n, held)][method] = values[n]
             if gap is not None:
                 headline.append(f"{scenario} {method}: unseen {held} {values[held][0]:.3f}, seen mean "
                                 f"{np.mean(seen):.3f} ({gap:+.3f})")
@@ -139,3 +138,8 @@ def write_robustness_report(results: ResultsFile, preset: BenchPreset, out: Path
     report, files = write_grouped_report(lines, files, {scenario: select(rows, scenario=scenario) for scenario in preset.robustness},
                                          results.header.get("unlabeled_pools") or {}, rows, out)
     return report, files, headline
+
+
+def _mark_unseen(name: str, held: str) -> str:
+    """A stratum's column name, marked when it is the held-out domain."""
+    return f"{name} (unseen)" if name == held else name

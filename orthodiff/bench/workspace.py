@@ -114,8 +114,8 @@ def write_reseeded_splits(base: Path, manifest: Path, seed: int, out: Path) -> P
     """
     from ..data.manifest import read_manifest
     from ..data.splits import (  # subset drawing of the splits module
-        nested_subsets,
         load_splits,
+        nested_subsets,
         patient_labels,
     )
 

@@ -26,7 +26,6 @@ from ..planes import PLANES, plane_from_affine
 from .diagnostic import derived_reason, localizer_reason
 from .manifest import LABEL_PREFIX
 from .sequence import CONTRASTS, FLOAT_COLUMNS, SEQUENCE_COLUMNS, TEXT_COLUMNS, read_sidecar, sequence_fields
-from .walk import walk_archive
 from .study_tables import (
     METADATA_FIELDS,
     LabelTable,
@@ -39,6 +38,7 @@ from .study_tables import (
     read_metadata_csv,
     read_mrnet_labels,
 )
+from .walk import walk_archive
 
 SEGMENTATION_MARKERS = ("_seg", "_label", "-label", "_mask")
 # Files that are never scans: tables, notes, pictures, companions of .mhd/.nhdr headers.

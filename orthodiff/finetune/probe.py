@@ -154,7 +154,7 @@ def train_probes(cfg, store, studies: RunStudies, log: MetricsLog, grid: bool):
     trainer = _Trainer(cfg, studies, CachedFeatures(store, studies), log)
     names = [key_name(*key) for key in keys]
     if not grid:
-        cells = trainer.fit([trainer.cell({plane: names for plane in store.planes}, rates[0], "probe")])
+        cells = trainer.fit([trainer.cell(dict.fromkeys(store.planes, names), rates[0], "probe")])
         return cells[0], cells, trainer.features, None
 
     record = {"selection": SELECTION_RULE, "planes": {}}

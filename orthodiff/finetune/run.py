@@ -16,8 +16,7 @@ import numpy as np
 from ..config import save_config
 from ..errors import OrthodiffError
 from ..features.selection import key_name
-from ..fileio import read_json, write_json, write_table
-from ..fileio import safe_filename
+from ..fileio import read_json, safe_filename, write_json, write_table
 from ..planes import PLANES
 from .scoring import MetricsLog, auroc_scores, patient_level
 from .steps import run_summary

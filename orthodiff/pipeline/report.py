@@ -95,7 +95,7 @@ def write_report(path: Path, summary: dict, pictures: dict, segmentations: dict,
     )
     missing = "".join(f"<li>{e(plane)}: {e(why)}</li>" for plane, why in summary["planes_missing"].items())
     notes = "".join(f"<li>{e(note)}</li>" for note in summary.get("notes", []))
-    planes = [p for p in summary["planes_used"]]
+    planes = list(summary["planes_used"])
     seg_cells = "".join(
         f"<figure><img src='{e(segmentations[p])}' alt='{e(p)} segmentation'><figcaption>{e(p)}</figcaption></figure>"
         for p in planes if p in segmentations

@@ -104,8 +104,8 @@ def segmenter_spec(run_dir: Path, info: dict, head: dict, cfg) -> dict:
 def training_ehr_stats(info: dict, cfg) -> dict:
     """The EHR standardisation the head was trained with (mean, std over its training studies)."""
     from ..data.cache import PlaneCache
-    from ..data.selection import select_cache
     from ..data.datasets import StudyDataset
+    from ..data.selection import select_cache
     from ..data.splits import load_splits
     from ..finetune.studies import run_patients
 

@@ -79,7 +79,7 @@ def ship(pretraining: Path, name: str = KNEE_SMALL) -> Path:
         "batch_size": int(config.pretrain.batch_size),
         "plane_size": {p: list(v) for p, v in config.data.plane_size.items()},
         "slab": config.data.slab,
-        "heldout_loss": {plane: points for plane, points in curves.items()},
+        "heldout_loss": dict(curves),
         "sha256": digests,
     })
     return target

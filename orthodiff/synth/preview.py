@@ -23,7 +23,7 @@ def write_preview(path, joint: str = "knee", seed: int = 0, subjects: int = 3, m
     from ..plotting import pyplot, save_png
 
     specs = sample_population(joint, subjects, seed)
-    normals = [spec.with_labels(**{name: 0 for name in spec.labels}) for spec in specs]
+    normals = [spec.with_labels(**dict.fromkeys(spec.labels, 0)) for spec in specs]
     rendered = [render_study(spec, matrix) for spec in normals]
     rows = [(f"{spec.study_id} normal", series, None) for spec, series in zip(normals, rendered)]
     for index, label in enumerate(JOINT_LABELS[joint]):

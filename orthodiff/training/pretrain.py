@@ -32,7 +32,13 @@ import torch
 from ..config import ExperimentConfig, config_to_dict, save_config
 from ..errors import OrthodiffError
 from ..models.denoiser import ARCHITECTURE_FIELDS, Denoiser, check_denoiser_config, check_plane_size, describe
-from ..models.diffusion import check_diffusion_config, diffusion_loss, make_noise_scheduler, min_snr_weights, training_target
+from ..models.diffusion import (
+    check_diffusion_config,
+    diffusion_loss,
+    make_noise_scheduler,
+    min_snr_weights,
+    training_target,
+)
 from ..planes import PLANES
 from .checkpoints import (
     ResumableState,
