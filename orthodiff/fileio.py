@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -15,17 +16,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + "".join(path.suffixes), dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         if tmp_path.exists():
             os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; shared archives need the umask's mode
         os.replace(tmp_path, path)
+    except OSError as exc:
+        full = _disk_full_errno(exc)
+        if full is None:
+            raise
+        # Name the file being written: the writer's own error (pyarrow's, a temp name) may not.
+        raise OSError(full, os.strerror(full), str(path)) from exc
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
+
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _disk_full_errno(exc: OSError) -> int | None:
+    """ENOSPC or EDQUOT when ``exc`` says the disk is full (pyarrow says so only in its message)."""
+    if exc.errno in _DISK_FULL:
+        return exc.errno
+    text = str(exc)
+    return next((code for code in _DISK_FULL if os.strerror(code) in text), None)
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
 """Atomic writes: a folder is replaced whole or not at all."""
 
+import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -48,3 +50,28 @@ def test_format_json_refuses_damaged_and_foreign_files_in_one_line(tmp_path):
     with pytest.raises(OrthodiffError, match="foreign.json: not an orthodiff pipeline \\(format 'something-else'\\)"):
         read_format_json(foreign, "orthodiff-pipeline", "pipeline", "save it again")
     assert read_format_json(good, "orthodiff-pipeline", "pipeline", "save it again")["version"] == 1
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(errno.ENOSPC, "No space left on device"), OSError("[errno 28] Error writing bytes to file: No space left on device")],
+    ids=["errno", "pyarrow-message"],
+)
+def test_full_disk_names_the_file_and_leaves_no_temporary_file(tmp_path, monkeypatch, failure):
+    import pandas as pd
+
+    from orthodiff.fileio import write_table
+
+    target = tmp_path / "manifest.csv"
+    target.write_text("old\n")
+
+    def write_half_then_fail(self, path, *args, **kwargs):
+        Path(path).write_text("half")
+        raise failure
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", write_half_then_fail)
+    with pytest.raises(OSError) as info:
+        write_table(target, pd.DataFrame({"a": [1]}))
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    assert "No space left" in str(info.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.csv"] and target.read_text() == "old\n"
