@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from orthodiff.data.scan import scan_archive
+from orthodiff.errors import ScanError
 from orthodiff.io.dicom import index_dicom_folder, read_dicom_series
 
 SYNTAXES = ["RLELossless", "JPEG2000Lossless", "JPEGLSLossless"]
@@ -74,3 +75,39 @@ def test_scan_accepts_a_compressed_series_with_full_voxel_check(knee_dicom_dir, 
     result = scan_archive(tmp_path / "archive", tmp_path / "m.csv", workers=1)
     assert result.errors == []
     assert result.manifest["n_slices"].tolist() == [12]
+
+
+def damage_rle_frame(path: Path) -> None:
+    """Point the second RLE segment into the middle of the first, as one flipped header byte does."""
+    import struct
+
+    import pydicom
+    from pydicom.encaps import encapsulate, generate_frames
+
+    dataset = pydicom.dcmread(path)
+    frame = bytearray(next(generate_frames(dataset.PixelData, number_of_frames=1)))
+    first, second = struct.unpack("<2I", frame[4:12])
+    frame[8:12] = struct.pack("<I", (first + second) // 2)
+    dataset.PixelData = encapsulate([bytes(frame)])
+    dataset.save_as(path)
+
+
+def test_a_panicking_decoder_costs_only_the_damaged_series(knee_dicom_dir, tmp_path):
+    import pydicom
+
+    files = first_echo_files(knee_dicom_dir)[:6]
+    archive = tmp_path / "archive"
+    encode_series(files, archive / "good" / "rle", "RLELossless")
+    encode_series(files, archive / "bad" / "rle", "RLELossless")
+    damaged = sorted((archive / "bad" / "rle").iterdir())[2]
+    damage_rle_frame(damaged)
+    with pytest.raises(BaseException) as panic:  # pylibjpeg-rle panics: not an Exception
+        _ = pydicom.dcmread(damaged).pixel_array
+    assert not isinstance(panic.value, Exception)
+
+    with pytest.raises(ScanError, match=f"{damaged.name}: DICOM pixel data .*cannot be decoded .*decoder crashed"):
+        read_dicom_series(archive / "bad" / "rle")
+    result = scan_archive(archive, tmp_path / "m.csv", workers=1)
+    assert result.manifest["path"].tolist() == [str(archive / "good" / "rle")]
+    reasons = [problem.reason for problem in result.errors if problem.path == str(archive / "bad" / "rle")]
+    assert len(reasons) == 1 and damaged.name in reasons[0] and "re-export it" in reasons[0]

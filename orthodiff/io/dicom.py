@@ -573,7 +573,7 @@ def read_dicom_volume(volume: DicomVolume, dtype=np.float32) -> Volume:
         try:
             dataset = pydicom.dcmread(str(path), force=True)
             pixels = _native_pixels(dataset)
-            pixels = (dataset.pixel_array if pixels is None else pixels).astype(np.float32)
+            pixels = (_decoded_pixels(dataset) if pixels is None else pixels).astype(np.float32)
         except OSError as exc:
             raise ScanError(f"{path}: {access_problem(exc)}") from exc
         except Exception as exc:
@@ -591,6 +591,20 @@ def read_dicom_volume(volume: DicomVolume, dtype=np.float32) -> Volume:
     array = np.stack(slices, axis=-1).astype(dtype, copy=False)
     meta = {"series_uid": volume.series_uid, "echo_index": volume.echo_index, "echo_time": volume.echo_time}
     return Volume(array=array, affine=volume.affine.copy(), meta=meta)
+
+
+def _decoded_pixels(dataset) -> np.ndarray:
+    """pydicom's decoded pixels. A decoder written in Rust (pylibjpeg-rle) panics on some damaged
+    frames, and its PanicException is a BaseException: it becomes an ordinary error here, so one
+    damaged file costs its series, not the whole run. Ctrl-C and exit still pass through."""
+    try:
+        return dataset.pixel_array
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise RuntimeError(f"the decoder crashed: {type(exc).__name__}: {exc}") from exc
 
 
 def _native_pixels(dataset) -> np.ndarray | None:
