@@ -56,6 +56,8 @@ class SliceHeader:
     sop_class: str
     tags: dict = field(default_factory=dict)  # patient / study / site tags for the manifest
     damage: str = ""  # why the pixel data is unusable (truncated), "" when it looks whole
+    slice_thickness: float | None = None  # SliceThickness mm, None when absent
+    spacing_between_slices: float | None = None  # SpacingBetweenSlices mm, None when absent
 
 
 @dataclass
@@ -178,6 +180,8 @@ def read_slice_header(path: str | Path, tagged_series: set | None = None) -> Sli
         sop_class=_text(dataset, "SOPClassUID") or "",
         tags=_series_tags(dataset, tagged_series),
         damage=damage,
+        slice_thickness=_optional_number(dataset, "SliceThickness"),
+        spacing_between_slices=_optional_number(dataset, "SpacingBetweenSlices"),
     )
 
 
@@ -233,6 +237,14 @@ def _numbers(dataset, keyword: str) -> list[float] | None:
         return [float(value) for value in text.split("\\")]
     except ValueError as exc:
         raise ScanError(f"{keyword} {text!r} is not a list of numbers; the file's geometry is broken, re-export it") from exc
+
+
+def _optional_number(dataset, keyword: str) -> float | None:
+    """A single-valued DS element as a float (NaN when it is not a number); None when absent or empty."""
+    text = _text(dataset, keyword)
+    if not text:
+        return None
+    return _float(text.split("\\")[0])
 
 
 def _pixel_bytes_problem(path: Path, dataset, pixel_offset: int) -> str:
@@ -477,6 +489,10 @@ def _volume_from_headers(
         )
     if {(h.rows, h.cols) for h in headers} != {(first.rows, first.cols)}:
         raise ScanError(f"{where}: slices differ in matrix size; the series is not one volume, split or remove it")
+    bad_spacing = _spacing_problem(headers)
+    if bad_spacing:
+        raise ScanError(f"{where}: {bad_spacing}; the geometry is broken (read as it is, the image would be mirrored "
+                        "or flat), re-export the series or correct the tag")
     spacings = np.asarray([h.pixel_spacing for h in headers], float)
     if np.ptp(spacings, axis=0).max() > _PIXEL_SPACING_TOLERANCE:
         odd = next(h for h in headers if np.abs(np.subtract(h.pixel_spacing, first.pixel_spacing)).max() > _PIXEL_SPACING_TOLERANCE)
@@ -533,6 +549,22 @@ def _volume_from_headers(
         image_type=first.image_type,
         sop_class=first.sop_class,
     )
+
+
+def _spacing_problem(headers) -> str:
+    """The first PixelSpacing, SliceThickness or SpacingBetweenSlices that is not a positive finite
+    number of mm (a negative PixelSpacing turns the affine around), named with its file; else ""."""
+    for header in headers:
+        tags = {
+            "PixelSpacing": header.pixel_spacing,
+            "SliceThickness": () if header.slice_thickness is None else (header.slice_thickness,),
+            "SpacingBetweenSlices": () if header.spacing_between_slices is None else (header.spacing_between_slices,),
+        }
+        for keyword, values in tags.items():
+            if any(not np.isfinite(value) or value <= 0 for value in values):
+                shown = "\\".join(f"{float(value):g}" for value in values)
+                return f"{keyword} {shown} in {header.path.name} is not a positive number of mm"
+    return ""
 
 
 def _duplicated_slices(headers) -> list[str]:

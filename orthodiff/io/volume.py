@@ -78,6 +78,7 @@ def _read_nifti(path: Path, dtype) -> Volume:
     import nibabel as nib
 
     image = nib.load(str(path))
+    _check_nifti_pixdim(path, image)
     array = np.asarray(image.dataobj, dtype=dtype)
     return Volume(array=array, affine=np.asarray(image.affine, float))
 
@@ -85,6 +86,7 @@ def _read_nifti(path: Path, dtype) -> Volume:
 def _read_itk(path: Path, dtype) -> Volume:
     import SimpleITK as sitk
 
+    _itk_header(path)  # the full read turns a negative spacing into a flipped direction: refuse it first
     image = sitk.ReadImage(str(path))
     # SimpleITK returns (k, j, i) arrays and LPS geometry; convert to (i, j, k) and RAS.
     array = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(dtype, copy=False)
@@ -133,6 +135,7 @@ def _nifti_header(path: Path) -> VolumeHeader:
     import nibabel as nib
 
     image = nib.load(str(path))
+    _check_nifti_pixdim(path, image)
     shape = tuple(int(n) for n in image.shape)
     # The array proxy knows where the voxels start (the header's vox_offset may read 0).
     offset = int(getattr(image.dataobj, "offset", image.header["vox_offset"]))
@@ -148,6 +151,27 @@ def _nifti_header(path: Path) -> VolumeHeader:
             f"{path}: NIfTI is truncated ({path.stat().st_size} of {data_end} bytes); copy the file again"
         )
     return VolumeHeader(shape=shape, affine=np.asarray(image.affine, float))
+
+
+def _check_nifti_pixdim(path: Path, image) -> None:
+    """Refuse voxel sizes (pixdim) that are not positive finite mm. nibabel quietly takes their
+    absolute value (0 becomes 1) and ITK reads such a file mirrored, so the header as written
+    is read before nibabel's fixes."""
+    from nibabel.openers import ImageOpener
+
+    with ImageOpener(str(path)) as handle:
+        written = type(image.header).from_fileobj(handle, check=False)
+    spatial = min(len(image.shape), 3)
+    _check_spacing(path, "NIfTI pixdim", np.asarray(written["pixdim"][1 : 1 + spatial], float))
+
+
+def _check_spacing(path: Path, what: str, spacing) -> None:
+    if not all(np.isfinite(value) and value > 0 for value in spacing):
+        shown = " ".join(f"{float(value):g}" for value in spacing)
+        raise ScanError(
+            f"{path}: {what} ({shown}) is not a positive voxel size in mm; read as it is, the image would be "
+            "mirrored or flat: fix the header or convert the scan again"
+        )
 
 
 def _gzip_length(path: Path) -> int:
@@ -167,6 +191,7 @@ def _itk_header(path: Path) -> VolumeHeader:
         raise ScanError(f"{path}: has {reader.GetNumberOfComponents()} components per voxel; store one scalar image per file")
     dimension = reader.GetDimension()
     size = tuple(int(n) for n in reader.GetSize())
+    _check_spacing(path, "spacing", reader.GetSpacing()[: min(dimension, 3)])
     spacing = np.ones(3)
     origin = np.zeros(3)
     direction = np.eye(3)

@@ -1,0 +1,61 @@
+"""What a scan must never do quietly: read a mirrored volume, drop a hidden series, merge half an
+archive or two archives, stop the run for one damaged file, leave a half manifest on a full disk."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import pytest
+from test_io_dicom import oblique_affine
+from test_scan import write_itk, write_nifti
+from test_scan_archives import echo_datasets, reasons_for, save
+
+from orthodiff.data.scan import scan_archive
+from orthodiff.errors import ScanError
+from orthodiff.io.dicom import read_dicom_series
+from orthodiff.io.volume import read_volume
+
+# --- voxel sizes that would turn the image around ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "keyword, value",
+    [("PixelSpacing", ["-0.625", "0.625"]), ("SliceThickness", "0"), ("SpacingBetweenSlices", "-4")],
+)
+def test_dicom_series_with_a_non_positive_spacing_is_refused_and_the_rest_kept(knee_dicom_dir, tmp_path, keyword, value):
+    archive = tmp_path / "archive"
+    save(echo_datasets(knee_dicom_dir)[:6], archive / "P1" / "good")
+    bad = save(echo_datasets(knee_dicom_dir)[:6], archive / "P2" / "bad", series_uid="1.2.3.4", **{keyword: value})
+    result = scan_archive(archive, tmp_path / "m.csv", workers=1)
+    assert result.manifest["path"].tolist() == [str(archive / "P1" / "good")]
+    reason = reasons_for(result, bad)
+    assert f"{keyword} " in reason and "IM0001.dcm is not a positive number of mm" in reason and "mirrored" in reason
+    with pytest.raises(ScanError, match=keyword):  # prepare and predict read through the same index
+        read_dicom_series(bad)
+
+
+def set_pixdim(path: Path, axis: int, value: float) -> Path:
+    """Write ``value`` into pixdim[axis] of a NIfTI-1 file as stored (nibabel's writer would fix it)."""
+    raw = bytearray(gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes())
+    raw[76 + 4 * axis : 80 + 4 * axis] = struct.pack("<f", value)
+    path.write_bytes(gzip.compress(bytes(raw)) if path.suffix == ".gz" else bytes(raw))
+    return path
+
+
+def test_nifti_and_metaimage_with_non_positive_voxel_sizes_are_refused(tmp_path):
+    archive = tmp_path / "archive"
+    good = write_nifti(archive / "s1" / "good.nii.gz", oblique_affine("sagittal"))
+    negative = set_pixdim(write_nifti(archive / "s2" / "negative.nii.gz", oblique_affine("coronal")), 1, -0.5)
+    zero = set_pixdim(write_nifti(archive / "s3" / "zero.nii", oblique_affine("axial")), 3, 0.0)
+    mha = write_itk(archive / "s4" / "flipped.mha", oblique_affine("sagittal"))
+    mha.write_bytes(mha.read_bytes().replace(b"ElementSpacing = ", b"ElementSpacing = -", 1))
+    result = scan_archive(archive, tmp_path / "m.csv", workers=1)
+    assert result.manifest["path"].tolist() == [str(good)]
+    assert "NIfTI pixdim (-0.5 " in reasons_for(result, negative)
+    assert "NIfTI pixdim (0.5 0.6 0) is not a positive voxel size" in reasons_for(result, zero)  # nibabel reads 1 mm
+    assert "spacing (-0.5 " in reasons_for(result, mha)
+    for path in (negative, zero, mha):
+        with pytest.raises(ScanError, match="mirrored or flat"):
+            read_volume(path)
