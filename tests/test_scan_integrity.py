@@ -4,6 +4,7 @@ archive or two archives, stop the run for one damaged file, leave a half manifes
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
 from pathlib import Path
 
@@ -59,3 +60,28 @@ def test_nifti_and_metaimage_with_non_positive_voxel_sizes_are_refused(tmp_path)
     for path in (negative, zero, mha):
         with pytest.raises(ScanError, match="mirrored or flat"):
             read_volume(path)
+
+
+# --- hidden files and folders -------------------------------------------------------------------
+
+
+def test_hidden_entries_holding_scans_are_reported_and_system_files_stay_silent(knee_dicom_dir, tmp_path):
+    archive = tmp_path / "archive"
+    good = write_nifti(archive / "P1" / "visit" / "sag.nii.gz", oblique_affine("sagittal"))
+    hidden_file = write_nifti(archive / "P1" / "visit" / ".cor.nii.gz", oblique_affine("coronal"))
+    write_nifti(archive / ".exam2" / "visit" / "ax.nii.gz", oblique_affine("axial"))
+    (archive / "P2").mkdir()
+    shutil.copyfile(sorted(knee_dicom_dir.iterdir())[0], archive / "P2" / ".IM0001")  # a DICOM slice by its preamble
+    (archive / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(100))
+    (archive / "P1" / "visit" / "._sag.nii.gz").write_bytes(b"\x00\x05\x16\x07" + bytes(80))  # macOS AppleDouble
+    (archive / ".Trash").mkdir()
+    (archive / ".Trash" / "notes.txt").write_text("nothing to scan")
+    result = scan_archive(archive, tmp_path / "m.csv", workers=1)
+    assert result.manifest["path"].tolist() == [str(good)]
+    assert sorted(Path(problem.path).name for problem in result.errors) == [".IM0001", ".cor.nii.gz", ".exam2"]
+    assert "hidden file holds a readable scan but was skipped because its name starts with '.'" in reasons_for(result, hidden_file)
+    assert "hidden folder holds a readable scan (.exam2/visit/ax.nii.gz)" in reasons_for(result, archive / ".exam2")
+    assert ".exam2" in result.describe()  # the summary names it too
+
+    shards = [scan_archive(archive, tmp_path / f"s{i}.csv", workers=1, shard=(i, 2)) for i in (1, 2)]
+    assert [sum(Path(p.path).name == ".exam2" for p in shard.errors) for shard in shards] == [1, 0]

@@ -5,9 +5,13 @@ them is either walked or reported. A symlinked folder is followed once: the real
 first, then links whose target was not walked yet, so a link to a folder already scanned (or to
 one of its own parents) is reported instead of counted twice or looped on.
 
+Hidden entries (names starting with '.') are skipped: they are the system's (.DS_Store, .Trash,
+the ._ files macOS leaves beside every file). One that holds a readable scan is reported, so a
+series is never dropped unseen; it is scanned once renamed without the dot.
+
 Sharding: the units of an archive are its top-level entries (patient or exam folders). Shard
 ``I/N`` walks units I, I+N, I+2N, ... of their sorted list, so every unit (and every study inside
-it) lands in exactly one shard.
+it) lands in exactly one shard. Loose top-level files and hidden entries go to shard 1.
 """
 
 from __future__ import annotations
@@ -15,15 +19,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import OrthodiffError
-from ..io.dicom import access_problem
+from ..errors import OrthodiffError, ScanError
+from ..io.dicom import access_problem, looks_like_dicom
+from ..io.volume import ITK_SUFFIXES, NIFTI_SUFFIXES, read_volume_header, suffix_of
 
 
 def walk_archive(archive: Path, problems: list, shard: tuple[int, int] | None = None):
     """Yield (folder, sorted file names) for every folder under ``archive`` (hidden ones skipped).
 
-    Problems (folders that cannot be entered, broken links, links to folders walked already) are
-    appended to ``problems`` as (path, reason).
+    Problems (folders that cannot be entered, broken links, links to folders walked already,
+    hidden entries that hold a scan) are appended to ``problems`` as (path, reason).
     """
     archive = Path(archive)
     visited = {_identity(archive)}
@@ -55,11 +60,12 @@ def _walk(folder: Path, archive: Path, problems, visited: set, links: list, unit
         return
     files, subfolders = [], []
     for entry in entries:
-        if entry.name.startswith("."):
-            continue
         if units is not None and entry.name not in units:
             continue  # another shard's unit
         path = Path(entry.path)
+        if entry.name.startswith("."):
+            _report_hidden_scan(path, archive, problems)
+            continue
         try:
             is_link = entry.is_symlink()
             is_dir = entry.is_dir()  # follows links
@@ -91,14 +97,54 @@ def _shard_units(archive: Path, problems, shard: tuple[int, int] | None) -> set 
         return None
     index, count = shard
     try:
-        entries = sorted(entry.name for entry in os.scandir(archive) if not entry.name.startswith("."))
+        entries = sorted(entry.name for entry in os.scandir(archive))
     except OSError as exc:
         raise OrthodiffError(f"{archive}: archive folder cannot be read: {access_problem(exc)}") from exc
-    folders = [name for name in entries if (archive / name).is_dir()]
+    folders = [name for name in entries if not name.startswith(".") and (archive / name).is_dir()]
     mine = {name for rank, name in enumerate(folders) if rank % count == index - 1}
     if index == 1:
         mine |= {name for name in entries if name not in folders}
     return mine
+
+
+def _report_hidden_scan(path: Path, archive: Path, problems) -> None:
+    """Name a hidden file or folder that holds a readable scan; hidden system files stay silent."""
+    found = _first_scan(path)
+    if found is None:
+        return
+    what = "hidden folder" if found != path else "hidden file"
+    example = f" ({_rel(found, archive)})" if found != path else ""
+    problems.append(
+        (path, f"{_rel(path, archive)}: {what} holds a readable scan{example} but was skipped because its name "
+         "starts with '.'; rename it without the dot to scan it, or delete it")
+    )
+
+
+def _first_scan(path: Path) -> Path | None:
+    """``path`` itself when it is a readable scan file, else the first one inside it (a folder), else None."""
+    if not path.is_dir():
+        return path if _is_scan_file(path) else None
+    for folder, subfolders, files in os.walk(path):
+        subfolders.sort()
+        for name in sorted(files):
+            if _is_scan_file(Path(folder) / name):
+                return Path(folder) / name
+    return None
+
+
+def _is_scan_file(path: Path) -> bool:
+    """Whether the file reads as NIfTI, NRRD/MHA, .npy or DICOM (the macOS ._ copies do not)."""
+    suffix = suffix_of(path.name)
+    try:
+        if suffix in NIFTI_SUFFIXES + ITK_SUFFIXES:
+            read_volume_header(path)
+            return True
+        if suffix == ".npy":
+            with open(path, "rb") as handle:
+                return handle.read(6) == b"\x93NUMPY"
+        return looks_like_dicom(path)
+    except (ScanError, OSError):
+        return False
 
 
 def _identity(path: Path) -> tuple:
