@@ -6,6 +6,7 @@ a key that does not exist is an error that names it. The resolved config is save
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -192,15 +193,41 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
+PRESET_RULE = (
+    "a bare name (no '/' and no .yaml/.yml suffix) is always a preset shipped in configs/; "
+    "anything else is a file path, so write ./NAME for a file NAME in this folder"
+)
+
+
+def preset_names() -> list[str]:
+    """The presets shipped in ``configs/``, by the names ``-c`` takes."""
+    return sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def is_preset_name(name: str | Path) -> bool:
+    """A bare name always means a shipped preset, never a file or folder that happens to share it."""
+    text = str(name)
+    has_separator = "/" in text or (os.sep != "/" and os.sep in text)
+    return not has_separator and Path(text).suffix.lower() not in (".yaml", ".yml")
+
+
 def resolve_config_path(name: str | Path) -> Path:
-    """A path as given, or the name of a shipped preset in ``configs/`` (``tiny`` -> configs/tiny.yaml)."""
-    path = Path(name)
-    if path.exists():
-        return path
-    preset = CONFIG_DIR / f"{name}.yaml"
-    if preset.exists():
+    """The file for a ``-c`` value: a preset name (``tiny`` -> configs/tiny.yaml) or a path (see PRESET_RULE)."""
+    if is_preset_name(name):
+        preset = CONFIG_DIR / f"{name}.yaml"
+        if not preset.is_file():
+            raise OrthodiffError(
+                f"config preset {str(name)!r} does not exist; presets: {', '.join(preset_names())} "
+                f"(for a file in this folder write ./{name})"
+            )
         return preset
-    raise OrthodiffError(f"config file {name}: not found; give a YAML path or a preset in {CONFIG_DIR}")
+    path = Path(name)
+    if path.is_dir():
+        raise OrthodiffError(f"config file {name}: is a folder; give a YAML file")
+    if not path.is_file():
+        raise OrthodiffError(f"config file {name}: not found; give a YAML file or one of the presets "
+                             f"{', '.join(preset_names())}")
+    return path
 
 
 def load_config(
@@ -220,15 +247,7 @@ def load_config(
     merged = OmegaConf.structured(ExperimentConfig)
     for file in files:
         path = resolve_config_path(file)
-        try:
-            layer = OmegaConf.load(path)
-        except YAMLError as exc:
-            raise OrthodiffError(f"config file {path}: {_describe_yaml(exc)}") from None
-        if not OmegaConf.is_dict(layer):
-            raise OrthodiffError(
-                f"config file {path}: the top level is a {type(layer).__name__.replace('Config', '').lower()}, "
-                "not a mapping; write keys such as `seed: 0` and `data:` at the top level"
-            )
+        layer = _load_layer(path)
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as exc:
@@ -247,6 +266,34 @@ def load_config(
         except OmegaConfBaseException as exc:
             raise OrthodiffError(f"override {override!r}: {_describe(exc)}") from exc
     return OmegaConf.to_object(merged)
+
+
+def _load_layer(path: Path):
+    """One config file as an OmegaConf mapping; anything else at its top level is one line."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    try:
+        # OmegaConf.load would read a lone word as a key and fail on a lone number: check the shape first
+        top = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if top is not None and not isinstance(top, dict):
+            raise OrthodiffError(
+                f"config file {path}: the top level is {_kind(top)}, not a mapping of sections; "
+                "write keys such as `seed: 0` and `data:` at the top level"
+            )
+        return OmegaConf.load(path)
+    except yaml.YAMLError as exc:
+        raise OrthodiffError(f"config file {path}: {_describe_yaml(exc)}") from None
+    except UnicodeDecodeError:
+        raise OrthodiffError(f"config file {path}: not UTF-8 text; give a YAML file") from None
+
+
+def _kind(value) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return f"the value {value}"
+    return f"the value {value!r}" if isinstance(value, str) else f"the number {value}"
 
 
 def _qualify(key: str, section: Optional[str]) -> str:

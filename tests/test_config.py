@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from orthodiff.config import CONFIG_DIR, config_from_dict, config_to_dict, load_config
@@ -80,3 +82,39 @@ def test_broken_yaml_names_its_line_and_column(tmp_path):
     with pytest.raises(OrthodiffError, match=r"broken.yaml: invalid YAML at line 4, column 9") as info:
         load_config([path])
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, kind", [("hello\n", "the value 'hello'"), ("42\n", "the number 42"),
+                                        ("true\n", "the value True")])
+def test_yaml_whose_top_level_is_a_scalar_is_one_line(text, kind, tmp_path):
+    path = tmp_path / "scalar.yaml"
+    path.write_text(text)
+    with pytest.raises(OrthodiffError) as info:
+        load_config([path])
+    assert str(info.value) == (f"config file {path}: the top level is {kind}, not a mapping of sections; "
+                               "write keys such as `seed: 0` and `data:` at the top level")
+
+
+def test_a_bare_name_is_a_preset_whatever_the_working_folder_holds(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("tiny").write_text("seed: 9\n")
+    Path("demo").mkdir()
+    assert load_config(["tiny"]).model.base_channels == 8  # configs/tiny.yaml, not ./tiny
+    assert load_config(["tiny"]).seed == 0
+    assert load_config(["demo"]) == load_config([CONFIG_DIR / "demo.yaml"])
+    assert load_config(["./tiny"]).seed == 9  # a path names the file
+
+
+def test_an_unknown_preset_lists_the_presets_and_the_path_form():
+    with pytest.raises(OrthodiffError) as info:
+        load_config(["tinny"])
+    assert str(info.value) == ("config preset 'tinny' does not exist; presets: demo, demo-quick, reference, tiny "
+                               "(for a file in this folder write ./tinny)")
+
+
+def test_a_folder_given_as_a_config_path_is_one_line(tmp_path):
+    folder = tmp_path / "experiment.yaml"
+    folder.mkdir()
+    with pytest.raises(OrthodiffError) as info:
+        load_config([folder])
+    assert str(info.value) == f"config file {folder}: is a folder; give a YAML file"
