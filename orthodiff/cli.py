@@ -3,12 +3,14 @@ so ``orthodiff --help`` answers at once."""
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from .config import PRESET_RULE, preset_names
 from .errors import OrthodiffError
 
 app = typer.Typer(
@@ -22,7 +24,10 @@ app = typer.Typer(
 bench_app = typer.Typer(help="Benchmarks: label fraction, cross-joint transfer, robustness.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-ConfigOption = typer.Option(None, "--config", "-c", help="YAML config file or preset name (repeatable; later wins).")
+ConfigOption = typer.Option(
+    None, "--config", "-c",
+    help=f"Preset ({', '.join(preset_names())}) or YAML file (repeatable; later wins): {PRESET_RULE}.",
+)
 OverridesArgument = typer.Argument(None, help="key=value overrides, e.g. pretrain.max_steps=200 seed=1")
 
 
@@ -288,19 +293,42 @@ def bench_robustness(
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Entry point: user errors become one line on stderr and exit status 2."""
+    """Entry point: a usage error is click's usage and one line (status 2), a user error one line (status 2),
+    a full disk one line (status 1); an interruption is status 130."""
     try:
-        app(args=argv, standalone_mode=False)
+        status = app(args=argv, standalone_mode=False)
     except OrthodiffError as exc:
         typer.echo(f"orthodiff: error: {exc}", err=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
+        status = INTERRUPTED
+    except typer.TyperException as exc:
+        # typer raises its own click-like exceptions (usage errors among them), which need not derive from click's
+        _show(exc)
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        typer.echo(f"orthodiff: error: {DISK_FULL[exc.errno]}{_where(exc)}; free space and run again", err=True)
+        sys.exit(1)
+    if status == INTERRUPTED:
         typer.echo("orthodiff: interrupted", err=True)
-        sys.exit(130)
-    except Exception as exc:
-        import click
+    if isinstance(status, int) and status:
+        sys.exit(status)
 
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+
+INTERRUPTED = 130  # the shell's status for Ctrl-C; typer returns it for a KeyboardInterrupt in a command
+DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _show(exc: Exception) -> None:
+    show = getattr(exc, "show", None)
+    if show is not None:
+        show()
+    else:
+        typer.echo(f"Error: {exc}", err=True)
+
+
+def _where(exc: OSError) -> str:
+    path = exc.filename or exc.filename2
+    return f" at {path}" if path else ""

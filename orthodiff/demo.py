@@ -79,8 +79,7 @@ class DemoResult:
 
 def run_demo(out: Path, quick: bool = False, seed: int = 0, pretrain: bool = False) -> DemoResult:
     size = QUICK if quick else FULL
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_demo_folder(out)
     claim_demo_folder(out, quick=quick, seed=seed, pretrain=pretrain)
     config = _demo_config(out, size, seed)
     result = DemoResult(out=out)
@@ -108,6 +107,18 @@ def run_demo(out: Path, quick: bool = False, seed: int = 0, pretrain: bool = Fal
     stage("export pipeline", lambda: _export_pipeline(out))
     _write_report(result)
     return result
+
+
+def make_demo_folder(out) -> Path:
+    """The demo's folder, created; a file in its place is one line. Any name will do, a preset's included:
+    the demo's configs are presets by name, never read from the working folder."""
+    from .errors import OrthodiffError
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OrthodiffError(f"--out {out}: is a file, not a folder; give a folder for the demo's run")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def claim_demo_folder(out: Path, quick: bool, seed: int, pretrain: bool = False) -> None:

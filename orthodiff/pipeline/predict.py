@@ -18,7 +18,10 @@ and renamed when complete, so a folder that exists is whole.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -85,14 +88,18 @@ def run_prediction(pipeline_dir, inputs: Sequence, out, explain: bool = True, pr
             errors.append({"input": _study_source(study), "study_id": study.study_id, "reason": _one_line(exc)})
             continue
         except Exception as exc:  # noqa: BLE001  odd data must not stop the other studies
+            if _disk_full(exc):
+                raise  # every later study would fail too: the command stops with one line naming the folder
             reason = f"unexpected {type(exc).__name__} while predicting: {_one_line(exc)}"
             errors.append({"input": _study_source(study), "study_id": study.study_id, "reason": reason})
             continue
         written.append(study.study_id)
         summary_rows.append(_summary_row(summary))
-    write_table(out / "errors.csv", pd.DataFrame(errors, columns=ERROR_COLUMNS))
+    with _naming_a_full_disk(out / "errors.csv"):
+        write_table(out / "errors.csv", pd.DataFrame(errors, columns=ERROR_COLUMNS))
     if summary_rows:
-        write_table(out / "predictions.csv", pd.DataFrame(summary_rows))
+        with _naming_a_full_disk(out / "predictions.csv"):
+            write_table(out / "predictions.csv", pd.DataFrame(summary_rows))
     result = PredictionResult(out=out, studies=written, errors=errors, seconds=time.perf_counter() - start)
     if not written:
         first = errors[0]["reason"] if errors else "no study found in the inputs"
@@ -116,7 +123,7 @@ def predict_one(pipeline, study: StudyInput, out: Path, explain: bool = True, pi
             notes[plane] = f"{plane} series {row['series_id']} unreadable: {_one_line(exc)}"
     prediction = pipeline.predict_study(volumes, study.study_id, metadata=study.metadata, explain=explain, notes=notes)
     folder = out / safe_filename(study.study_id)
-    with atomic_directory(folder) as staging:
+    with _naming_a_full_disk(folder), atomic_directory(folder) as staging:
         summary = _write_study(pipeline, prediction, paths, study, staging, pipeline_dir)
     return summary
 
@@ -224,6 +231,22 @@ def clean_stale_staging(out: Path, older_than: float = STALE_AFTER_S) -> list[st
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry.name)
     return removed
+
+
+def _disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def _naming_a_full_disk(path: Path):
+    """A full disk names ``path``, the output being written (a failed write() names no file, and a temporary
+    name is gone once the atomic writer has cleaned up)."""
+    try:
+        yield
+    except OSError as exc:
+        if not _disk_full(exc):
+            raise
+        raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
 
 
 def _one_line(exc) -> str:
