@@ -292,6 +292,10 @@ def bench_robustness(
     _bench("robustness", preset, out, overrides)
 
 
+INTERRUPTED = 130  # the shell's status for Ctrl-C; typer returns it for a KeyboardInterrupt in a command
+DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: a usage error is click's usage and one line (status 2), a user error one line (status 2),
     a full disk one line (status 1); an interruption is status 130."""
@@ -315,10 +319,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         typer.echo("orthodiff: interrupted", err=True)
     if isinstance(status, int) and status:
         sys.exit(status)
-
-
-INTERRUPTED = 130  # the shell's status for Ctrl-C; typer returns it for a KeyboardInterrupt in a command
-DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
 
 def _show(exc: Exception) -> None:

@@ -43,6 +43,10 @@ class DataConfig:
     slice_spacing: Optional[float] = None
     # crop: keep the central D slices; fit: resample across slices so the whole slab becomes D slices
     slab: str = "crop"
+    # mm per plane [D, H, W] (null: that axis whole): crop each series to a field of view centred on the joint
+    # (the series' centre, or the manifest's joint_centre_ras) before resizing, e.g. {sagittal: [null, 100, 100]};
+    # empty: the whole field of view
+    field_of_view_mm: dict = field(default_factory=dict)
     series: SeriesSelection = field(default_factory=SeriesSelection)
     labels: list = field(default_factory=list)  # empty: every label column of the manifest
     ehr_columns: list = field(default_factory=lambda: ["age", "sex", "height", "weight"])

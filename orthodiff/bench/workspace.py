@@ -103,7 +103,7 @@ def prepare_planes(config: ExperimentConfig) -> None:
     if (Path(data.cache) / "cache.json").exists() and (Path(data.cache) / "index.parquet").exists():
         return
     accepted = inspect.signature(prepare_cache).parameters
-    options = {name: getattr(data, name) for name in ("slab", "slice_spacing") if name in accepted}
+    options = {name: getattr(data, name) for name in ("slab", "slice_spacing", "field_of_view_mm") if name in accepted}
     prepare_cache(data.manifest, data.cache, plane_size=data.plane_size, **options)
 
 

@@ -79,6 +79,22 @@ class PlaneCache:
                 "prepare a new cache with that setting or use the matching config"
             )
 
+    @property
+    def field_of_view_mm(self) -> dict:
+        """``{plane: [d, h, w] mm or null}`` of the joint-centred crop; {} when the whole field of view was kept."""
+        return self.meta.get("field_of_view_mm") or {}
+
+    def check_field_of_view(self, field_of_view_mm) -> None:
+        """Raise when the run's ``data.field_of_view_mm`` differs from the cache's."""
+        from .prepare import check_field_of_view
+
+        asked = {plane: list(extent) for plane, extent in check_field_of_view(field_of_view_mm).items()}
+        if asked != self.field_of_view_mm:
+            raise OrthodiffError(
+                f"{self.root}: prepared with data.field_of_view_mm={self.field_of_view_mm or None}, but {asked or None} "
+                "was asked; prepare a new cache with that setting or use the matching config"
+            )
+
     def check_plane_size(self, plane_size: dict) -> None:
         """Raise when ``plane_size`` (e.g. a model's) differs from the cache's for any plane it holds
         (a plane the cache has no series of cannot disagree)."""
@@ -124,12 +140,15 @@ class PlaneCache:
         return np.load(self.root / name, mmap_mode="r") if isinstance(name, str) and name else None
 
     def geometry(self, series_id: str) -> dict:
-        """Source shape and affine, and the plane tensor's affine, for ``to_source_geometry``."""
+        """Source shape and affine, the plane tensor's affine and the field-of-view crop box (source
+        voxel indices (start, end); None when uncropped), for ``to_source_geometry``."""
         row = self._row(series_id)
+        crop_box = row.get("crop_box")
         return {
             "source_shape": tuple(json.loads(row["source_shape"])),
             "source_affine": np.asarray(json.loads(row["source_affine"])),
             "tensor_affine": np.asarray(json.loads(row["tensor_affine"])),
+            "crop_box": tuple(map(tuple, json.loads(crop_box))) if isinstance(crop_box, str) and crop_box else None,
         }
 
     def __len__(self) -> int:

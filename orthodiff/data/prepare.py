@@ -18,14 +18,25 @@ or padded around the centre to D (optionally resampled first to ``slice_spacing`
 intensities are scaled from the 0.5th-99.5th percentiles to [-1, 1] and clipped. With
 ``slab="fit"`` the slices are instead resampled so the whole acquired slab becomes D slices.
 
-Each cached series records the size, modification time and a fast content hash of its source
-(``source_stamp``); a rerun prepares again any series whose source changed, and says so.
+``field_of_view_mm`` (``data.field_of_view_mm``) first crops each series to a physical field of view
+(d, h, w) mm centred on the joint: on the series' centre, where technologists centre the joint, or on
+a manifest's ``joint_centre_ras`` column (RAS mm). The crop happens on the source voxel grid with
+MONAI ``SpatialCrop``, so the plane tensor's affine keeps it and outputs map back to the source grid;
+the cache records the box (source voxel indices) and the cropped affine.
+
+Each cached series records the size, modification time and a hash of every byte of its source
+(``source_stamp``); a rerun prepares again any series whose source changed, and says so, and any
+whose tensor file is incomplete. A series that fails where it once succeeded loses its old tensor
+and record, so no later stage reads them. Each record also holds the sha256 of its tensor file
+(``image_sha256``, a column of the index): feature stores record it to notice a tensor prepared again.
+One run at a time writes a cache folder: a second run waits for the first (``orthodiff.locks``).
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import numbers
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -35,11 +46,12 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OrthodiffError, ScanError
-from ..fileio import atomic_path, read_json, safe_filename, write_json, write_table
+from ..fileio import atomic_path, npy_is_complete, read_json, safe_filename, sha256_file, write_json, write_table
 from ..io.volume import Volume
+from ..locks import exclusive
 from ..planes import PLANES, check_plane
 from .fingerprint import data_fingerprint
-from .source_stamp import source_stamp
+from .source_stamp import comparable, source_stamp
 from .workers import one_thread_worker
 
 CACHE_FORMAT_VERSION = 1
@@ -54,6 +66,8 @@ INTENSITY_PERCENTILES = (0.5, 99.5)
 INDEX_FLUSH_EVERY = 200  # rewrite index.parquet this often, so an interrupted run keeps its progress
 ERROR_COLUMNS = ["series_id", "path", "reason"]
 SLABS = ("crop", "fit")
+CENTRE_COLUMN = "joint_centre_ras"  # optional manifest column: the joint's centre "x,y,z" in RAS mm
+_RAS_AXIS_OF_CODE = {"L": 0, "R": 0, "P": 1, "A": 1, "I": 2, "S": 2}
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
@@ -75,13 +89,98 @@ def check_plane_size(plane_size: dict, planes=PLANES, source: str = "data.plane_
 
 
 def _check_size(size, source: str) -> tuple[int, int, int]:
+    from ..config import check_plane_size_entry
+
+    return check_plane_size_entry(size, source)
+
+
+def check_field_of_view(field_of_view, source: str = "data.field_of_view_mm") -> dict:
+    """``{plane: (d, h, w)}`` in mm, each a positive number or None (that axis whole); None or an
+    empty mapping means no crop. Planes not named keep their whole field of view."""
+    if field_of_view is None:
+        return {}
+    if not hasattr(field_of_view, "items"):
+        raise OrthodiffError(
+            f"{source}: expected a mapping plane -> [D, H, W] mm, got {field_of_view!r}; e.g. {source}.sagittal=[null,100,100]"
+        )
+    checked = {}
+    for plane, extent in field_of_view.items():
+        check_plane(plane, f"{source} key")
+        if extent is not None:
+            checked[plane] = _check_extent(extent, f"{source}.{plane}")
+    return checked
+
+
+def _check_extent(extent, source: str) -> tuple:
+    wrong = OrthodiffError(
+        f"{source}: expected [D, H, W] in mm, each a positive number or null (keep that axis whole), got {extent!r}; "
+        f"e.g. {source}=[null,100,100]"
+    )
+    if isinstance(extent, (str, bytes)) or not hasattr(extent, "__len__") or len(extent) != 3:
+        raise wrong
+    values = []
+    for value in extent:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise wrong
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise wrong
+        values.append(None if value is None else float(value))
+    return tuple(values)
+
+
+def field_of_view_box(shape, affine, plane: str, extent_mm, centre_ras=None) -> tuple[tuple, tuple]:
+    """The crop of ``extent_mm`` (d, h, w of the plane tensor, mm; None keeps an axis whole) as
+    ``(start, end)`` source voxel indices, end exclusive, one per source voxel axis.
+
+    Centred on the series' centre, or on ``centre_ras`` (RAS mm). Near the series' edge the box
+    shifts inward so it keeps its physical size; an extent wider than the series keeps that axis whole.
+    """
+    import nibabel.orientations as nio
+
+    shape = tuple(int(n) for n in shape[:3])
+    affine = np.asarray(affine, dtype=np.float64)
+    world_axis_of_voxel_axis = nio.io_orientation(affine)[:, 0]
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    centre = (np.asarray(shape) - 1) / 2.0
+    if centre_ras is not None:
+        centre = (np.linalg.inv(affine) @ np.append(np.asarray(centre_ras, dtype=np.float64), 1.0))[:3]
+        if np.any(centre < -0.5) or np.any(centre > np.asarray(shape) - 0.5):
+            raise ScanError(
+                f"the joint centre {list(np.round(centre_ras, 1))} (RAS mm) lies outside the series; "
+                f"fix the manifest's {CENTRE_COLUMN} column"
+            )
+    start, end = [0, 0, 0], list(shape)
+    for millimetres, code in zip(extent_mm, PLANE_AXCODES[plane]):
+        if millimetres is None:
+            continue
+        axis = int(np.flatnonzero(world_axis_of_voxel_axis == _RAS_AXIS_OF_CODE[code])[0])
+        count = min(shape[axis], max(1, int(np.floor(millimetres / spacing[axis] + 0.5))))
+        first = int(np.floor(centre[axis] - (count - 1) / 2.0 + 0.5))
+        start[axis] = min(max(first, 0), shape[axis] - count)
+        end[axis] = start[axis] + count
+    return tuple(start), tuple(end)
+
+
+def cropped_affine(source_affine, crop_start) -> np.ndarray:
+    """The affine of the cropped grid: its voxel 0 is source voxel ``crop_start``."""
+    shift = np.eye(4)
+    shift[:3, 3] = np.asarray(crop_start, dtype=np.float64)
+    return np.asarray(source_affine, dtype=np.float64) @ shift
+
+
+def joint_centre(row) -> tuple | None:
+    """The manifest row's joint centre (RAS mm) from ``joint_centre_ras`` ("x,y,z"); None when absent."""
+    value = row.get(CENTRE_COLUMN) if hasattr(row, "get") else None
+    if value is None or (isinstance(value, float) and np.isnan(value)) or (isinstance(value, str) and not value.strip()):
+        return None
     try:
-        values = tuple(int(v) for v in size)
+        parts = value.replace(",", " ").split() if isinstance(value, str) else list(value)
+        centre = tuple(float(v) for v in parts)
     except (TypeError, ValueError):
-        raise OrthodiffError(f"{source}: expected three positive integers [D, H, W], got {size!r}") from None
-    if len(values) != 3 or min(values) < 1 or any(float(a) != b for a, b in zip(size, values)):
-        raise OrthodiffError(f"{source}: expected three positive integers [D, H, W], got {list(size)!r}")
-    return values
+        centre = ()
+    if len(centre) != 3 or not np.all(np.isfinite(centre)):
+        raise ScanError(f"manifest column {CENTRE_COLUMN}={value!r}: expected the joint centre as \"x,y,z\" in RAS mm")
+    return centre
 
 
 def _check_volume(array: np.ndarray, affine: np.ndarray, plane: str, is_label: bool) -> None:
@@ -124,6 +223,8 @@ def to_plane_tensor(
     is_label: bool = False,
     slice_spacing: float | None = None,
     slab: str = "crop",
+    field_of_view_mm=None,
+    centre_ras=None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A series as a plane tensor (1, D, H, W) and its affine (tensor voxel (d, h, w) -> RAS mm).
 
@@ -131,11 +232,19 @@ def to_plane_tensor(
     when given, first resamples the slice axis to that thickness (useful for thin-slice 3D scans);
     without it the source slices are kept and cropped or padded around the centre to D.
     ``slab="fit"`` resamples across slices instead, so the whole slab becomes D slices and
-    nothing at its edges is cut off.
+    nothing at its edges is cut off. ``field_of_view_mm`` (d, h, w) first crops the series to that
+    physical field of view around its centre or ``centre_ras`` (see ``field_of_view_box``).
     """
     import torch
     from monai.data import MetaTensor
-    from monai.transforms import CenterSpatialCrop, Orientation, Resize, ScaleIntensityRange, SpatialPad
+    from monai.transforms import (
+        CenterSpatialCrop,
+        Orientation,
+        Resize,
+        ScaleIntensityRange,
+        SpatialCrop,
+        SpatialPad,
+    )
 
     check_plane(plane)
     depth, height, width = _check_size(size, "plane size")
@@ -146,6 +255,10 @@ def to_plane_tensor(
     _check_volume(array, affine, plane, is_label)
 
     tensor = MetaTensor(torch.as_tensor(array, dtype=torch.float32)[None], affine=torch.as_tensor(affine))
+    if field_of_view_mm is not None:
+        start, end = field_of_view_box(array.shape, affine, plane, _check_extent(field_of_view_mm, "field_of_view_mm"),
+                                       centre_ras)
+        tensor = SpatialCrop(roi_start=start, roi_end=end)(tensor)  # the crop stays in the affine
     # slice axis first, in-plane axes in the documented anatomical directions (permute and flip only)
     tensor = Orientation(axcodes=PLANE_AXCODES[plane], labels=_RAS_LABELS)(tensor)
     n_slices = tensor.shape[1]
@@ -223,11 +336,13 @@ def to_source_geometry(
     source_affine,
     is_label: bool,
     fill: float = 0.0,
+    crop_box=None,
 ) -> np.ndarray:
     """Map a plane-tensor array (D, H, W) back onto the series' original voxel grid.
 
     Labels use nearest neighbour (uint8 kept), images linear; source voxels outside the plane
-    tensor get ``fill``.
+    tensor get ``fill``. ``crop_box`` ((start, end) source voxel indices, as the cache records a
+    field-of-view crop) maps onto the crop alone and leaves every voxel outside it at ``fill``.
     """
     from scipy.ndimage import affine_transform
 
@@ -237,6 +352,12 @@ def to_source_geometry(
     if array.ndim != 3:
         raise OrthodiffError(f"to_source_geometry: expected an array (D, H, W), got shape {array.shape}")
     source_shape = tuple(int(v) for v in source_shape)
+    if crop_box is not None:
+        start, end = (np.asarray(corner, dtype=int) for corner in crop_box)
+        inner = to_source_geometry(array, tensor_affine, end - start, cropped_affine(source_affine, start), is_label, fill)
+        whole = np.full(source_shape, fill, dtype=inner.dtype)
+        whole[tuple(slice(a, b) for a, b in zip(start, end))] = inner
+        return whole
     # source voxel -> RAS -> plane-tensor voxel
     to_tensor = np.linalg.inv(np.asarray(tensor_affine, float)) @ np.asarray(source_affine, float)
     matrix, offset = to_tensor[:3, :3], to_tensor[:3, 3]
@@ -294,6 +415,7 @@ def prepare_cache(
     slab: str = "crop",
     shard=None,
     selection=None,
+    field_of_view_mm=None,
 ) -> PrepareResult:
     """Prepare every series of ``manifest`` (path or DataFrame) into the cache folder ``out``.
 
@@ -303,6 +425,8 @@ def prepare_cache(
     run with one line; what was finished stays, and nothing is left half-written.
     ``selection`` (``data.series``) keeps the series that pass its filters; every candidate of a
     plane is prepared, so later stages may prefer another one without preparing again.
+    ``field_of_view_mm`` (``data.field_of_view_mm``) crops each plane's series to a joint-centred field
+    of view first; None or {} keeps the whole field of view.
     """
     import pandas as pd
 
@@ -326,6 +450,7 @@ def prepare_cache(
     if slice_spacing is not None and not float(slice_spacing) > 0:
         raise OrthodiffError(f"slice_spacing={slice_spacing!r}: must be a positive number of mm (or None)")
     check_slab(slab, slice_spacing)
+    field_of_view = check_field_of_view(field_of_view_mm)
     if int(workers) < 0:
         raise OrthodiffError(f"workers={workers}: must be at least 1 (0: every core)")
     shard_info = None
@@ -334,9 +459,15 @@ def prepare_cache(
 
         index, count = parse_shard(shard)
         frame, out, shard_info = shard_rows(frame, index, count), shard_folder(out, index, count), [index, count]
-    settings = {"slice_spacing": slice_spacing, "slab": slab}
+    settings = {
+        "slice_spacing": slice_spacing,
+        "slab": slab,
+        # None when off, so caches made before this setting read as uncropped
+        "field_of_view_mm": {plane: list(extent) for plane, extent in sorted(field_of_view.items())} or None,
+    }
     try:
-        return _prepare_into(out, frame, sizes, settings, workers, manifest_path, fingerprint, shard_info)
+        with exclusive(out, "prepare", "prepare"):
+            return _prepare_into(out, frame, sizes, settings, workers, manifest_path, fingerprint, shard_info)
     except OSError as exc:
         if exc.errno in _DISK_FULL:
             raise OrthodiffError(_disk_full(out)) from None
@@ -375,6 +506,7 @@ def _prepare_into(out: Path, frame, sizes, settings, workers, manifest_path, fin
             raise OrthodiffError(_disk_full(out))
         if "reason" in result:
             errors.append(result)
+            _forget_series(out, result["series_id"])
         else:
             records[result["series_id"]] = result
         if count % INDEX_FLUSH_EVERY == 0:
@@ -382,7 +514,7 @@ def _prepare_into(out: Path, frame, sizes, settings, workers, manifest_path, fin
     errors.sort(key=lambda e: e["series_id"])
     write_table(out / "errors.csv", pd.DataFrame(errors, columns=ERROR_COLUMNS))
     _write_index(out, frame, records)
-    return PrepareResult(
+    result = PrepareResult(
         out=out,
         total=len(frame),
         prepared=len(records) - skipped,
@@ -391,6 +523,27 @@ def _prepare_into(out: Path, frame, sizes, settings, workers, manifest_path, fin
         changed=sorted(changed),
         notes=notes,
     )
+    if errors and not records:
+        raise OrthodiffError(_nothing_prepared(result))
+    return result
+
+
+def _nothing_prepared(result: PrepareResult) -> str:
+    first = result.errors[0]
+    return (
+        f"{result.out}: every one of the {result.total} series failed, so nothing was prepared (listed in "
+        f"{result.out / 'errors.csv'}; first: {first['series_id']}: {first['reason']}); "
+        "fix the sources, the manifest or the data.* settings and run prepare again"
+    )
+
+
+def _forget_series(out: Path, series_id: str) -> None:
+    """Remove what an earlier run prepared of a series that now fails: its record first (so it no
+    longer reads as done), then its tensors."""
+    name = safe_filename(series_id)
+    (out / "records" / f"{name}.json").unlink(missing_ok=True)
+    for folder in ("images", "segs"):
+        (out / folder / f"{name}.npy").unlink(missing_ok=True)
 
 
 def _selected(frame, selection, where: str):
@@ -466,9 +619,9 @@ def _finished_record(out: Path, row) -> tuple[dict | None, bool]:
         return None, False
     same_source = record.get("path") == str(row["path"]) and record.get("seg_path", "") == _seg_path(row)
     files = [record.get("image", "")] + ([record["seg"]] if record.get("seg") else [])
-    if not (same_source and all(name and (out / name).exists() for name in files)):
+    if not (same_source and all(name and npy_is_complete(out / name) for name in files)):
         return None, False
-    if "source" not in record:  # prepared before sources were stamped: cannot tell, so prepare again
+    if not comparable(record.get("source")):  # unstamped, or stamped another way: cannot tell, so prepare again
         return None, False
     try:
         unchanged = all(record.get(key) == value for key, value in _stamps(row).items())
@@ -519,7 +672,10 @@ def _prepare_series(task: dict) -> dict:
     ``{disk_full}`` when the cache's disk is full (which stops the run)."""
     row, out = task["row"], Path(task["out"])
     try:
-        return _prepare_series_or_raise(row, out, task["size"], task["slice_spacing"], task.get("slab", "crop"))
+        extent = (task.get("field_of_view_mm") or {}).get(row["plane"])
+        return _prepare_series_or_raise(
+            row, out, task["size"], task["slice_spacing"], task.get("slab", "crop"), field_of_view_mm=extent
+        )
     except OrthodiffError as exc:
         return {"series_id": row["series_id"], "path": str(row["path"]), "reason": _one_line(exc)}
     except OSError as exc:
@@ -532,7 +688,7 @@ def _prepare_series(task: dict) -> dict:
         return {"series_id": row["series_id"], "path": str(row["path"]), "reason": _one_line(reason)}
 
 
-def _prepare_series_or_raise(row: dict, out: Path, size, slice_spacing, slab: str = "crop") -> dict:
+def _prepare_series_or_raise(row: dict, out: Path, size, slice_spacing, slab: str = "crop", field_of_view_mm=None) -> dict:
     from ..io.volume import read_volume
     from .manifest import load_series
 
@@ -542,7 +698,9 @@ def _prepare_series_or_raise(row: dict, out: Path, size, slice_spacing, slab: st
     except OSError as exc:
         raise ScanError(f"cannot read the source ({exc.strerror or exc}); check that it exists and is readable") from None
     volume = load_series(row)
-    image, tensor_affine = to_plane_tensor(volume, plane, size, slice_spacing=slice_spacing, slab=slab)
+    centre = joint_centre(row) if field_of_view_mm is not None else None
+    crop = {"field_of_view_mm": field_of_view_mm, "centre_ras": centre}
+    image, tensor_affine = to_plane_tensor(volume, plane, size, slice_spacing=slice_spacing, slab=slab, **crop)
     name = safe_filename(row["series_id"])
     record = {
         "series_id": row["series_id"],
@@ -555,6 +713,7 @@ def _prepare_series_or_raise(row: dict, out: Path, size, slice_spacing, slab: st
         "source_affine": json.dumps(np.round(volume.affine, 6).tolist()),
         "tensor_affine": json.dumps(np.round(tensor_affine, 6).tolist()),
         "tensor_spacing": json.dumps(np.round(np.linalg.norm(tensor_affine[:3, :3], axis=0), 6).tolist()),
+        **_crop_record(volume, plane, field_of_view_mm, centre),
     }
     seg = None
     if _seg_path(row):
@@ -571,21 +730,35 @@ def _prepare_series_or_raise(row: dict, out: Path, size, slice_spacing, slab: st
         try:
             seg, _ = to_plane_tensor(
                 Volume(label_volume.array, volume.affine), plane, size, is_label=True, slice_spacing=slice_spacing,
-                slab=slab,
+                slab=slab, **crop,
             )
         except ScanError as exc:
             raise ScanError(f"segmentation {row['seg_path']}: {exc}") from exc
         record["seg"] = f"segs/{name}.npy"
-    _save_npy(out / record["image"], image.astype(np.float16))
+    record["image_sha256"] = _save_npy(out / record["image"], image.astype(np.float16))
     if seg is not None:
-        _save_npy(out / record["seg"], seg)
+        record["seg_sha256"] = _save_npy(out / record["seg"], seg)
     write_json(out / "records" / f"{name}.json", record)  # last: its presence marks the series done
     return record
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, np.ascontiguousarray(array))
+def _crop_record(volume: Volume, plane: str, field_of_view_mm, centre) -> dict:
+    """The crop box (source voxel indices [start, end)) and the cropped grid's affine; "" when uncropped."""
+    if field_of_view_mm is None:
+        return {"crop_box": "", "crop_affine": ""}
+    start, end = field_of_view_box(np.shape(volume.array), volume.affine, plane, field_of_view_mm, centre)
+    return {
+        "crop_box": json.dumps([list(start), list(end)]),
+        "crop_affine": json.dumps(np.round(cropped_affine(volume.affine, start), 6).tolist()),
+    }
+
+
+def _save_npy(path: Path, array: np.ndarray) -> str:
+    """Write ``array`` atomically; the sha256 of the file written."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, np.ascontiguousarray(array))
+        return sha256_file(tmp)
 
 
 def _one_line(exc) -> str:
@@ -596,10 +769,13 @@ def _write_index(out: Path, frame, records: dict) -> None:
     """index.parquet: manifest columns of the prepared series joined with their cache records."""
     import pandas as pd
 
-    geometry_columns = ["image", "seg", "source_shape", "source_affine", "tensor_affine", "tensor_spacing"]
+    geometry_columns = [
+        "image", "seg", "source_shape", "source_affine", "tensor_affine", "tensor_spacing", "crop_box", "crop_affine",
+        "image_sha256",
+    ]
     done = frame[frame["series_id"].isin(records)].copy()
-    record_frame = pd.DataFrame(
-        [{key: records[sid][key] for key in ["series_id"] + geometry_columns} for sid in done["series_id"]],
+    record_frame = pd.DataFrame(  # records written before crops were recorded lack the crop: uncropped
+        [{key: records[sid].get(key, "") for key in ["series_id"] + geometry_columns} for sid in done["series_id"]],
         columns=["series_id"] + geometry_columns,
     )
     index = done.merge(record_frame, on="series_id", how="left")

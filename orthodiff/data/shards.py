@@ -100,7 +100,7 @@ def merge_shards(manifest, out, selection=None) -> dict:
                 f"{folder}: shard {index}/{count} has not finished ({len(expected - accounted)} series left); "
                 f"run it again with --shard {index}/{count}"
             )
-    settings = ("plane_size", "slice_spacing", "slab")
+    settings = ("plane_size", "slice_spacing", "slab", "field_of_view_mm")
     for meta in metas[1:]:
         for key in settings:
             if meta.get(key) != metas[0].get(key):

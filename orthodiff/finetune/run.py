@@ -332,7 +332,7 @@ def _on_source_grid(cache, series_id: str, pred: np.ndarray) -> np.ndarray:
 
     geometry = cache.geometry(series_id)
     return to_source_geometry(pred, geometry["tensor_affine"], geometry["source_shape"], geometry["source_affine"],
-                              is_label=True)
+                              is_label=True, crop_box=geometry["crop_box"])
 
 
 def _tensor_spacing(cache, series_id: str) -> str:

@@ -48,6 +48,7 @@ class SeriesPrediction:
     source_affine: np.ndarray
     tensor_affine: np.ndarray
     image_tensor: np.ndarray  # (D, H, W) float32 in [-1, 1]
+    crop_box: tuple | None = None  # the field-of-view crop, (start, end) source voxel indices; None: uncropped
     segmentation_tensor: np.ndarray | None = None  # (D, H, W) uint8
     segmentation: np.ndarray | None = None  # source_shape uint8
     heatmaps_tensor: dict = field(default_factory=dict)  # {label: (D, H, W) float32 in [0, 1]}
@@ -154,7 +155,7 @@ class OrthoDiffusionPipeline:
         ``pretrained``: the ``orthodiff pretrain`` output a probe run read its denoisers from
         (default: the path recorded in the run). A run that saved its own ``denoisers/`` uses those.
         """
-        from ..data.prepare import INTENSITY_PERCENTILES, PLANE_AXCODES
+        from ..data.prepare import INTENSITY_PERCENTILES, PLANE_AXCODES, check_field_of_view
         from . import runs
 
         classify_run = Path(classify_run)
@@ -175,6 +176,8 @@ class OrthoDiffusionPipeline:
             "preprocessing": {
                 "plane_size": {p: list(d.plane_size) for p, d in denoisers.items()},
                 "slice_spacing": cfg.data.slice_spacing,
+                "slab": cfg.data.slab,
+                "field_of_view_mm": {p: list(e) for p, e in check_field_of_view(cfg.data.field_of_view_mm).items()},
                 "orientation": dict(PLANE_AXCODES),
                 "intensity_percentiles": list(INTENSITY_PERCENTILES),
                 "series": dataclasses.asdict(cfg.data.series),  # the selection training used
@@ -191,6 +194,11 @@ class OrthoDiffusionPipeline:
             seg_spec = runs.segmenter_spec(segment_run, seg_info, seg_head, seg_cfg)
             segment_denoisers, seg_where = runs.run_denoisers(segment_run, seg_info, seg_cfg, seg_spec["planes"], pretrained)
             _check_sizes(config["preprocessing"]["plane_size"], segment_denoisers, segment_run)
+            if check_field_of_view(seg_cfg.data.field_of_view_mm) != check_field_of_view(cfg.data.field_of_view_mm):
+                raise OrthodiffError(
+                    f"{segment_run}: trained with data.field_of_view_mm={seg_cfg.data.field_of_view_mm}, the classifier "
+                    f"with {cfg.data.field_of_view_mm}; train both with one data.field_of_view_mm"
+                )
             for plane, denoiser in segment_denoisers.items():
                 config["preprocessing"]["plane_size"].setdefault(plane, list(denoiser.plane_size))
             if _same_weights(denoisers, segment_denoisers):
@@ -271,11 +279,13 @@ class OrthoDiffusionPipeline:
         when the head uses EHR. ``notes`` explains planes the caller could not read.
         ``study_id`` seeds the feature noise, so a study gives the same numbers every time.
         """
-        from ..data.prepare import to_plane_tensor
+        from ..data.prepare import field_of_view_box, to_plane_tensor
 
         missing = dict(notes or {})
         tensors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        spacing = self.config["preprocessing"].get("slice_spacing")
+        preprocessing = self.config["preprocessing"]
+        spacing, slab = preprocessing.get("slice_spacing"), preprocessing.get("slab", "crop")
+        field_of_view = preprocessing.get("field_of_view_mm") or {}
         for plane in self.planes:
             if plane in missing:
                 continue
@@ -284,7 +294,8 @@ class OrthoDiffusionPipeline:
                 missing[plane] = f"no {plane} series in the study"
                 continue
             try:
-                tensors[plane] = to_plane_tensor(volume, plane, self.plane_size[plane], slice_spacing=spacing)
+                tensors[plane] = to_plane_tensor(volume, plane, self.plane_size[plane], slice_spacing=spacing, slab=slab,
+                                                 field_of_view_mm=field_of_view.get(plane))
             except ScanError as exc:
                 missing[plane] = f"{plane} series unusable: {exc}"
         if not tensors:
@@ -317,6 +328,8 @@ class OrthoDiffusionPipeline:
                 source_affine=np.asarray(volume.affine, float),
                 tensor_affine=tensor_affine,
                 image_tensor=np.asarray(tensor[0], np.float32),
+                crop_box=field_of_view_box(np.shape(volume.array), volume.affine, plane, field_of_view[plane])
+                if field_of_view.get(plane) else None,
             )
         if explain:
             self._explain(result, maps, present, ehr)
@@ -422,7 +435,7 @@ class OrthoDiffusionPipeline:
             labels = logits[plane].float().argmax(1)[0].to(torch.uint8).cpu().numpy()
             item.segmentation_tensor = labels
             item.segmentation = to_source_geometry(labels, item.tensor_affine, item.source_shape, item.source_affine,
-                                                   is_label=True)
+                                                   is_label=True, crop_box=item.crop_box)
 
     def encode_ehr(self, metadata: Mapping | None) -> torch.Tensor:
         """(1, E) EHR input of the diagnosis head, encoded as in training (``data.datasets.encode_ehr``)
