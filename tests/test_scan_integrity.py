@@ -14,7 +14,7 @@ from test_scan import write_itk, write_nifti
 from test_scan_archives import echo_datasets, reasons_for, save
 
 from orthodiff.data.scan import scan_archive
-from orthodiff.errors import ScanError
+from orthodiff.errors import OrthodiffError, ScanError
 from orthodiff.io.dicom import read_dicom_series
 from orthodiff.io.volume import read_volume
 
@@ -85,3 +85,64 @@ def test_hidden_entries_holding_scans_are_reported_and_system_files_stay_silent(
 
     shards = [scan_archive(archive, tmp_path / f"s{i}.csv", workers=1, shard=(i, 2)) for i in (1, 2)]
     assert [sum(Path(p.path).name == ".exam2" for p in shard.errors) for shard in shards] == [1, 0]
+
+
+# --- merging shards -----------------------------------------------------------------------------
+
+
+def small_archive(root: Path, patients: int = 3) -> Path:
+    for index in range(patients):
+        write_nifti(root / f"P{index}" / "visit" / "sag.nii.gz", oblique_affine("sagittal"), seed=index)
+    return root
+
+
+def test_merge_refuses_a_missing_shard_and_shards_of_other_archives_in_one_line(tmp_path):
+    from orthodiff.data.scan_merge import merge_scan_shards
+
+    archive, other = small_archive(tmp_path / "archive"), small_archive(tmp_path / "other")
+    first, second = (scan_archive(archive, tmp_path / f"a{i}.parquet", workers=1, shard=(i, 2)).manifest_path for i in (1, 2))
+    foreign = scan_archive(other, tmp_path / "b2.parquet", workers=1, shard=(2, 2)).manifest_path
+
+    def refusal(manifests) -> str:
+        with pytest.raises(OrthodiffError) as info:
+            merge_scan_shards(manifests, tmp_path / "m.parquet")
+        assert "\n" not in str(info.value) and not (tmp_path / "m.parquet").exists()
+        return str(info.value)
+
+    assert f"shard(s) 2/2 of {archive} missing; scan each with `orthodiff scan {archive} --shard 2/2" in refusal([first])
+    mixed = refusal([first, foreign])
+    assert f"different archives ({archive} in a1.parquet, {other} in b2.parquet)" in mixed
+    assert "given twice" in refusal([first, first])
+    assert len(merge_scan_shards([first, second], tmp_path / "whole.parquet").manifest) == 3
+
+    write_nifti(archive / "P00" / "visit" / "sag.nii.gz", oblique_affine("sagittal"))  # shifts the shares
+    rescanned = scan_archive(archive, tmp_path / "a2new.parquet", workers=1, shard=(2, 2)).manifest_path
+    assert f"{archive} changed between shards" in refusal([first, rescanned])
+    scan_archive(archive, first, workers=1)  # a whole scan written over a shard's manifest is no shard
+    assert "a1.shard.json: shard record not found" in refusal([first, second])
+
+
+# --- a full disk --------------------------------------------------------------------------------
+
+
+def test_full_disk_while_writing_the_manifest_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import pandas as pd
+
+    from orthodiff.cli import main
+
+    archive = small_archive(tmp_path / "archive", patients=1)
+    out = tmp_path / "runs" / "manifest.parquet"
+
+    def full_disk(self, path, *args, **kwargs):
+        Path(path).write_bytes(b"PAR1 half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["scan", str(archive), "--out", str(out), "--workers", "1"])
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "no space left" in error and str(out) in error
+    assert sorted(p.name for p in out.parent.iterdir()) == ["manifest.errors.csv"]  # no manifest, no temporary file

@@ -153,6 +153,7 @@ def scan_archive(
     ``shard`` ("I/N") scans only that part of the archive's top-level folders.
     """
     from ..fileio import write_table
+    from .scan_merge import shard_record_path, write_shard_record
     from .shards import parse_shard
     from .workers import resolve_workers
 
@@ -184,7 +185,9 @@ def scan_archive(
             f"{archive}: no readable series found ({len(errors_list)} problem(s) in {errors_path}); "
             "the folder must hold NIfTI, NRRD/MHA, DICOM or MRNet files"
         )
+    shard_record_path(out).unlink(missing_ok=True)
     write_table(out, frame)
+    write_shard_record(out, archive, shard)
     return ScanResult(manifest=frame, errors=errors_list, manifest_path=out, errors_path=errors_path, archive=archive)
 
 

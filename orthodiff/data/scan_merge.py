@@ -1,6 +1,9 @@
 """Joining the manifests of a sharded scan (``orthodiff scan --shard I/N``) into one.
 
-Each shard wrote a manifest and its errors file. The merge concatenates the manifests and:
+Each shard wrote a manifest, its errors file and a shard record (``<manifest>.shard.json``: shard
+I of N, the archive's resolved root and the fingerprint of its top-level folders). The merge
+refuses, in one line, shards of different archives, of an archive that changed between shards,
+and an incomplete set (naming the missing shards). It concatenates the manifests and:
 - gives a short study id used by different studies in different shards (a StudyID counter such
   as "1", or two patients' "visit1") its long form (``study_key``), as one whole-archive scan
   would, drops the labels matched by the short id and reports it;
@@ -17,6 +20,77 @@ from ..planes import PLANES
 from .manifest import LABEL_PREFIX
 
 NO_SERIES = "has no series in the archive"
+RECORD_FORMAT = "orthodiff-scan-shard"
+
+
+def shard_record_path(manifest_path: str | Path) -> Path:
+    """``runs/m.shard1.parquet`` -> ``runs/m.shard1.shard.json``."""
+    return Path(manifest_path).with_suffix(".shard.json")
+
+
+def write_shard_record(manifest_path: Path, archive: Path, shard: tuple[int, int] | None) -> None:
+    """Record which shard of which archive a manifest holds; a manifest of a whole archive has none."""
+    from ..fileio import write_json
+    from .walk import units_fingerprint
+
+    record = shard_record_path(manifest_path)
+    record.unlink(missing_ok=True)  # a record left by an earlier scan to this path must not outlive it
+    if shard is None:
+        return
+    write_json(record, {"format": RECORD_FORMAT, "version": 1, "shard": list(shard), "archive": str(archive),
+                        "archive_units": units_fingerprint(archive)})
+
+
+def _read_shard_record(path: Path) -> dict:
+    from ..fileio import read_format_json
+
+    record = shard_record_path(path)
+    if not record.is_file():
+        raise OrthodiffError(
+            f"{record}: shard record not found, so {path.name} is not known as one shard of an archive; "
+            "scan it again with --shard I/N"
+        )
+    data = read_format_json(record, RECORD_FORMAT, "scan shard record", "scan that shard again")
+    return {**data, "manifest": path}
+
+
+def _check_shard_set(records: list[dict]) -> None:
+    """One archive, unchanged between shards, every shard 1..N once; else one line saying what to do."""
+    roots = sorted({record["archive"] for record in records})
+    if len(roots) > 1:
+        first, other = (next(r for r in records if r["archive"] == root) for root in roots[:2])
+        raise OrthodiffError(
+            f"scan --merge: the shards come from different archives ({first['archive']} in {first['manifest'].name}, "
+            f"{other['archive']} in {other['manifest'].name}); merge the shards of one archive only"
+        )
+    root = roots[0]
+    if len({record["archive_units"] for record in records}) > 1:
+        raise OrthodiffError(
+            f"scan --merge: {root} changed between shards (its top-level folders differ), so shards could overlap "
+            "or miss folders; scan every shard again"
+        )
+    counts = sorted({record["shard"][1] for record in records})
+    if len(counts) > 1:
+        raise OrthodiffError(
+            f"scan --merge: shards of different counts (of {' and of '.join(map(str, counts))}); "
+            "merge the N shards of one scan"
+        )
+    count, seen = counts[0], {}
+    for record in records:
+        index = record["shard"][0]
+        if index in seen:
+            raise OrthodiffError(
+                f"scan --merge: shard {index}/{count} given twice ({seen[index].name} and {record['manifest'].name}); "
+                "pass each shard once"
+            )
+        seen[index] = record["manifest"]
+    missing = [index for index in range(1, count + 1) if index not in seen]
+    if missing:
+        shards = ", ".join(f"{index}/{count}" for index in missing)
+        raise OrthodiffError(
+            f"scan --merge: shard(s) {shards} of {root} missing; scan each with `orthodiff scan {root} "
+            f"--shard {missing[0]}/{count} --out MANIFEST` (and so on) and merge all {count} manifests"
+        )
 
 
 def merge_scan_shards(manifests, out: str | Path, errors: str | Path | None = None):
@@ -29,19 +103,21 @@ def merge_scan_shards(manifests, out: str | Path, errors: str | Path | None = No
     paths = [Path(path).resolve() for path in manifests]
     if not paths:
         raise OrthodiffError("scan --merge: no shard manifests given; pass the files written by scan --shard I/N")
-    frames, error_frames = [], []
+    frames, error_frames, records = [], [], []
     for path in paths:
         if not path.is_file():
             raise OrthodiffError(f"{path}: shard manifest not found; run every shard (scan --shard I/N) first")
         frame = read_table(path)
         if "study_key" not in frame.columns:
             raise OrthodiffError(f"{path}: not a manifest written by this version of `orthodiff scan`; scan the shard again")
+        records.append(_read_shard_record(path))
         frames.append(frame.assign(_shard=len(frames)))
         errors_path = default_errors_path(path)
         if not errors_path.is_file():
             raise OrthodiffError(f"{errors_path}: errors file of shard {path.name} not found; scan that shard again")
         error_frames.append(pd.read_csv(errors_path, dtype=str, keep_default_na=False))
 
+    _check_shard_set(records)
     out = Path(out).resolve()
     problems = _merged_problems(error_frames)
     frame = pd.concat(frames, ignore_index=True, sort=False)
@@ -59,8 +135,9 @@ def merge_scan_shards(manifests, out: str | Path, errors: str | Path | None = No
     errors_path = Path(errors).resolve() if errors else default_errors_path(out)
     error_list = [ScanProblem(path, reason) for path, reason in problems]
     write_table(errors_path, pd.DataFrame([[p.path, p.reason] for p in error_list], columns=ERROR_COLUMNS))
+    shard_record_path(out).unlink(missing_ok=True)  # the merged manifest is a whole archive
     write_table(out, frame)
-    return ScanResult(manifest=frame, errors=error_list, manifest_path=out, errors_path=errors_path, archive=Path(f"{len(paths)} shards"))
+    return ScanResult(manifest=frame, errors=error_list, manifest_path=out, errors_path=errors_path, archive=Path(records[0]["archive"]))
 
 
 def _merged_problems(error_frames) -> list[tuple[str, str]]:

@@ -147,6 +147,19 @@ def _is_scan_file(path: Path) -> bool:
         return False
 
 
+def units_fingerprint(archive: Path) -> str:
+    """sha256 of the sorted names of the archive's top-level folders, which decide every shard's
+    share: shards scanned before and after a folder was added (or from another archive at the
+    same path) differ in it."""
+    import hashlib
+
+    try:
+        names = sorted(entry.name for entry in os.scandir(archive) if not entry.name.startswith(".") and entry.is_dir())
+    except OSError as exc:
+        raise OrthodiffError(f"{archive}: archive folder cannot be read: {access_problem(exc)}") from exc
+    return hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def _identity(path: Path) -> tuple:
     stat = os.stat(path)  # follows links: the real folder
     return (stat.st_dev, stat.st_ino)
