@@ -18,6 +18,7 @@ from ..errors import OrthodiffError
 from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
+from .learnability import learnability_lines
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
 from .protocol import counts_from_dict, label_counts, low_label_shortfalls, protocol_lines, short_test_set
 from .results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
@@ -153,6 +154,8 @@ def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Pat
             lines.append("")
             files.append(plots.grouped_bars(groups, metric, f"{joint}: {metric} by label fraction",
                                             out / f"{joint}_{task}.png"))
+        lines += learnability_lines(select(rows, joint=joint), (counts.get(joint) or {}).get("headline_labels"),
+                                    name=joint)
     report, files = write_grouped_report(lines, files, {joint: select(rows, joint=joint) for joint in preset.cross_joint_targets},
                                          results.header.get("unlabeled_pools") or {}, rows, out)
     return report, files, headline

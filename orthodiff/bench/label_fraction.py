@@ -17,6 +17,7 @@ from . import plots
 from .ablation import ablation_lines
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
+from .learnability import learnability_lines
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
 from .pretraining_report import pretraining_section
 from .protocol import counts_from_dict, label_counts, low_label_shortfalls, protocol_lines, short_test_set
@@ -151,6 +152,8 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
             headline.append(verdict[2:])
 
     lines += _per_label_table(rows, pooler, methods, [f for f in (high, low) if f in fractions])
+    ceiling = learnability_lines(rows, headline_labels)
+    lines += ["", *ceiling] if ceiling else []
     seg_lines, seg_series = segmentation_section(rows, pooler, preset.segment_methods, results.path.parent)
     lines += seg_lines
 

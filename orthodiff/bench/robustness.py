@@ -16,6 +16,7 @@ import numpy as np
 from . import plots
 from .cells import Cell, CellInputs
 from .grid import run_grid, stage
+from .learnability import learnability_lines
 from .presets import PRETRAINED_METHODS, BenchPreset
 from .protocol import counts_from_dict, label_counts, protocol_lines
 from .results import Pooler, ResultsFile, fmt_pooled, select
@@ -133,6 +134,7 @@ def write_robustness_report(results: ResultsFile, preset: BenchPreset, out: Path
             mine = select(chosen, method=method)
             lines.append(f"| {method} | " + " | ".join(_cell(_stratum_mean(mine, other, n)) for n in other_names) + " |")
         lines.append("")
+        lines += learnability_lines(chosen, (counts.get(scenario) or {}).get("headline_labels"), name=scenario)
         files.append(plots.grouped_bars(groups, "macro AUROC (test)", f"{scenario}: macro AUROC per {spec['column']}",
                                         out / f"{scenario}.png"))
     report, files = write_grouped_report(lines, files, {scenario: select(rows, scenario=scenario) for scenario in preset.robustness},
