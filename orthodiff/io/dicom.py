@@ -56,8 +56,6 @@ class SliceHeader:
     sop_class: str
     tags: dict = field(default_factory=dict)  # patient / study / site tags for the manifest
     damage: str = ""  # why the pixel data is unusable (truncated), "" when it looks whole
-    slice_thickness: float | None = None  # SliceThickness mm, None when absent
-    spacing_between_slices: float | None = None  # SpacingBetweenSlices mm, None when absent
 
 
 @dataclass
@@ -180,8 +178,6 @@ def read_slice_header(path: str | Path, tagged_series: set | None = None) -> Sli
         sop_class=_text(dataset, "SOPClassUID") or "",
         tags=_series_tags(dataset, tagged_series),
         damage=damage,
-        slice_thickness=_optional_number(dataset, "SliceThickness"),
-        spacing_between_slices=_optional_number(dataset, "SpacingBetweenSlices"),
     )
 
 
@@ -237,14 +233,6 @@ def _numbers(dataset, keyword: str) -> list[float] | None:
         return [float(value) for value in text.split("\\")]
     except ValueError as exc:
         raise ScanError(f"{keyword} {text!r} is not a list of numbers; the file's geometry is broken, re-export it") from exc
-
-
-def _optional_number(dataset, keyword: str) -> float | None:
-    """A single-valued DS element as a float (NaN when it is not a number); None when absent or empty."""
-    text = _text(dataset, keyword)
-    if not text:
-        return None
-    return _float(text.split("\\")[0])
 
 
 def _pixel_bytes_problem(path: Path, dataset, pixel_offset: int) -> str:
@@ -552,18 +540,14 @@ def _volume_from_headers(
 
 
 def _spacing_problem(headers) -> str:
-    """The first PixelSpacing, SliceThickness or SpacingBetweenSlices that is not a positive finite
-    number of mm (a negative PixelSpacing turns the affine around), named with its file; else ""."""
+    """The first PixelSpacing that is not two positive finite numbers of mm (a negative one turns the
+    affine around), named with its file; else "". SliceThickness and SpacingBetweenSlices are not
+    checked: the slice axis comes from the slices' positions, and some scanners write a negative
+    SpacingBetweenSlices for a sound series."""
     for header in headers:
-        tags = {
-            "PixelSpacing": header.pixel_spacing,
-            "SliceThickness": () if header.slice_thickness is None else (header.slice_thickness,),
-            "SpacingBetweenSlices": () if header.spacing_between_slices is None else (header.spacing_between_slices,),
-        }
-        for keyword, values in tags.items():
-            if any(not np.isfinite(value) or value <= 0 for value in values):
-                shown = "\\".join(f"{float(value):g}" for value in values)
-                return f"{keyword} {shown} in {header.path.name} is not a positive number of mm"
+        if any(not np.isfinite(value) or value <= 0 for value in header.pixel_spacing):
+            shown = "\\".join(f"{float(value):g}" for value in header.pixel_spacing)
+            return f"PixelSpacing {shown} in {header.path.name} is not a positive number of mm"
     return ""
 
 
