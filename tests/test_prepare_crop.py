@@ -207,3 +207,26 @@ def test_predict_writes_the_segmentation_on_the_source_grid_inside_the_crop(tmp_
     expected = np.zeros(first_echo.array.shape, np.uint8)
     expected[start[0]:end[0], start[1]:end[1], 8:16] = 1
     assert np.array_equal(item.segmentation, expected)  # the crop and nothing else, on the source grid
+
+
+def test_a_preset_takes_the_crop_as_an_override_and_its_pool_and_cache_follow(tmp_path, knee_dicom_dir):
+    from orthodiff.bench.presets import resolve_preset
+    from orthodiff.bench.pretraining import pool_key
+    from orthodiff.bench.workspace import prepare_planes
+    from orthodiff.config import load_config
+
+    preset, _ = resolve_preset("small", ["data.field_of_view_mm.sagittal=[null,100,100]"])
+    cropped = load_config(overrides=preset.config)
+    plain = load_config(overrides=resolve_preset("small")[0].config)
+    assert cropped.data.field_of_view_mm == {"sagittal": [None, 100, 100]}
+    assert cropped.data.plane_size == plain.data.plane_size  # the preset's plane size is untouched
+    # an uncropped pool keeps the folder it had before crops existed; a cropped one gets its own
+    assert pool_key("knee", 2500, 64, plain.data) == "b4592bdd165c283a"
+    assert pool_key("knee", 2500, 64, cropped.data) != "b4592bdd165c283a"
+
+    manifest = _dicom_manifest(tmp_path, knee_dicom_dir)
+    prepare_cache(manifest, tmp_path / "cache", {"sagittal": [8, 32, 32]}, workers=1)
+    config = load_config(overrides=[f"data.manifest={manifest}", f"data.cache={tmp_path / 'cache'}",
+                                    "data.plane_size.sagittal=[8,32,32]", "data.field_of_view_mm.sagittal=[null,100,100]"])
+    with pytest.raises(OrthodiffError, match="field_of_view_mm"):
+        prepare_planes(config)  # the bench never reuses an uncropped cache for a cropped run

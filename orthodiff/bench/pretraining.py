@@ -56,6 +56,15 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def pool_key(joint: str, studies: int, matrix: int, data) -> str:
+    """The unlabeled pool's folder key: what its archive and prepared cache depend on."""
+    settings = {"joint": joint, "studies": studies, "seed": POOL_SEED, "matrix": matrix,
+                "plane_size": data.plane_size, "slab": data.slab, "slice_spacing": data.slice_spacing}
+    if data.field_of_view_mm:  # only a crop enters the key, so the uncropped pools keep theirs
+        settings["field_of_view_mm"] = dict(data.field_of_view_mm)
+    return _digest(settings)[:16]
+
+
 def prepare_pool(preset: BenchPreset, out: Path, joint: str, labeled_config: ExperimentConfig) -> Pool:
     """Synthesize, scan (ids prefixed, labels dropped) and prepare ``joint``'s unlabeled archive;
     each stage resumes. Shared by every bench under the same cache root."""
@@ -68,9 +77,7 @@ def prepare_pool(preset: BenchPreset, out: Path, joint: str, labeled_config: Exp
         raise OrthodiffError(f"bench preset {preset.name!r}: unlabeled_studies has no {joint} count; pretraining "
                              f"needs a separate unlabeled archive (e.g. unlabeled_studies={{{joint}: 600}})")
     data = labeled_config.data
-    key = _digest({"joint": joint, "studies": studies, "seed": POOL_SEED, "matrix": int(preset.matrix),
-                   "plane_size": data.plane_size, "slab": data.slab, "slice_spacing": data.slice_spacing})[:16]
-    root = cache_root(preset, out) / f"unlabeled-{joint}-{key}"
+    root = cache_root(preset, out) / f"unlabeled-{joint}-{pool_key(joint, studies, int(preset.matrix), data)}"
     config = replace(labeled_config, data=replace(
         data, archive=str(root / "archive"), manifest=str(root / "manifest.parquet"), cache=str(root / "cache"),
         splits=str(root / "splits.json")))

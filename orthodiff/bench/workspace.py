@@ -101,6 +101,9 @@ def prepare_planes(config: ExperimentConfig) -> None:
 
     data = config.data
     if (Path(data.cache) / "cache.json").exists() and (Path(data.cache) / "index.parquet").exists():
+        from ..data.cache import PlaneCache
+
+        PlaneCache(data.cache).check_field_of_view(data.field_of_view_mm)  # a crop asked for is never skipped
         return
     accepted = inspect.signature(prepare_cache).parameters
     options = {name: getattr(data, name) for name in ("slab", "slice_spacing", "field_of_view_mm") if name in accepted}
