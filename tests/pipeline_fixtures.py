@@ -2,8 +2,10 @@
 archive -> scan -> prepare -> split -> pretrain (one step per plane) -> finetune classify (probe) ->
 finetune segment (probe) -> OrthoDiffusionPipeline.from_runs -> save_pretrained.
 
-The archive is ``tiny_archive``'s (a bright blob decides label ``blob``), at plane size 8 x 16 x 16
-with the ``tiny`` denoiser config; the whole build takes well under a minute on two CPU cores.
+The archive is ``tiny_archive``'s (a bright blob decides label ``blob``), each image with a
+dcm2niix-style sidecar (``SIDECAR``: a proton-density series without fat suppression), at plane
+size 8 x 16 x 16 with the ``tiny`` denoiser config; the whole build takes well under a minute on
+two CPU cores.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from orthodiff.planes import PLANES
 
 PLANE_SIZE = [8, 16, 16]
 STUDIES = 12
+# the sequence every training series has (site and field strength come from the archive's metadata.csv)
+SIDECAR = {"SeriesDescription": "PD TSE", "Manufacturer": "Siemens", "ScanOptions": ["PFP"]}
 
 _BUILT: dict = {}
 
@@ -53,6 +57,7 @@ def build_tiny_pipeline(root: Path) -> dict:
 
     root = Path(root)
     archive = write_tiny_archive(root / "archive", studies=STUDIES)
+    write_sidecars(archive, SIDECAR)
     scan_archive(archive, root / "manifest.parquet")
     prepare_cache(root / "manifest.parquet", root / "cache", plane_size=dict.fromkeys(PLANES, PLANE_SIZE), workers=1)
     make_splits(root / "manifest.parquet", root / "splits.json", seed=0, val_fraction=0.25, test_fraction=0.25,
@@ -68,6 +73,15 @@ def build_tiny_pipeline(root: Path) -> dict:
     return {"root": root, "archive": archive, "manifest": root / "manifest.parquet", "cache": root / "cache",
             "pretrain": root / "pretrain", "classify": root / "classify", "segment": root / "segment",
             "pipeline": root / "pipeline"}
+
+
+def write_sidecars(folder: Path, sidecar: dict) -> None:
+    """A BIDS sidecar (``<stem>.json``) beside every image of ``folder``, as dcm2niix writes them."""
+    import json
+
+    for image in Path(folder).rglob("*.nii.gz"):
+        if not image.name.endswith("_seg.nii.gz"):
+            image.with_name(image.name[: -len(".nii.gz")] + ".json").write_text(json.dumps(sidecar))
 
 
 def tiny_pipeline(tmp_path_factory) -> dict:

@@ -4,12 +4,15 @@ in one directory that predicts a new study.
 Directory layout (safetensors and JSON only; nothing is unpickled when it is loaded)::
 
     pipeline.json                 format, version, labels, classes, thresholds, preprocessing,
-                                  head specs, provenance, and the sha256 of every weight file and of
-                                  the spec (checked on load) (written last: it marks the folder complete)
+                                  head specs, what the training series were (``training_domain``, see
+                                  ``pipeline.domain``), provenance, and the sha256 of every weight
+                                  file and of the spec (checked on load) (written last: it marks the
+                                  folder complete)
     denoisers/<plane>/            config.json + model.safetensors (the classifier's denoisers)
     segment_denoisers/<plane>/    only when the segmentation run fine-tuned its own denoisers
-    classifier.safetensors        the diagnosis head
-    segmenter.safetensors         the segmentation head (when a segment run was given)
+    classifier.safetensors        the diagnosis head; its metadata holds the label names in output order
+    segmenter.safetensors         the segmentation head (when a segment run was given); its metadata
+                                  holds the class names
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ VERSION = 1
 CONFIG_NAME = "pipeline.json"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 SEGMENTER_WEIGHTS = "segmenter.safetensors"
-# parts of pipeline.json that decide the numbers; their checksums are recorded at export
-SPEC_KEYS = ("labels", "classes", "preprocessing", "classifier", "segmenter")
+# parts of pipeline.json that decide the numbers and the notes; their checksums are recorded at export
+SPEC_KEYS = ("labels", "classes", "preprocessing", "classifier", "segmenter", "training_domain")
 EXPORT_HINT = "export the pipeline again (orthodiff export CLASSIFY_RUN --out DIR)"
 
 
@@ -122,6 +125,12 @@ class OrthoDiffusionPipeline:
         return {p: tuple(int(v) for v in s) for p, s in self.config["preprocessing"]["plane_size"].items()}
 
     @property
+    def training_domain(self) -> dict | None:
+        """What the classify run trained on, per plane (see ``pipeline.domain``); None in pipelines
+        saved before it was recorded."""
+        return self.config.get("training_domain")
+
+    @property
     def series_selection(self) -> dict | None:
         """``data.series`` of the training run (None in pipelines saved before it was recorded)."""
         return self.config["preprocessing"].get("series")
@@ -157,6 +166,7 @@ class OrthoDiffusionPipeline:
         """
         from ..data.prepare import INTENSITY_PERCENTILES, PLANE_AXCODES, check_field_of_view
         from . import runs
+        from .domain import run_training_domain
 
         classify_run = Path(classify_run)
         info, head = runs.read_run_json(classify_run, "classify")
@@ -184,6 +194,7 @@ class OrthoDiffusionPipeline:
             },
             "classifier": spec,
             "segmenter": None,
+            "training_domain": run_training_domain(info, cfg),
             "sources": {"classify_run": str(classify_run.resolve()), "classify_denoisers": where},
         }
         segment_denoisers = segmenter = None
@@ -225,12 +236,12 @@ class OrthoDiffusionPipeline:
         with atomic_directory(directory) as staging:
             for plane, denoiser in self.denoisers.items():
                 denoiser.save_pretrained(staging / "denoisers" / plane)
-            _save_module(self.classifier, staging / CLASSIFIER_WEIGHTS, save_file)
+            _save_module(self.classifier, staging / CLASSIFIER_WEIGHTS, save_file, labels=self.labels)
             if self.segmenter is not None:
                 if self.config["segmenter"]["denoisers"] == "segment_denoisers":
                     for plane, denoiser in self.segment_denoisers.items():
                         denoiser.save_pretrained(staging / "segment_denoisers" / plane)
-                _save_module(self.segmenter, staging / SEGMENTER_WEIGHTS, save_file)
+                _save_module(self.segmenter, staging / SEGMENTER_WEIGHTS, save_file, classes=self.classes)
             files = _file_checksums(staging)
             # checksums of the spec as it reads back from JSON (tuples, numpy numbers normalised)
             write_json(staging / CONFIG_NAME, {key: value for key, value in self.config.items() if key != "checksums"})
@@ -530,6 +541,7 @@ def read_pipeline_config(directory: Path) -> dict:
     for key in ("labels", "thresholds", "preprocessing", "classifier"):
         if key not in config:
             raise OrthodiffError(f"{path}: field {key!r} missing; the pipeline is damaged, save it again")
+    check_head_names(directory, config)
     thresholds = config["thresholds"] if isinstance(config["thresholds"], dict) else {}
     for label in config["labels"]:
         value = thresholds.get(label, {}).get("value") if isinstance(thresholds.get(label), dict) else None
@@ -646,7 +658,43 @@ def _one_line(exc) -> str:
     return " ".join(str(exc).split())
 
 
-def _save_module(module: torch.nn.Module, path: Path, save_file) -> None:
+def _save_module(module: torch.nn.Module, path: Path, save_file, **names: list) -> None:
+    """The head's weights, with the names of its outputs (``labels=`` or ``classes=``) in the file's
+    metadata: the weights and the names that read their outputs travel together."""
+    import json
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    metadata = {"format": "pt", "orthodiff": FORMAT, **{key: json.dumps(list(value)) for key, value in names.items()}}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "orthodiff": FORMAT})
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def check_head_names(directory: Path, config: dict) -> None:
+    """Refuse, in one line, a pipeline.json whose labels (or classes) are not those its head was
+    saved with: swapped or renamed names would put each probability under another label.
+    Heads saved before the names were bound, and unreadable files (named later), are not checked."""
+    for name, key in ((CLASSIFIER_WEIGHTS, "labels"), (SEGMENTER_WEIGHTS, "classes")):
+        bound = _bound_names(Path(directory) / name, key)
+        given = config.get(key)
+        if bound is not None and (key == "labels" or config.get("segmenter")) and list(given or []) != bound:
+            raise OrthodiffError(
+                f"{Path(directory) / CONFIG_NAME}: pipeline.json {key} {list(given or [])} do not match the head's {key} "
+                f"{bound} ({name}): the pipeline was edited; export it again"
+            )
+
+
+def _bound_names(path: Path, key: str) -> list | None:
+    """The output names stored in a head file's metadata (None when absent or unreadable)."""
+    import json
+
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as saved:
+            metadata = saved.metadata() or {}
+        names = json.loads(metadata[key])
+    except Exception:  # noqa: BLE001  no names recorded, or a damaged file that _load_weights names
+        return None
+    return [str(n) for n in names] if isinstance(names, list) else None

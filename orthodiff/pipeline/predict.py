@@ -3,7 +3,10 @@
 Per study, OUT/<study_id>/ holds::
 
     prediction.json                        probability, threshold and decision per label; planes used,
-                                           planes missing (with why); files per series
+                                           planes missing (with why); files per series; per plane, how
+                                           the series differs from the training series
+                                           (``out_of_distribution``, see ``pipeline.domain``; null when
+                                           the pipeline does not record its training domain)
     segmentation_<plane>.nii.gz            uint8 labels on the series' own voxel grid and affine
     segmentation_<plane>.dcm               the same as a DICOM Segmentation referencing the source
                                            series (DICOM inputs only; segments named by class)
@@ -11,7 +14,8 @@ Per study, OUT/<study_id>/ holds::
     heatmap_<label>_<plane>.nii.gz / .png  Grad-CAM in [0, 1] (uint8 x 1/255), series grid / overlay
     report.html                            one page with all of the above
 
-OUT/predictions.csv has one row per predicted study, OUT/errors.csv one row per input or study
+OUT/predictions.csv has one row per predicted study (its ``out_of_distribution`` column holds the
+notes, empty when none), OUT/errors.csv one row per input or study
 that could not be predicted (the others go on). A study folder is written under a temporary name
 and renamed when complete, so a folder that exists is whole.
 """
@@ -32,12 +36,15 @@ import numpy as np
 
 from ..errors import OrthodiffError, ScanError
 from ..fileio import atomic_directory, safe_filename, write_json, write_table
+from .domain import notes_text, study_notes
 from .inputs import StudyInput, collect_studies
 
 logger = logging.getLogger(__name__)
 
 PREDICTION_FORMAT = "orthodiff-prediction"
 ERROR_COLUMNS = ["input", "study_id", "reason"]
+UNKNOWN_DOMAIN = ("the pipeline does not record what it was trained on (exported before that was recorded), so "
+                  "inputs unlike its training data cannot be pointed out; export it again to have them compared")
 STALE_AFTER_S = 600.0
 # staging and set-aside folders of fileio.atomic_directory: ".<name>.<8 random>.tmp", ".<name>.old-<pid>"
 _STAGING = re.compile(r"^\..+\.([A-Za-z0-9_]{8}\.tmp|old-\d+)$")
@@ -49,6 +56,7 @@ class PredictionResult:
     studies: list = field(default_factory=list)  # study ids written
     errors: list = field(default_factory=list)  # {input, study_id, reason}
     seconds: float = 0.0
+    notes: list = field(default_factory=list)  # said once for the whole run
 
     def describe(self) -> str:
         text = f"Predicted {len(self.studies)} stud{'y' if len(self.studies) == 1 else 'ies'} into {self.out} in {self.seconds:.1f} s"
@@ -57,7 +65,7 @@ class PredictionResult:
         if self.errors:
             first = self.errors[0]
             text += f"; {len(self.errors)} problem(s) in {self.out / 'errors.csv'} (first: {first['reason']})"
-        return text + "."
+        return text + "." + "".join(f" Note: {note}." for note in self.notes)
 
 
 def run_prediction(pipeline_dir, inputs: Sequence, out, explain: bool = True, progress: bool = True) -> PredictionResult:
@@ -74,6 +82,9 @@ def run_prediction(pipeline_dir, inputs: Sequence, out, explain: bool = True, pr
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipeline = OrthoDiffusionPipeline.from_pretrained(pipeline_dir, device=device)
+    run_notes = [] if pipeline.training_domain is not None else [UNKNOWN_DOMAIN]
+    for note in run_notes:
+        logger.warning(note)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     stale = clean_stale_staging(out)
@@ -100,7 +111,8 @@ def run_prediction(pipeline_dir, inputs: Sequence, out, explain: bool = True, pr
     if summary_rows:
         with _naming_a_full_disk(out / "predictions.csv"):
             write_table(out / "predictions.csv", pd.DataFrame(summary_rows))
-    result = PredictionResult(out=out, studies=written, errors=errors, seconds=time.perf_counter() - start)
+    result = PredictionResult(out=out, studies=written, errors=errors, seconds=time.perf_counter() - start,
+                              notes=run_notes)
     if not written:
         first = errors[0]["reason"] if errors else "no study found in the inputs"
         raise OrthodiffError(f"no study could be predicted: {first} (every problem is listed in {out / 'errors.csv'})")
@@ -136,7 +148,8 @@ def _write_study(pipeline, prediction, rows: dict, study: StudyInput, folder: Pa
     summary = {"format": PREDICTION_FORMAT, "version": 1, **prediction.to_json(),
                "patient_id": str(study.metadata.get("patient_id", "")),
                "pipeline": str(Path(pipeline_dir).resolve()) if pipeline_dir else "",
-               "gradcam_target": TARGET_DESCRIPTION, "series": {}, "notes": []}
+               "gradcam_target": TARGET_DESCRIPTION, "series": {}, "notes": [],
+               "out_of_distribution": study_notes(pipeline.training_domain, prediction.series, rows)}
     if prediction.planes_missing:
         summary["notes"].append(
             f"predicted without {', '.join(prediction.planes_missing)}: the head used its learned stand-in for "
@@ -204,6 +217,7 @@ def _summary_row(summary: dict) -> dict:
     for label, entry in summary["labels"].items():
         row[f"prob_{label}"] = entry["probability"]
         row[f"decision_{label}"] = int(entry["decision"])
+    row["out_of_distribution"] = notes_text(summary.get("out_of_distribution"))
     return row
 
 

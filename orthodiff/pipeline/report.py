@@ -95,6 +95,8 @@ def write_report(path: Path, summary: dict, pictures: dict, segmentations: dict,
     )
     missing = "".join(f"<li>{e(plane)}: {e(why)}</li>" for plane, why in summary["planes_missing"].items())
     notes = "".join(f"<li>{e(note)}</li>" for note in summary.get("notes", []))
+    unlike = "".join(f"<li>{e(plane)}: {e(note)}</li>"
+                     for plane, items in (summary.get("out_of_distribution") or {}).items() for note in items)
     planes = list(summary["planes_used"])
     seg_cells = "".join(
         f"<figure><img src='{e(segmentations[p])}' alt='{e(p)} segmentation'><figcaption>{e(p)}</figcaption></figure>"
@@ -123,6 +125,8 @@ A decision is positive when the probability reaches the label's threshold (chose
 <table><tr><th>label</th><th>probability</th><th>threshold</th><th>decision</th></tr>{rows}</table>
 {f'<h2>Missing planes</h2><ul>{missing}</ul>' if missing else ''}
 {f'<h2>Notes</h2><ul>{notes}</ul>' if notes else ''}
+{f'<h2>Unlike the training data</h2><p class="small">These inputs differ from the series the pipeline was trained on; '
+  f'the probabilities may be less reliable for them (they are not adjusted).</p><ul>{unlike}</ul>' if unlike else ''}
 {f'<h2>Segmentation</h2>{seg_cells}' if seg_cells else ''}
 <h2>Grad-CAM heat maps</h2>
 <p class="small">Three central slices of each plane. Target layer: {e(gradcam_note)}. Each map explains the decision:
