@@ -136,14 +136,14 @@ def predict_one(pipeline, study: StudyInput, out: Path, explain: bool = True, pi
     prediction = pipeline.predict_study(volumes, study.study_id, metadata=study.metadata, explain=explain, notes=notes)
     folder = out / safe_filename(study.study_id)
     with _naming_a_full_disk(folder), atomic_directory(folder) as staging:
-        summary = _write_study(pipeline, prediction, paths, study, staging, pipeline_dir)
+        summary = _write_study(pipeline, prediction, paths, volumes, study, staging, pipeline_dir)
     return summary
 
 
-def _write_study(pipeline, prediction, rows: dict, study: StudyInput, folder: Path, pipeline_dir) -> dict:
+def _write_study(pipeline, prediction, rows: dict, volumes: dict, study: StudyInput, folder: Path, pipeline_dir) -> dict:
     from .dicom_seg import source_datasets, write_dicom_seg
     from .gradcam import TARGET_DESCRIPTION
-    from .report import heatmap_png, segmentation_png, write_report
+    from .report import SourceView, heatmap_png, segmentation_png, write_report
 
     summary = {"format": PREDICTION_FORMAT, "version": 1, **prediction.to_json(),
                "patient_id": str(study.metadata.get("patient_id", "")),
@@ -165,23 +165,28 @@ def _write_study(pipeline, prediction, rows: dict, study: StudyInput, folder: Pa
         row = rows[plane]
         entry = {"series_id": str(row["series_id"]), "source": str(row["path"]), "shape": list(item.source_shape),
                  "heatmaps": {}}
+        view = SourceView(volumes[plane].array, item.source_affine, item.tensor_affine)  # pictures at source resolution
         if item.segmentation is not None:
             name = f"segmentation_{plane}.nii.gz"
             _save_nifti(folder / name, item.segmentation.astype(np.uint8), item.source_affine)
-            segmentation_pictures[plane] = segmentation_png(folder / f"segmentation_{plane}.png", item.image_tensor,
-                                                            item.segmentation_tensor).name
+            segmentation_pictures[plane] = segmentation_png(folder / f"segmentation_{plane}.png", view,
+                                                            item.segmentation).name
             entry["segmentation"] = {"nifti": name, "png": segmentation_pictures[plane], "classes": prediction.classes}
             if row.get("format") == "dicom":
                 dicom_name = f"segmentation_{plane}.dcm"
                 try:
-                    write_dicom_seg(folder / dicom_name, item.segmentation, prediction.classes, source_datasets(row))
+                    changes = write_dicom_seg(folder / dicom_name, item.segmentation, prediction.classes,
+                                              source_datasets(row))
                     entry["segmentation"]["dicom_seg"] = dicom_name
+                    entry["segmentation"]["dicom_seg_header_changes"] = [change.to_json() for change in changes]
+                except OrthodiffError as exc:  # the source geometry cannot be referenced
+                    summary["notes"].append(f"{plane} DICOM SEG not written: {_one_line(exc)}")
                 except Exception as exc:  # noqa: BLE001  the NIfTI and the diagnosis still stand
                     summary["notes"].append(f"{plane} DICOM SEG not written: {type(exc).__name__}: {_one_line(exc)}")
         for label, heat in item.heatmaps.items():
             stem = f"heatmap_{safe_filename(label)}_{plane}"
             _save_nifti(folder / f"{stem}.nii.gz", heat, item.source_affine, unit_interval=True)
-            heatmap_png(folder / f"{stem}.png", item.image_tensor, item.heatmaps_tensor[label])
+            heatmap_png(folder / f"{stem}.png", view, heat)
             pictures.setdefault(label, {})[plane] = f"{stem}.png"
             entry["heatmaps"][label] = {"nifti": f"{stem}.nii.gz", "png": f"{stem}.png",
                                         "shows": "evidence for" if prediction.decisions[label] else "evidence against",

@@ -1,8 +1,9 @@
 """Pictures and the one-page report of one predicted study.
 
-Overlays show the plane tensor as a radiologist reads it (see ``orthodiff.data.prepare``): three
-central slices side by side, the heat map (jet, transparent where there is no evidence) or the
-segmentation (one colour per class) on top.
+Overlays show the series as acquired, at its own resolution, arranged as a radiologist reads it
+(the plane tensor's orientation, see ``orthodiff.data.prepare``: voxel axes permuted and flipped,
+never resampled): three central slices side by side, the heat map (jet, transparent where there is
+no evidence) or the segmentation (one colour per class) on top, both on the series' own voxel grid.
 """
 
 from __future__ import annotations
@@ -16,19 +17,63 @@ import numpy as np
 from ..fileio import atomic_path, write_text
 
 MIN_PIXELS = 160  # slices are enlarged (nearest neighbour) to at least this height in the PNGs
+WINDOW_PERCENTILES = (0.5, 99.5)  # the grey-level window, as the plane tensors are scaled
 
 
 def central_slices(depth: int) -> list[int]:
-    """Three slices around the middle of the plane tensor (fewer when it is thinner)."""
+    """Three slices around the middle of a volume (fewer when it is thinner)."""
     middle = depth // 2
     step = max(1, depth // 4)
     return sorted({min(max(i, 0), depth - 1) for i in (middle - step, middle, middle + step)})
 
 
+class SourceView:
+    """A series on its own voxel grid, arranged like its plane tensor: axis 0 across slices, each
+    slice (rows, columns) as ``imshow`` shows the tensor. ``arrange`` puts any array on that grid
+    (segmentation, heat map) the same way."""
+
+    def __init__(self, image: np.ndarray, source_affine: np.ndarray, tensor_affine: np.ndarray):
+        from nibabel.orientations import io_orientation, ornt_transform
+
+        self.transform = ornt_transform(io_orientation(np.asarray(source_affine, float)),
+                                        io_orientation(np.asarray(tensor_affine, float)))
+        spacing = np.linalg.norm(np.asarray(source_affine, float)[:3, :3], axis=0)
+        arranged_spacing = np.empty(3)
+        arranged_spacing[self.transform[:, 0].astype(int)] = spacing
+        self.aspect = float(arranged_spacing[1] / arranged_spacing[2])  # pixel height / width
+        self.image = _window(self.arrange(image))
+
+    def arrange(self, array: np.ndarray) -> np.ndarray:
+        from nibabel.orientations import apply_orientation
+
+        array = np.asarray(array)
+        if array.ndim == 4 and array.shape[3] == 1:  # NIfTI (x, y, z, 1)
+            array = array[..., 0]
+        return apply_orientation(array, self.transform)
+
+
+def _window(image: np.ndarray) -> np.ndarray:
+    """Grey levels in [0, 1] from the volume's percentile window."""
+    image = np.asarray(image, dtype=np.float32)
+    low, high = np.percentile(image, WINDOW_PERCENTILES)
+    if high <= low:
+        low, high = float(image.min()), float(image.max())
+    return np.clip((image - low) / max(high - low, 1e-12), 0.0, 1.0)
+
+
 def _grey(image: np.ndarray) -> np.ndarray:
-    """[-1, 1] image -> RGB floats in [0, 1]."""
-    grey = np.clip((image + 1.0) / 2.0, 0.0, 1.0)
-    return np.repeat(grey[..., None], 3, axis=-1)
+    """[0, 1] image -> RGB floats in [0, 1]."""
+    return np.repeat(np.asarray(image, dtype=np.float64)[..., None], 3, axis=-1)
+
+
+def _square_pixels(rgb: np.ndarray, aspect: float) -> np.ndarray:
+    """Stretch the coarser in-plane axis (nearest neighbour) so that anisotropic pixels look square."""
+    if abs(aspect - 1.0) < 0.01:
+        return rgb
+    axis, factor = (0, aspect) if aspect > 1 else (1, 1.0 / aspect)
+    size = rgb.shape[axis]
+    index = np.minimum((np.arange(round(size * factor)) / factor).astype(int), size - 1)
+    return np.take(rgb, index, axis=axis)
 
 
 def _strip(rgb_slices: list[np.ndarray]) -> np.ndarray:
@@ -43,34 +88,36 @@ def _strip(rgb_slices: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
-def heatmap_png(path: Path, image: np.ndarray, heat: np.ndarray) -> Path:
-    """Heat map (D, H, W) in [0, 1] over the plane tensor image (D, H, W), central slices."""
+def heatmap_png(path: Path, view: SourceView, heat: np.ndarray) -> Path:
+    """Heat map in [0, 1] on the series' voxel grid over the series, central slices."""
     from matplotlib import colormaps
 
     jet = colormaps["jet"]
+    heat = np.clip(view.arrange(heat), 0, 1)
     slices = []
-    for d in central_slices(image.shape[0]):
-        base = _grey(image[d])
-        colour = jet(np.clip(heat[d], 0, 1))[..., :3]
-        alpha = 0.55 * np.clip(heat[d], 0, 1)[..., None]
-        slices.append(base * (1 - alpha) + colour * alpha)
+    for d in central_slices(view.image.shape[0]):
+        base = _grey(view.image[d])
+        colour = jet(heat[d])[..., :3]
+        alpha = 0.55 * heat[d][..., None]
+        slices.append(_square_pixels(base * (1 - alpha) + colour * alpha, view.aspect))
     return _save_png(path, _strip(slices))
 
 
-def segmentation_png(path: Path, image: np.ndarray, labels: np.ndarray) -> Path:
-    """Segmentation (D, H, W) uint8 over the plane tensor image, central slices."""
+def segmentation_png(path: Path, view: SourceView, labels: np.ndarray) -> Path:
+    """Segmentation (class indices on the series' voxel grid) over the series, central slices."""
     from matplotlib import colormaps
 
     palette = colormaps["tab10"]
+    labels = view.arrange(labels)
     slices = []
-    for d in central_slices(image.shape[0]):
-        rgb = _grey(image[d])
+    for d in central_slices(view.image.shape[0]):
+        rgb = _grey(view.image[d])
         for value in np.unique(labels[d]):
             if value == 0:
                 continue
             mask = labels[d] == value
             rgb[mask] = 0.5 * rgb[mask] + 0.5 * np.asarray(palette((int(value) - 1) % 10)[:3])
-        slices.append(rgb)
+        slices.append(_square_pixels(rgb, view.aspect))
     return _save_png(path, _strip(slices))
 
 
@@ -102,6 +149,7 @@ def write_report(path: Path, summary: dict, pictures: dict, segmentations: dict,
         f"<figure><img src='{e(segmentations[p])}' alt='{e(p)} segmentation'><figcaption>{e(p)}</figcaption></figure>"
         for p in planes if p in segmentations
     )
+    dicom_segs = _dicom_seg_items(summary, planes)
     heat_rows = "".join(
         f"<tr><th>{e(label)}</th>"
         + "".join(f"<td><img src='{e(by_plane[p])}' alt='{e(label)} {e(p)}'></td>" if p in by_plane else "<td></td>"
@@ -128,6 +176,7 @@ A decision is positive when the probability reaches the label's threshold (chose
 {f'<h2>Unlike the training data</h2><p class="small">These inputs differ from the series the pipeline was trained on; '
   f'the probabilities may be less reliable for them (they are not adjusted).</p><ul>{unlike}</ul>' if unlike else ''}
 {f'<h2>Segmentation</h2>{seg_cells}' if seg_cells else ''}
+{f'<h3>DICOM Segmentation objects</h3><ul>{dicom_segs}</ul>' if dicom_segs else ''}
 <h2>Grad-CAM heat maps</h2>
 <p class="small">Three central slices of each plane. Target layer: {e(gradcam_note)}. Each map explains the decision:
 for a positive label it shows the evidence for the finding, for a negative label the evidence against it.
@@ -137,3 +186,22 @@ Red is strong evidence, no colour none; each map is scaled to its own maximum.</
 """
     write_text(path, document)
     return path
+
+
+def _dicom_seg_items(summary: dict, planes: list) -> str:
+    """One list item per plane with a DICOM SEG: its file and the patient or study values it does
+    not hold as the source does (with why)."""
+    e = html.escape
+    items = []
+    for plane in planes:
+        segmentation = summary["series"].get(plane, {}).get("segmentation", {})
+        if "dicom_seg" not in segmentation:
+            continue
+        changes = segmentation.get("dicom_seg_header_changes", [])
+        if changes:
+            listed = "; ".join(f"{c['attribute']} ({c['reason']}: {c['action']})" for c in changes)
+            text = f"header values not copied as the source holds them: {listed}"
+        else:
+            text = "patient and study values copied as the source holds them"
+        items.append(f"<li>{e(plane)}: {e(segmentation['dicom_seg'])}; {e(text)}</li>")
+    return "".join(items)
