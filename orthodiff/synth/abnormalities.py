@@ -1,10 +1,11 @@
-"""Abnormalities: each label edits the painted anatomy in a small, visible way.
+"""Abnormalities: each label edits the painted anatomy locally.
 
 Every edit is local, uses its own random stream, and paints only over the tissues it should
 change, so the same subject can be rendered with and without a label and differ only there.
-Where each is seen best (as in real MRI) follows from its geometry: a gap in the ACL runs along
-the sagittal plane, collateral ligaments lie in the coronal plane, effusion fills the
-suprapatellar pouch (sagittal) and its side recesses (axial).
+Where each is seen best (as in real MRI) follows from its geometry: the cruciates run along the
+sagittal plane, collateral ligaments lie in the coronal plane, effusion fills the suprapatellar
+recess (sagittal) and its side recesses (axial). The knee's lesions, drawn as MRI shows them at
+their real sizes, are in ``knee_lesions.py``; the ankle's and shoulder's are drawn here.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from . import knee_lesions
 from .anatomy import Anatomy
-from .shapes import Box, Capsule, Ellipsoid, rotation
+from .shapes import Capsule, Ellipsoid
 
-Edit = Callable[[Anatomy, np.random.Generator], None]
+Edit = Callable[[Anatomy, np.random.Generator], "str | None"]
 SOFT_ONLY = ("fat", "muscle")
 
 
@@ -31,87 +33,8 @@ def _ligament_gap(anatomy: Anatomy, rng, lig: Capsule, name: str, widen: float =
     canvas.paint(gap, "edema", only=(name, f"{name}_injured", "fat"))
 
 
-def _sprain(anatomy: Anatomy, rng, lig: Capsule, name: str) -> None:
-    """A sprained collateral ligament: thick and bright, with oedema in the fat around it."""
-    canvas = anatomy.canvas
-    canvas.paint(Capsule(lig.a, lig.b, lig.radius * 2.5, lig.squash), "edema", only=SOFT_ONLY)
-    canvas.paint(Capsule(lig.a, lig.b, lig.radius * 1.6, lig.squash), f"{name}_injured", only=(name, "edema", "fat"))
-    if rng.random() < 0.5:  # partial disruption
-        t0 = rng.uniform(0.3, 0.7)
-        canvas.paint(Capsule(tuple(lig.point(t0 - 0.06)), tuple(lig.point(t0 + 0.06)), lig.radius * 1.8, lig.squash),
-                     "fluid", only=(f"{name}_injured",))
-
-
 def _bone_bruise(anatomy: Anatomy, bone: str, centre, radii) -> None:
     anatomy.canvas.paint(Ellipsoid(tuple(centre), tuple(radii)), f"{bone}_edema", only=(bone,))
-
-
-# --------------------------------------------------------------------------------------------- knee
-# Knee landmarks are points in the subject's frame, carried there by their own bone (knee.py), so
-# each edit follows that subject's size, shape, flexion and rotation. Offsets into the tibia are
-# turned with it.
-def _in_tibia(anatomy, point, offset):
-    return np.asarray(point) + anatomy.landmarks["tibia_rotation"] @ np.asarray(offset, float)
-
-
-def _acl_tear(anatomy, rng):
-    lm, s = anatomy.landmarks, anatomy.landmarks["scale"]
-    _ligament_gap(anatomy, rng, lm["acl"], "acl")
-    if rng.random() < 0.7:  # the pivot-shift bruises of the lateral femoral condyle and posterolateral tibia
-        _bone_bruise(anatomy, "femur", lm["lateral_condyle"] + [0, 4 * s, 9 * s], (9 * s, 10 * s, 6 * s))
-        _bone_bruise(anatomy, "tibia", _in_tibia(anatomy, lm["lateral_plateau_posterior"], (0, 4 * s, -8 * s)),
-                     (9 * s, 8 * s, 6 * s))
-
-
-def _pcl_tear(anatomy, rng):
-    _ligament_gap(anatomy, rng, anatomy.landmarks["pcl"], "pcl", widen=1.4)
-
-
-def _meniscal_tear(name: str) -> Edit:
-    def edit(anatomy, rng):
-        centre, (rx, ry), turn = anatomy.landmarks["menisci"][name]
-        horn = -1 if rng.random() < 0.75 else 1  # most tears are in the posterior horn
-        offset = (rng.uniform(-4, 4), horn * ry * 0.75, rng.uniform(-0.6, 0.6))
-        tilt = rotation("x", rng.uniform(-25, 25))
-        anatomy.canvas.paint(Box(tuple(centre + turn @ np.asarray(offset)), (rx * 0.6, ry * 0.25, 0.9), tilt @ turn.T),
-                             "fluid", only=(name,))
-    return edit
-
-
-def _mcl_injury(anatomy, rng):
-    _sprain(anatomy, rng, anatomy.landmarks["mcl"], "mcl")
-
-
-def _lcl_injury(anatomy, rng):
-    _sprain(anatomy, rng, anatomy.landmarks["lcl"], "lcl")
-
-
-def _cartilage_defect(anatomy, rng):
-    lm, s = anatomy.landmarks, anatomy.landmarks["scale"]
-    canvas = anatomy.canvas
-    site = rng.integers(3)
-    if site < 2:  # weight-bearing femoral condyle (medial or lateral)
-        surface = lm["medial_condyle_cartilage" if site == 0 else "lateral_condyle_cartilage"]
-        centre = surface + [rng.uniform(-4, 4), rng.uniform(-6, 4), 1.0]
-        canvas.paint(Ellipsoid(tuple(centre), (5 * s, 6 * s, 4 * s)), "fluid", only=("femoral_cartilage",))
-        _bone_bruise(anatomy, "femur", centre + [0, 0, 7 * s], (6 * s, 7 * s, 4 * s))
-    else:  # patellar facet
-        centre = lm["patellar_cartilage"] + [rng.uniform(-7, 7) * s, -1.0, rng.uniform(-5, 5) * s]
-        canvas.paint(Ellipsoid(tuple(centre), (6 * s, 4 * s, 6 * s)), "fluid", only=("patellar_cartilage",))
-        _bone_bruise(anatomy, "patella", centre + [0, 7 * s, 0], (6 * s, 4 * s, 6 * s))
-
-
-def _joint_effusion(anatomy, rng):
-    lm, s, canvas = anatomy.landmarks, anatomy.landmarks["scale"], anatomy.canvas
-    grade = rng.uniform(0.7, 1.3)
-    # The suprapatellar pouch, between the quadriceps tendon and the prefemoral fat (sagittal).
-    canvas.paint(Ellipsoid(tuple(lm["pouch"] + [0, 4 * s, 6 * s]), (22 * s, 6 * s * grade, 20 * s * grade)), "fluid", only=SOFT_ONLY)
-    for side in ("lateral", "medial"):  # the side recesses (axial) and the posterior recesses (sagittal)
-        sign = 1 if side == "lateral" else -1
-        canvas.paint(Ellipsoid(tuple(lm[f"{side}_epicondyle"] + [sign * 5 * s, 12 * s, -4 * s]), (4 * s * grade, 16 * s, 14 * s)),
-                     "fluid", only=SOFT_ONLY)
-        canvas.paint(Ellipsoid(tuple(lm[f"{side}_condyle_posterior"] + [0, -5 * s, 4 * s]), (8 * s, 4 * s * grade, 9 * s)),
-                     "fluid", only=SOFT_ONLY)
 
 
 # -------------------------------------------------------------------------------------------- ankle
@@ -194,14 +117,14 @@ def _subacromial_bursitis(anatomy, rng):
 # Label order per joint is the order of the CSV columns.
 EDITS: dict[str, dict[str, Edit]] = {
     "knee": {
-        "acl_tear": _acl_tear,
-        "pcl_tear": _pcl_tear,
-        "medial_meniscal_tear": _meniscal_tear("medial_meniscus"),
-        "lateral_meniscal_tear": _meniscal_tear("lateral_meniscus"),
-        "mcl_injury": _mcl_injury,
-        "lcl_injury": _lcl_injury,
-        "cartilage_defect": _cartilage_defect,
-        "joint_effusion": _joint_effusion,
+        "acl_tear": knee_lesions.acl_tear,
+        "pcl_tear": knee_lesions.pcl_tear,
+        "medial_meniscal_tear": knee_lesions.meniscal_tear("medial_meniscus"),
+        "lateral_meniscal_tear": knee_lesions.meniscal_tear("lateral_meniscus"),
+        "mcl_injury": knee_lesions.collateral_injury("mcl"),
+        "lcl_injury": knee_lesions.collateral_injury("lcl"),
+        "cartilage_defect": knee_lesions.cartilage_defect,
+        "joint_effusion": knee_lesions.joint_effusion,
     },
     "ankle": {
         "atfl_tear": _atfl_tear,
@@ -223,7 +146,9 @@ JOINT_LABELS = {joint: tuple(edits) for joint, edits in EDITS.items()}
 
 
 def apply_abnormalities(anatomy: Anatomy, labels: dict[str, int], seed: tuple[int, ...]) -> None:
-    """Apply each present label's edit with its own random stream, keyed by the label's index."""
+    """Apply each present label's edit with its own random stream, keyed by the label's index; what an
+    edit says it drew (kind, grade, site) goes to ``anatomy.findings``."""
     for index, (name, edit) in enumerate(EDITS[anatomy.joint].items()):
         if labels.get(name):
-            edit(anatomy, np.random.default_rng([*seed, 7000 + index]))
+            finding = edit(anatomy, np.random.default_rng([*seed, 7000 + index]))
+            anatomy.findings[name] = finding or name.replace("_", " ")

@@ -124,6 +124,7 @@ class Anatomy:
     canvas: Canvas
     table: TissueTable
     landmarks: dict = field(default_factory=dict)
+    findings: dict = field(default_factory=dict)  # label -> what its edit drew (kind, grade, site)
 
 
 def build_anatomy(joint: str, subject: Subject, grid_shape=(128, 128, 128), spacing: float = 1.2) -> Anatomy:

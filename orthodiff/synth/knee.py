@@ -33,6 +33,7 @@ PAD_XY_MM, PAD_BELOW_MM, PAD_ABOVE_MM = 45, 70, 60
 # SHAFT_TAPER_LENGTH_MM (the metaphysis running into the diaphysis).
 SHAFT_TAPER_MM, SHAFT_TAPER_LENGTH_MM = 3.0, 30.0
 SKIN_MM, SUBCUT_MM = 2.0, 7.0
+FLUID_FILM_MM = 1.4  # half-thickness of the normal film of fluid in the suprapatellar recess
 
 
 @dataclass(frozen=True)
@@ -402,7 +403,7 @@ def _draw_soft_structures(canvas: Canvas, pose: KneePose, atlas: KneeAtlas) -> d
         canvas.paint(shape, name, only=soft)
     # A thin film of normal joint fluid in the suprapatellar recess.
     pouch = at("femur_anterior_above_patella", "femur", (0, 4, -2))
-    canvas.paint(Ellipsoid(tuple(pouch), (18 * s, 1.4, 10 * s)), "fluid", only=("fat", "muscle"))
+    canvas.paint(Ellipsoid(tuple(pouch), (18 * s, FLUID_FILM_MM, 10 * s)), "fluid", only=("fat", "muscle"))
 
     landmarks = {"scale": s, "acl": acl, "pcl": pcl, "mcl": mcl, "lcl": lcl, "pouch": pouch,
                  "tibia_rotation": pose.tibia_rotation(), "flexion_deg": pose.flexion_deg}
