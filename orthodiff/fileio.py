@@ -171,3 +171,18 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def npy_is_complete(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a readable .npy file as long as its header says (a truncated one is not)."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as handle:
+            major, _ = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(handle)
+            expected = handle.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        return os.path.getsize(path) == expected
+    except (OSError, ValueError):
+        return False

@@ -132,12 +132,47 @@ class PlaneCache:
 
     def image(self, series_id: str) -> np.ndarray:
         """The plane tensor (1, D, H, W), float16, memory-mapped read-only."""
-        return np.load(self.root / self._row(series_id)["image"], mmap_mode="r")
+        return self._load(self._row(series_id)["image"])
 
     def seg(self, series_id: str) -> np.ndarray | None:
         """The segmentation (1, D, H, W), uint8, memory-mapped; None when the series has none."""
         name = self._row(series_id)["seg"]
-        return np.load(self.root / name, mmap_mode="r") if isinstance(name, str) and name else None
+        return self._load(name) if isinstance(name, str) and name else None
+
+    def check_tensors(self, series_ids) -> None:
+        """One line naming the first tensor file of these series that is missing or truncated; a long
+        run checks before it starts rather than failing in a data-loading worker hours later."""
+        from ..fileio import npy_is_complete
+
+        for series_id in series_ids:
+            row = self._row(series_id)
+            for name in (row["image"], row["seg"]):
+                if isinstance(name, str) and name and not npy_is_complete(self.root / name):
+                    raise OrthodiffError(self._damaged(self.root / name))
+
+    def _load(self, name: str) -> np.ndarray:
+        """A tensor file of the cache, memory-mapped; one line when it is missing, truncated or damaged."""
+        path = self.root / name
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError):
+            raise OrthodiffError(self._damaged(path)) from None
+
+    def _damaged(self, path: Path) -> str:
+        state = "is missing" if not path.exists() else "is truncated or damaged"
+        return (
+            f"{path}: this cache tensor {state}; run `orthodiff prepare MANIFEST --out {self.root}` again, "
+            "which prepares it anew"
+        )
+
+    def content_digest(self, series_id: str) -> str:
+        """The sha256 of the series' tensor file as prepare recorded it (read from the file for a cache
+        prepared before digests were recorded); feature stores compare it to notice a tensor made anew."""
+        from ..fileio import sha256_file
+
+        row = self._row(series_id)
+        digest = row.get("image_sha256")
+        return digest if isinstance(digest, str) and digest else sha256_file(self.root / row["image"])
 
     def geometry(self, series_id: str) -> dict:
         """Source shape and affine, the plane tensor's affine and the field-of-view crop box (source

@@ -51,7 +51,15 @@ def shard_rows(frame, index: int, count: int):
 def merge_shards(manifest, out, selection=None) -> dict:
     """Join ``out/shards/*-of-N`` into the cache ``out``; a summary dict. One line when a shard is
     missing, unfinished, or was prepared with other settings or from another manifest.
-    ``selection``: the ``data.series`` the shards were prepared with (they hold only its series)."""
+    ``selection``: the ``data.series`` the shards were prepared with (they hold only its series).
+    It holds the cache's lock, as ``prepare`` does, so a merge and a run into ``out`` never interleave."""
+    from ..locks import exclusive
+
+    with exclusive(out, "prepare", "prepare"):
+        return _merge_into(manifest, Path(out), selection)
+
+
+def _merge_into(manifest, out: Path, selection) -> dict:
     import pandas as pd
 
     from ..fileio import read_json, write_json, write_table

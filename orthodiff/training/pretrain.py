@@ -169,6 +169,7 @@ def open_plane_dataset(cfg: ExperimentConfig, plane: str):
         cache.check_splits(splits)
         patients = list(splits.train) + ([] if int(cfg.pretrain.eval_every) > 0 else list(splits.val))
     dataset = PlaneVolumeDataset(cache, plane, patient_ids=patients)
+    cache.check_tensors(dataset.series_ids)
     if len(dataset) == 0:
         who = "train" if int(cfg.pretrain.eval_every) > 0 else "train/val"
         whose = f" of the {who} patients of {splits_path}" if patients is not None else ""
