@@ -4,22 +4,29 @@ Layout under ``features.output_dir``::
 
     features.json                 what was extracted and how (timesteps, blocks, seed, noise draws,
                                   denoiser fingerprints, cache); written last, so it marks completion
-    index.parquet                 plane, series_id, study_id, patient_id, row
+    index.parquet                 plane, series_id, study_id, patient_id, row, cache_sha256
     <plane>/<block>_t<spec>.npy   (N, C, d, h, w), row i = index row i of that plane (memory-mapped)
 
 A store is reused only when it was built exactly as asked; otherwise it is refused with one line.
+It is tied to the cache's content: ``cache_sha256`` is the digest of each series' plane tensor as
+prepare recorded it, so a store whose studies were prepared again since (a changed source), or one
+whose files are incomplete, is extracted again. One extraction at a time writes a store; another
+waits for it and then reuses what it wrote.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import OrthodiffError
-from ..fileio import read_json, read_table, write_json, write_table
+from ..fileio import npy_is_complete, read_json, read_table, write_json, write_table
+from ..locks import exclusive
 from ..planes import PLANES
 
 FORMAT = "orthodiff-features"
@@ -62,16 +69,15 @@ def extraction_spec(cfg, fingerprints: Mapping[str, str], cache_root: Path) -> d
 def run_extraction(cfg) -> Path:
     """Extract features for every prepared study (all splits) into ``cfg.features.output_dir``.
 
-    Reuses a complete store built with the same settings; refuses one built otherwise
-    (``features.overwrite=true`` rebuilds it).
+    Reuses a complete store built with the same settings from the same cache tensors; extracts
+    again when the tensors changed since or a file of the store is incomplete; refuses a store
+    built with other settings (``features.overwrite=true`` rebuilds it).
     """
     import torch
-    from tqdm.auto import tqdm
 
     from ..data.cache import PlaneCache
     from ..data.selection import select_cache
     from .backbones import build_denoisers, denoiser_fingerprint
-    from .extractor import FeatureExtractor
 
     out = Path(cfg.features.output_dir)
     if cfg.features.dtype not in ("float16", "float32"):
@@ -85,18 +91,60 @@ def run_extraction(cfg) -> Path:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     denoisers = build_denoisers(cfg, planes, cache.plane_size, device=device)
     spec = extraction_spec(cfg, {p: denoiser_fingerprint(d) for p, d in denoisers.items()}, Path(cfg.data.cache))
-
-    if (out / HEADER).exists():
-        header = read_json(out / HEADER)
-        if _same_spec(header.get("spec", {}), spec):
+    series = series.assign(cache_sha256=[cache.content_digest(sid) for sid in series["series_id"]])
+    with exclusive(out, "extract", "extraction of features"):
+        if _reusable(out, spec, series, bool(cfg.features.overwrite)):
             log.info("features at %s already extracted with these settings; reusing them", out)
             return out
-        if not cfg.features.overwrite:
-            raise OrthodiffError(
-                f"{out}: holds features built with {describe_difference(header.get('spec', {}), spec)}; "
-                "set features.output_dir elsewhere or features.overwrite=true"
-            )
-        (out / HEADER).unlink()
+        (out / HEADER).unlink(missing_ok=True)  # the store reads as unfinished until it is whole again
+        _extract_into(out, cfg, cache, series, denoisers, spec, device)
+    return out
+
+
+def _reusable(out: Path, spec: dict, series, overwrite: bool) -> bool:
+    """Whether the store at ``out`` holds these features of these very tensors, whole. A store of
+    other settings is refused unless ``overwrite``; one of changed tensors or with an incomplete file
+    is not reusable (and says why)."""
+    if not (out / HEADER).exists():
+        return False
+    header = read_json(out / HEADER)
+    if not _same_spec(header.get("spec", {}), spec):
+        if overwrite:
+            return False
+        raise OrthodiffError(
+            f"{out}: holds features built with {describe_difference(header.get('spec', {}), spec)}; "
+            "set features.output_dir elsewhere or features.overwrite=true"
+        )
+    damaged = [entry["file"] for entries in header.get("entries", {}).values() for entry in entries.values()
+               if not npy_is_complete(out / entry["file"])]
+    if damaged:
+        log.warning("features at %s: %s is incomplete; extracting them again", out, out / damaged[0])
+        return False
+    changed = _changed_series(read_table(out / INDEX), series) if (out / INDEX).exists() else ["all"]
+    if changed:
+        log.warning(
+            "features at %s were extracted from other cache tensors for %d series (first: %s); extracting them again",
+            out, len(changed), changed[0],
+        )
+        return False
+    return True
+
+
+def _changed_series(stored, series) -> list:
+    """Series whose cache tensor digest differs from the one the store was extracted from, or that
+    one side lacks (a store written before digests were kept lacks them all)."""
+    if "cache_sha256" not in stored.columns:
+        return sorted(series["series_id"])
+    before = dict(zip(stored["series_id"].astype(str), stored["cache_sha256"]))
+    now = dict(zip(series["series_id"], series["cache_sha256"]))
+    return sorted(sid for sid in set(before) | set(now) if before.get(sid) != now.get(sid))
+
+
+def _extract_into(out: Path, cfg, cache, series, denoisers: dict, spec: dict, device) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .extractor import FeatureExtractor
 
     dtype = np.float16 if cfg.features.dtype == "float16" else np.float32
     index_rows = []
@@ -127,17 +175,17 @@ def run_extraction(cfg) -> Path:
                 "file": feature_file(plane, block, name),
                 "shape": list(denoiser.feature_shape(block)),
             }
-        index_rows.append(rows[["series_id", "study_id", "patient_id", "plane"]].assign(row=np.arange(len(rows))))
+        columns = ["series_id", "study_id", "patient_id", "plane", "cache_sha256"]
+        index_rows.append(rows[columns].assign(row=np.arange(len(rows))))
 
     import pandas as pd
 
     write_table(out / INDEX, pd.concat(index_rows, ignore_index=True))
     write_json(out / HEADER, {"format": FORMAT, "version": VERSION, "spec": spec, "entries": entries})
-    return out
 
 
 class _open_arrays:
-    """Memory-mapped .npy files written under temporary names, renamed only when all are filled."""
+    """Memory-mapped .npy files written under unique temporary names, renamed only when all are filled."""
 
     def __init__(self, out: Path, plane: str, extractor, denoiser, rows: int, dtype):
         self.targets = {
@@ -150,8 +198,9 @@ class _open_arrays:
         self.temps, self.arrays = {}, {}
         for key, target in self.targets.items():
             target.parent.mkdir(parents=True, exist_ok=True)
-            temp = target.with_name(f".{target.name}.tmp.npy")
-            self.temps[key] = temp
+            handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp.npy", dir=target.parent)
+            os.close(handle)
+            temp = self.temps[key] = Path(name)
             self.arrays[key] = np.lib.format.open_memmap(temp, mode="w+", dtype=self.dtype, shape=self.shapes[key])
         return self.arrays
 
@@ -256,7 +305,15 @@ class FeatureStore:
         entry = self.entries.get(plane, {}).get(f"{block}@{spec}")
         if entry is None:
             raise OrthodiffError(f"{self.root}: no {plane} features for block {block!r} at t={spec}")
-        return np.load(self.root / entry["file"], mmap_mode="r")
+        path = self.root / entry["file"]
+        try:
+            return np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError):
+            state = "is missing" if not path.exists() else "is truncated or damaged"
+            raise OrthodiffError(
+                f"{path}: this feature file {state}; run `orthodiff extract` again with the same config, "
+                "which extracts the store anew"
+            ) from None
 
     def shape(self, plane: str, block: str, spec: str) -> tuple[int, ...]:
         return tuple(self.entries[plane][f"{block}@{spec}"]["shape"])

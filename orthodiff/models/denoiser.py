@@ -234,7 +234,13 @@ class Denoiser(nn.Module):
         weights_path = directory / WEIGHTS_NAME
         if not weights_path.exists():
             raise OrthodiffError(f"{weights_path}: weights file missing; save the checkpoint again")
-        state = load_file(str(weights_path))
+        try:
+            state = load_file(str(weights_path))
+        except Exception as exc:  # noqa: BLE001  safetensors raises its own error types on a damaged file
+            raise OrthodiffError(
+                f"{weights_path}: not a readable safetensors file ({' '.join(str(exc).split())}); "
+                "it is truncated or damaged: run `orthodiff pretrain` again (it writes it) or copy the checkpoint again"
+            ) from None
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # shapes differ
