@@ -269,7 +269,43 @@ def load_config(
             ) from None
         except OmegaConfBaseException as exc:
             raise OrthodiffError(f"override {override!r}: {_describe(exc)}") from exc
-    return OmegaConf.to_object(merged)
+    config = OmegaConf.to_object(merged)
+    check_plane_sizes(config.data.plane_size)
+    return config
+
+
+# Bounds of a plane tensor (D slices, H x W pixels): beyond them a size is a typo, not a scan.
+SLICE_LIMITS = (1, 1024)
+PIXEL_LIMITS = (8, 2048)
+
+
+def check_plane_sizes(plane_size, source: str = "data.plane_size") -> None:
+    """Every ``{plane: [D, H, W]}`` entry holds integers within SLICE_LIMITS and PIXEL_LIMITS."""
+    if not hasattr(plane_size, "items"):
+        raise OrthodiffError(f"{source}: expected a mapping plane -> [D, H, W], got {plane_size!r}")
+    for plane, size in plane_size.items():
+        check_plane_size_entry(size, f"{source}.{plane}")
+
+
+def check_plane_size_entry(size, source: str) -> tuple[int, int, int]:
+    """``[D, H, W]`` as ints; one line naming ``source`` when it is not three integers within bounds."""
+    expected = (
+        f"expected three integers [D, H, W] with D in {SLICE_LIMITS[0]}..{SLICE_LIMITS[1]} slices and H, W in "
+        f"{PIXEL_LIMITS[0]}..{PIXEL_LIMITS[1]} pixels"
+    )
+    try:
+        values = [float(v) for v in size]
+    except (TypeError, ValueError):
+        raise OrthodiffError(f"{source}: {expected}, got {size!r}") from None
+    if len(values) != 3 or not all(v.is_integer() for v in values):
+        raise OrthodiffError(f"{source}: {expected}, got {list(size)!r}")
+    depth, height, width = (int(v) for v in values)
+    within = SLICE_LIMITS[0] <= depth <= SLICE_LIMITS[1] and all(
+        PIXEL_LIMITS[0] <= v <= PIXEL_LIMITS[1] for v in (height, width)
+    )
+    if not within:
+        raise OrthodiffError(f"{source}: {expected}, got {list(size)!r}")
+    return depth, height, width
 
 
 def _load_layer(path: Path):

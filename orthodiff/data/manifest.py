@@ -24,7 +24,13 @@ def read_manifest(path: str | Path):
     """Read a manifest and check that it has the columns every stage relies on."""
     from ..fileio import read_table
 
-    frame = read_table(path)
+    try:
+        frame = read_table(path)
+    except ValueError:  # undecodable bytes, a CSV parser's or pyarrow's complaint: not a table at all
+        raise OrthodiffError(
+            f"{path}: not a manifest (a .parquet or .csv table written by `orthodiff scan`); for images, "
+            "scan their folder first: `orthodiff scan ARCHIVE --out manifest.parquet`"
+        ) from None
     missing = [column for column in REQUIRED_COLUMNS if column not in frame.columns]
     if missing:
         raise OrthodiffError(f"{path}: manifest lacks columns {missing}; write it with `orthodiff scan`")
