@@ -166,6 +166,11 @@ def _badly_encoded_name(dataset):
     dataset.add_new(PATIENT_NAME, "PN", b"M\xfcller^J\xf6rg")
 
 
+def _undeclared_name(dataset):
+    del dataset.SpecificCharacterSet  # the default repertoire is ASCII
+    dataset.add_new(PATIENT_NAME, "PN", b"M\xfcller^J\xf6rg")
+
+
 def _study_date(dataset):
     dataset.StudyDate = "2021-13-45"
 
@@ -187,6 +192,7 @@ DEFECTS = {  # defect: (attributes the SEG must not copy as they are, what it ho
     "patient_sex_0000": (_sex, {"PatientSex": ""}),
     "over_long_patient_name": (_long_name, {"PatientName": ""}),
     "badly_encoded_patient_name": (_badly_encoded_name, {"PatientName": ""}),
+    "patient_name_outside_the_character_set": (_undeclared_name, {"PatientName": ""}),
     "malformed_study_date": (_study_date, {"StudyDate": ""}),
     "study_date_0000": (_study_date_zeros, {"StudyDate": ""}),
     "bad_study_time": (_study_time, {"StudyTime": ""}),

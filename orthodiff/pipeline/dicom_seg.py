@@ -54,6 +54,8 @@ OPTIONAL_INHERITED = (
 )
 SEX_VALUES = ("M", "F", "O")
 TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+CHARSET_VRS = {"LO", "LT", "PN", "SH", "ST", "UC", "UT"}  # the VRs that SpecificCharacterSet applies to
+DEFAULT_REPERTOIRE = ("", "ISO_IR 6")  # ASCII; pydicom reads it leniently as Latin-1
 PN_GROUP_MAX = 64  # characters per component group of a person name (PS3.5 6.2)
 
 
@@ -193,6 +195,7 @@ def conforming_copies(sources: list) -> tuple[list, list[HeaderChange]]:
 
 def _conform(header) -> list[HeaderChange]:
     changes = []
+    charset = header.get("SpecificCharacterSet")
     for keyword in TYPE2_INHERITED + OPTIONAL_INHERITED:
         required = keyword in TYPE2_INHERITED
         if keyword not in header:
@@ -200,7 +203,7 @@ def _conform(header) -> list[HeaderChange]:
                 setattr(header, keyword, "")
                 changes.append(HeaderChange(keyword, "absent from the source", "written empty"))
             continue
-        reason = nonconformity(header[keyword])
+        reason = nonconformity(header[keyword], charset)
         if reason is None:
             continue
         if required:
@@ -211,9 +214,9 @@ def _conform(header) -> list[HeaderChange]:
     return changes
 
 
-def nonconformity(element) -> str | None:
+def nonconformity(element, charset=None) -> str | None:
     """Why a data element's value does not conform to its VR (or, for PatientSex, to its defined
-    terms); None when it conforms."""
+    terms), or to the dataset's SpecificCharacterSet ``charset``; None when it conforms."""
     from pydicom import config
     from pydicom.valuerep import DA, TM, validate_value
 
@@ -226,6 +229,8 @@ def nonconformity(element) -> str | None:
             continue
         if "\ufffd" in text:  # pydicom's stand-in for bytes its character set cannot decode
             return "bytes not valid in the dataset's SpecificCharacterSet"
+        if element.VR in CHARSET_VRS and not _encodable(text, charset):
+            return "characters outside the dataset's SpecificCharacterSet"
         if element.keyword == "PatientSex" and text not in SEX_VALUES:
             return f"{text!r} is not M, F or O"
         if element.VR == "PN" and any(len(group) > PN_GROUP_MAX for group in text.split("=")):
@@ -241,6 +246,25 @@ def nonconformity(element) -> str | None:
         except ValueError:
             return f"not a valid {element.VR} value (length or characters)"
     return None
+
+
+def _encodable(text: str, charset) -> bool:
+    """Whether ``text`` can be written in ``charset`` (one character set; code extensions, several
+    values, are not checked)."""
+    from pydicom.charset import python_encoding
+
+    values = [str(v) for v in charset] if charset is not None and not isinstance(charset, str) else [charset or ""]
+    if len(values) > 1:
+        return True
+    name = values[0].strip()
+    codec = "ascii" if name in DEFAULT_REPERTOIRE else python_encoding.get(name)
+    if codec is None:
+        return True  # a character set pydicom does not know: decoding it already reported what it could not read
+    try:
+        text.encode(codec)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _segmentation(hd, sources, frames, segments, version):
