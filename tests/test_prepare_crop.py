@@ -230,3 +230,17 @@ def test_a_preset_takes_the_crop_as_an_override_and_its_pool_and_cache_follow(tm
                                     "data.plane_size.sagittal=[8,32,32]", "data.field_of_view_mm.sagittal=[null,100,100]"])
     with pytest.raises(OrthodiffError, match="field_of_view_mm"):
         prepare_planes(config)  # the bench never reuses an uncropped cache for a cropped run
+
+
+def test_finetune_refuses_a_config_whose_crop_is_not_the_caches(tmp_path, knee_dicom_dir):
+    from orthodiff.config import load_config
+    from orthodiff.finetune.run import run_finetune
+
+    manifest = _dicom_manifest(tmp_path, knee_dicom_dir)
+    prepare_cache(manifest, tmp_path / "cache", {"sagittal": [8, 32, 32]}, workers=1,
+                  field_of_view_mm={"sagittal": list(FIELD_OF_VIEW)})
+    config = load_config(overrides=[f"data.cache={tmp_path / 'cache'}", "data.plane_size.sagittal=[8,32,32]",
+                                    f"finetune.output_dir={tmp_path / 'run'}"])
+    # a pipeline built from this run would predict on the whole field of view of a model trained on crops
+    with pytest.raises(OrthodiffError, match="field_of_view_mm"):
+        run_finetune(config)

@@ -80,6 +80,7 @@ def run_finetune(cfg) -> FinetuneResult:
     out.mkdir(parents=True, exist_ok=True)
     cache = select_cache(PlaneCache(cfg.data.cache), cfg.data.series)
     cache.check_plane_size(cfg.data.plane_size)
+    cache.check_field_of_view(cfg.data.field_of_view_mm)  # the run's config, which a pipeline predicts by
     splits = load_splits(cfg.data.splits)
     cache.check_splits(splits)
     patients = run_patients(splits, ft.labels_fraction)
