@@ -17,6 +17,14 @@ from orthodiff.fileio import safe_filename
 from orthodiff.pipeline.predict import run_prediction
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+LOCK = ".predict.lock"  # OUT's lock: one run writes it at a time
+
+
+def study_folder(out: Path, readable: str) -> Path:
+    """The folder of the one study in ``out`` whose id is ``<readable>-<8 hex>``."""
+    folders = [p for p in out.iterdir() if p.is_dir() and p.name.startswith(f"{readable}-") and len(p.name) == len(readable) + 9]
+    assert len(folders) == 1, f"{readable}: {folders}"
+    return folders[0]
 
 
 @pytest.fixture(scope="session")
@@ -46,11 +54,10 @@ def predicted(built, exams, tmp_path_factory):
 
 def test_dicom_exam_folder_gives_every_output(predicted, exams, built):
     out, result = predicted["out"], predicted["result"]
-    study = exams[0].name
-    assert result.studies == sorted(f.name for f in exams)
-    folder = out / study
+    folder = study_folder(out, exams[0].name)
+    assert result.studies == sorted(study_folder(out, f.name).name for f in exams)
     summary = json.loads((folder / "prediction.json").read_text())
-    assert summary["study_id"] == study
+    assert summary["study_id"] == folder.name
     assert set(summary["labels"]) == {"blob", "rim"}
     for entry in summary["labels"].values():
         assert 0 <= entry["probability"] <= 1
@@ -83,7 +90,7 @@ def test_dicom_exam_folder_gives_every_output(predicted, exams, built):
 
 
 def test_study_without_axial_still_predicts_and_says_so(predicted, exams):
-    folder = predicted["out"] / exams[1].name
+    folder = study_folder(predicted["out"], exams[1].name)
     summary = json.loads((folder / "prediction.json").read_text())
     assert summary["planes_used"] == ["sagittal", "coronal"]
     assert "axial" in summary["planes_missing"]
@@ -98,13 +105,13 @@ def test_a_non_image_file_is_reported_and_the_rest_go_on(predicted):
     assert errors.loc[0, "input"] == str(predicted["notes"])
     assert "not an image" in errors.loc[0, "reason"]
     # Nothing half written: no staging folders or temporary files left behind.
-    assert not [p for p in predicted["out"].rglob("*") if p.name.startswith(".")]
+    assert not [p for p in predicted["out"].rglob("*") if p.name.startswith(".") and p.name != LOCK]
 
 
 def test_nifti_files_and_a_manifest_are_accepted(built, tmp_path):
     study = built["archive"] / "P0001" / "knee-0001"
     out = run_prediction(built["pipeline"], sorted(study.glob("*al.nii.gz")), tmp_path / "nifti", explain=False)
-    assert out.studies == ["knee-0001"]
+    assert [s[:-9] for s in out.studies] == ["knee-0001"]
     assert not out.errors
     manifest = pd.read_parquet(built["manifest"])
     manifest[manifest["study_id"] == "knee-0002"].to_csv(tmp_path / "one-study.csv", index=False)
@@ -122,7 +129,7 @@ def test_a_folder_without_usable_series_is_one_clear_line(built, tmp_path):
     with pytest.raises(OrthodiffError, match="no usable image series") as info:
         run_prediction(built["pipeline"], [empty], tmp_path / "out")
     assert "\n" not in str(info.value)
-    assert [p.name for p in (tmp_path / "out").iterdir()] == ["errors.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [LOCK, "errors.csv"]
 
 
 def test_command_refuses_another_pipeline_version(built, exams, tmp_path, capsys):
@@ -142,7 +149,7 @@ def test_command_refuses_another_pipeline_version(built, exams, tmp_path, capsys
 def test_command_without_heatmaps_writes_the_rest(built, exams, tmp_path):
     out = tmp_path / "out"
     main(["predict", str(built["pipeline"]), str(exams[0]), "--out", str(out), "--no-heatmaps"])
-    folder = out / exams[0].name
+    folder = study_folder(out, exams[0].name)
     summary = json.loads((folder / "prediction.json").read_text())
     assert set(summary["labels"]) == {"blob", "rim"}
     assert list(folder.glob("heatmap_*")) == []
@@ -153,7 +160,9 @@ def test_command_without_heatmaps_writes_the_rest(built, exams, tmp_path):
 # ------------------------------------------------------------- identity, names, leftovers
 def test_dicom_exams_sharing_a_study_id_stay_apart(built, exams, tmp_path):
     """StudyID is a per-scanner counter: two exams both "1", given as separate inputs, are two
-    studies named by their StudyInstanceUIDs, each predicted from its own series only."""
+    studies ("1-" and 8 hex digits of their StudyInstanceUIDs), each predicted from its own series only."""
+    import hashlib
+
     import pydicom
 
     copies = []
@@ -166,20 +175,21 @@ def test_dicom_exams_sharing_a_study_id_stay_apart(built, exams, tmp_path):
             dataset.save_as(path)
         copies.append(copy)
     uids = [str(pydicom.dcmread(next(c.rglob("*.dcm"))).StudyInstanceUID) for c in copies]
+    ids = ["1-" + hashlib.sha256(f"dicom:{uid}".encode()).hexdigest()[:8] for uid in uids]
     result = run_prediction(built["pipeline"], copies, tmp_path / "out", explain=False)
-    assert sorted(result.studies) == sorted(uids)
+    assert sorted(result.studies) == sorted(ids)
     table = pd.read_csv(tmp_path / "out" / "predictions.csv", dtype={"study_id": str})
-    assert sorted(table["study_id"]) == sorted(uids)
-    for copy, uid in zip(copies, uids):
-        summary = json.loads((tmp_path / "out" / uid / "prediction.json").read_text())
+    assert sorted(table["study_id"]) == sorted(ids)
+    for copy, study in zip(copies, ids):
+        summary = json.loads((tmp_path / "out" / study / "prediction.json").read_text())
         sources = {Path(entry["source"]) for entry in summary["series"].values()}
-        assert all(copy in source.parents for source in sources), f"{uid} mixes exams: {sources}"
+        assert all(copy in source.parents for source in sources), f"{study} mixes exams: {sources}"
         assert not any("several series" in note for note in summary["notes"])
     # one exam's plane folders given separately share their StudyInstanceUID: still one study
     parts = run_prediction(built["pipeline"], [copies[0] / "sagittal", copies[0] / "coronal"], tmp_path / "parts",
                            explain=False)
-    assert parts.studies == ["1"]
-    summary = json.loads((tmp_path / "parts" / "1" / "prediction.json").read_text())
+    assert parts.studies == ids[:1]
+    summary = json.loads((tmp_path / "parts" / ids[0] / "prediction.json").read_text())
     assert summary["planes_used"] == ["sagittal", "coronal"]
 
 
@@ -201,7 +211,7 @@ def test_nifti_exams_in_folders_of_one_name_stay_apart(built, tmp_path):
         assert len(parents) == 1 and summary["planes_used"] == ["sagittal", "coronal"]
     # files of one exam given one by one are still one study
     one = run_prediction(built["pipeline"], sorted(inputs[0].glob("*.nii.gz")), tmp_path / "files", explain=False)
-    assert one.studies == ["exam1"]
+    assert len(one.studies) == 1 and one.studies[0] in result.studies and one.studies[0].startswith("exam1-")
 
 
 def test_study_ids_that_clean_to_one_name_get_their_own_folders(built, tmp_path):
@@ -212,11 +222,12 @@ def test_study_ids_that_clean_to_one_name_get_their_own_folders(built, tmp_path)
         shutil.copy(source, tmp_path / "in" / study / "sagittal.nii.gz")
         inputs.append(tmp_path / "in" / study / "sagittal.nii.gz")
     result = run_prediction(built["pipeline"], inputs, tmp_path / "out", explain=False)
-    assert sorted(result.studies) == ["a b", "a?b", "a_b"]
+    assert sorted(study[:-9] for study in result.studies) == ["a b", "a?b", "a_b"]
     folders = sorted(p for p in (tmp_path / "out").iterdir() if p.is_dir())
     assert len(folders) == 3
-    assert sorted(json.loads((f / "prediction.json").read_text())["study_id"] for f in folders) == ["a b", "a?b", "a_b"]
-    assert (tmp_path / "out" / "a_b").is_dir()  # a plain id keeps its own name
+    assert sorted(json.loads((f / "prediction.json").read_text())["study_id"] for f in folders) == sorted(result.studies)
+    plain = next(study for study in result.studies if study.startswith("a_b-"))
+    assert (tmp_path / "out" / plain).is_dir()  # a plain id keeps its own name
 
 
 def test_one_naming_function_is_injective_for_predict_and_fine_tuning(built):
@@ -235,7 +246,7 @@ def test_a_rerun_removes_what_a_killed_run_left_in_out(built, exams, tmp_path):
     out = tmp_path / "out"
     stale = out / ".knee-0001.k3j_x9q2.tmp"
     aside = out / ".knee-0002.old-4242"
-    fresh = out / ".knee-0003.abcd1234.tmp"  # a staging folder of a run writing right now
+    fresh = out / ".knee-0003.abcd1234.tmp"  # a moment old: OUT's lock says no run is writing it
     foreign = out / ".mine"  # not ours
     for folder in (stale, aside, fresh, foreign):
         folder.mkdir(parents=True)
@@ -244,5 +255,5 @@ def test_a_rerun_removes_what_a_killed_run_left_in_out(built, exams, tmp_path):
     for path in (stale, stale / "prediction.json", aside, aside / "prediction.json", foreign, foreign / "prediction.json"):
         os.utime(path, (hour_ago, hour_ago))
     run_prediction(built["pipeline"], [exams[1]], out, explain=False)
-    assert not stale.exists() and not aside.exists()
-    assert fresh.exists() and foreign.exists()
+    assert not stale.exists() and not aside.exists() and not fresh.exists()
+    assert foreign.exists()

@@ -191,6 +191,16 @@ def scan_archive(
     return ScanResult(manifest=frame, errors=errors_list, manifest_path=out, errors_path=errors_path, archive=archive)
 
 
+def scan_files(files: list[Path], check_voxels: bool = False) -> tuple[object, list[ScanProblem]]:
+    """(manifest rows, problems) of chosen image files of one folder, read as a scan of that folder
+    reads them (header, sidecar, checks, plane, study and series ids), the folder's other files aside."""
+    folder = files[0].parent
+    task = (folder, sorted(path.name for path in files), folder, ScanOptions(check_voxels))
+    series, _, problems = _scan_folder(task)
+    frame = _manifest_frame(series, folder, {}, MetadataTable(), LabelTable(), problems)
+    return frame, [ScanProblem(str(path), reason) for path, reason in problems]
+
+
 @dataclass(frozen=True)
 class ScanOptions:
     """What every folder task needs to judge its series."""
@@ -534,33 +544,70 @@ def mrnet_study_id(split: str, exam: str) -> str:
 
 
 def _study_ids(series: list[FoundSeries], archive: Path) -> tuple[list[str], list[str]]:
-    """Study of each series: MRNet exam, DICOM StudyID / StudyInstanceUID, else the parent folder.
+    """Study of each series: MRNet exam, DICOM StudyInstanceUID (named by its StudyID), DICOM
+    StudyID with its patient and exam folder, else the parent folder.
 
     A short name (StudyID, folder name) shared by different studies falls back to the long one
     (StudyInstanceUID, folder path in the archive), so two patients' "visit1" never merge.
     Returns (study ids, long ids); the long ids (``study_key``) let shards be merged the same way.
     """
+    exam_folders = _exam_folders(series, archive)
     keys, short, long = [], {}, {}
     for item in series:
         if item.mrnet is not None:
             split, _, exam = item.mrnet
             key = ("mrnet", mrnet_study_id(split, exam))
             short[key] = long[key] = key[1]
-        elif item.tags.get("study_uid") or item.tags.get("study_id"):
-            uid = item.tags.get("study_uid") or item.tags["study_id"]
+        elif item.tags.get("study_uid"):
+            uid = item.tags["study_uid"]
             key = ("dicom", uid)
             short[key], long[key] = item.tags.get("study_id") or uid, uid
+        elif item.tags.get("study_id"):
+            # StudyID is a scanner's counter, not an identity: without a StudyInstanceUID it names
+            # a study only together with its patient and its exam folder
+            exam, study_id = exam_folders[id(item)], item.tags["study_id"]
+            key = ("dicom-id", item.tags.get("patient_id", ""), str(exam), study_id)
+            short[key], long[key] = study_id, f"{_folder_name(exam, archive)}/{study_id}"
         else:
             folder = item.path.parent
             key = ("folder", str(folder))
             short[key] = folder.name
-            long[key] = folder.relative_to(archive).as_posix() if folder != archive else archive.name
+            long[key] = _folder_name(folder, archive)
         keys.append(key)
+    _name_patients_sharing_an_exam_folder(long)
     owners = defaultdict(set)
     for key in set(keys):
         owners[short[key]].add(key)
     ids = [short[key] if len(owners[short[key]]) == 1 else long[key] for key in keys]
     return ids, [f"{key[0]}:{long[key]}" for key in keys]
+
+
+def _exam_folders(series: list[FoundSeries], archive: Path) -> dict[int, Path]:
+    """The exam folder of each DICOM series (by ``id``): its own folder when that holds several
+    series (all of an exam's files together) or is the archive, else the folder above it (one
+    folder per series)."""
+    uids_in = defaultdict(set)
+    for item in series:
+        if item.format == "dicom":
+            uids_in[item.path].add(item.series_uid)
+    return {id(item): item.path if len(uids_in[item.path]) > 1 or item.path == archive else item.path.parent
+            for item in series if item.format == "dicom"}
+
+
+def _folder_name(folder: Path, archive: Path) -> str:
+    return folder.relative_to(archive).as_posix() if folder != archive else archive.name
+
+
+def _name_patients_sharing_an_exam_folder(long: dict) -> None:
+    """Two patients' StudyID-only studies in one exam folder: their long ids also name the patient."""
+    owners = defaultdict(list)
+    for key, name in long.items():
+        if key[0] == "dicom-id":
+            owners[name].append(key)
+    for keys in owners.values():
+        for key in keys if len(keys) > 1 else []:
+            _, patient, _, study_id = key
+            long[key] = f"{long[key].rsplit('/', 1)[0]}/{patient or 'no-patient'}/{study_id}"
 
 
 def _series_ids(series: list[FoundSeries], studies: list[str]) -> list[str]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import OrthodiffError, ScanError
+from ..io.volume import suffix_of
 from ..planes import PLANES
 
 MANIFEST_SUFFIXES = (".csv", ".parquet")
@@ -38,28 +39,56 @@ class StudyInput:
 def collect_studies(inputs, selection=None) -> tuple[list[StudyInput], list[dict]]:
     """(studies in study_id order, error rows {input, study_id, reason}) for the given paths.
 
-    A study's identity is unique across all inputs: studies of different inputs that share a
-    study id (a scanner's StudyID counter, two folders named ``exam1``) stay apart and are named
-    by their StudyInstanceUID, else by their input path. ``selection`` (``data.series``) orders
-    each plane's series so that the preferred one is used.
+    Each input is read alone and a study's id is a function of the study alone, so what else is
+    predicted beside it never changes its series, its id or its numbers: the readable id its input
+    gives (StudyID, folder name) and the first 8 hex digits of the sha256 of its identity (its
+    StudyInstanceUID, else the folder that holds its series). Exams that share a StudyID or a folder
+    name therefore stay apart, and parts of one DICOM study given as separate inputs stay one study.
+    An input given twice (say as a relative and as an absolute path) and a series reached through
+    two inputs are read once; the error rows name the input it repeats. ``selection``
+    (``data.series``) orders each plane's series so that the preferred one is used.
     """
     rows, errors = [], []
-    for path in dict.fromkeys(Path(p) for p in inputs):
+    files_by_folder: dict[Path, list[Path]] = {}  # image files given one by one: an exam's planes
+    for path, problem in _distinct_inputs(inputs):
+        if problem:
+            errors.append({"input": str(path), "study_id": "", "reason": problem})
+            continue
         try:
             if path.is_dir():
                 found, problems = _scan_folder(path)
                 rows += _with_origin(found, path)
                 errors += problems
+            elif path.is_file() and suffix_of(path) in MANIFEST_SUFFIXES:
+                rows += _with_origin(_manifest_rows(path), path)
             elif path.is_file():
-                found = _file_rows(path)
-                # files given one by one belong together when they share a folder (one exam's planes)
-                rows += _with_origin(found, path if path.suffix in MANIFEST_SUFFIXES else path.parent)
+                _check_image_file(path)
+                files_by_folder.setdefault(path.parent, []).append(path)
             else:
                 raise OrthodiffError(f"{path}: not found; give a DICOM folder, an image file or a manifest")
         except OrthodiffError as exc:
             errors.append({"input": str(path), "study_id": "", "reason": _one_line(exc)})
-    studies, unselected = _group(_unique_study_ids(rows), selection)
-    return studies, errors + unselected
+    for folder, files in files_by_folder.items():
+        found, problems = _scan_files(files)
+        rows += _with_origin(found, folder)
+        errors += problems
+    rows, repeated = _drop_repeated_series(rows)
+    studies, unselected = _group(_name_studies(rows), selection)
+    return studies, errors + repeated + unselected
+
+
+def _distinct_inputs(inputs):
+    """(path, None) per input, or (path, why it is skipped) for one that names an earlier input's
+    file or folder again (the same path written another way, or through a link)."""
+    seen: dict[Path, str] = {}
+    for given in inputs:
+        path = Path(given)
+        where = path.resolve()
+        if where in seen:
+            yield path, f"{path}: the same input as {seen[where]}, given again; read once"
+            continue
+        seen[where] = str(path)
+        yield where, None
 
 
 def _with_origin(rows: list[dict], origin: Path) -> list[dict]:
@@ -67,33 +96,64 @@ def _with_origin(rows: list[dict], origin: Path) -> list[dict]:
     return [{**row, ORIGIN: where} for row in rows]
 
 
-def _unique_study_ids(rows: list[dict]) -> list[dict]:
-    """Rename study ids that different inputs share: to the StudyInstanceUID when known, else to
-    "<input path>/<study id>". Inputs holding one DICOM study (the same StudyInstanceUID, e.g. its
-    planes given as separate folders) stay one study."""
-    groups: dict = {}
+def _drop_repeated_series(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The first of the rows that show one series (an exam folder and its plane folder, a folder and
+    a file in it, given both); an error row names the input that repeated it."""
+    first: dict = {}
+    kept, repeated = [], []
     for row in rows:
-        groups.setdefault((str(row["study_id"]), row[ORIGIN]), []).append(row)
-    by_short: dict = {}
-    for short, origin in groups:
-        by_short.setdefault(short, []).append(origin)
-    for short, origins in by_short.items():
-        if len(origins) < 2:
+        key = (str(Path(str(row["path"])).resolve()), str(row.get("series_uid") or ""), int(row.get("echo_index", -1)))
+        if first.setdefault(key, row[ORIGIN]) != row[ORIGIN]:
+            reason = (f"{row['path']}: series {row['series_id']} of the input {row[ORIGIN]} is also in the input "
+                      f"{first[key]}; used once")
+            repeated.append({"input": str(row["path"]), "study_id": "", "reason": reason})
             continue
-        uids = {origin: _study_uid(groups[(short, origin)]) for origin in origins}
-        counts: dict = {}
-        for uid in uids.values():
-            counts[uid] = counts.get(uid, 0) + 1
-        for origin in origins:
-            uid = uids[origin]
-            if uid and counts[uid] == len(origins):
-                continue  # one study given in parts: keep its id
-            name = uid or f"{origin}/{short}"  # inputs sharing a UID hold parts of one study: merged
-            for row in groups[(short, origin)]:
+        kept.append(row)
+    return kept, repeated
+
+
+def _name_studies(rows: list[dict]) -> list[dict]:
+    """Rows renamed to their studies' ids: ``<readable id>-<8 hex of the study's identity>``; a
+    manifest's study keeps the manifest's id (its archive's unique id, the one its labels use)
+    unless another study of these inputs has it too.
+
+    A study is the rows of one input that share the input's study id, joined with the rows of
+    other inputs that share its StudyInstanceUID (one DICOM study given in parts)."""
+    import hashlib
+
+    parts: dict = {}
+    for row in rows:
+        parts.setdefault((row[ORIGIN], str(row["study_id"])), []).append(row)
+    studies: dict = {}  # identity -> [(readable id, rows), ...]
+    for (_, readable), members in parts.items():
+        uid = _study_uid(members)
+        identity = f"dicom:{uid}" if uid else f"folder:{_common_folder(members)}/{readable}"
+        studies.setdefault(identity, []).append((readable, members))
+    readers: dict = {}  # readable id -> identities
+    for identity, named in studies.items():
+        readers.setdefault(min(name for name, _ in named), set()).add(identity)
+    for identity, named in studies.items():
+        readable = min(name for name, _ in named)
+        from_manifests = all(suffix_of(members[0][ORIGIN]) in MANIFEST_SUFFIXES for _, members in named)
+        study_id = readable if from_manifests and len(readers[readable]) == 1 else (
+            f"{readable}-{hashlib.sha256(identity.encode('utf-8', 'surrogatepass')).hexdigest()[:8]}")
+        for name, members in named:
+            for row in members:
                 series_id = str(row["series_id"])
-                rest = series_id[len(short) + 1:] if series_id.startswith(f"{short}/") else series_id
-                row["study_id"], row["series_id"] = name, f"{name}/{rest}"
+                rest = series_id[len(name) + 1:] if series_id.startswith(f"{name}/") else series_id
+                row["study_id"], row["series_id"] = study_id, f"{study_id}/{rest}"
     return rows
+
+
+def _common_folder(rows: list[dict]) -> str:
+    """The deepest folder holding every series of ``rows`` (a DICOM series is its folder)."""
+    import os
+
+    folders = []
+    for row in rows:
+        path = Path(str(row["path"])).resolve()
+        folders.append(str(path if row.get("format") == "dicom" else path.parent))
+    return os.path.commonpath(folders)
 
 
 def _study_uid(rows: list[dict]) -> str:
@@ -111,7 +171,7 @@ def _study_uid(rows: list[dict]) -> str:
                 header = pydicom.dcmread(str(files[0]), stop_before_pixels=True, force=True,
                                          specific_tags=["StudyInstanceUID"])
                 return str(header.get("StudyInstanceUID", "") or "")
-        except Exception:  # noqa: BLE001  an unreadable header just means: name by path
+        except Exception:  # noqa: BLE001  an unreadable header just means: named by its folder
             return ""
     return ""
 
@@ -143,14 +203,13 @@ def _scan_problems(errors_csv: Path) -> list[dict]:
     return [{"input": row["path"], "study_id": "", "reason": _one_line(row["reason"])} for _, row in frame.iterrows()]
 
 
-def _file_rows(path: Path) -> list[dict]:
+def _check_image_file(path: Path) -> None:
+    """Refuse, in one line, a file given alone that cannot be a series: not an image, one DICOM
+    slice, a segmentation."""
     from ..data.scan import segmentation_base
-    from ..io.volume import ITK_SUFFIXES, NIFTI_SUFFIXES, read_volume_header, suffix_of
-    from ..planes import plane_from_affine
+    from ..io.volume import ITK_SUFFIXES, NIFTI_SUFFIXES
 
     suffix = suffix_of(path)
-    if suffix in MANIFEST_SUFFIXES:
-        return _manifest_rows(path)
     if suffix not in NIFTI_SUFFIXES + ITK_SUFFIXES:
         from ..io.dicom import looks_like_dicom
 
@@ -159,19 +218,20 @@ def _file_rows(path: Path) -> list[dict]:
         raise OrthodiffError(
             f"{path}: not an image (expected a DICOM folder, NIfTI, NRRD/MHA or a manifest .csv/.parquet)"
         )
-    stem = path.name[: len(path.name) - len(suffix)]
-    if segmentation_base(stem) is not None:
+    if segmentation_base(path.name[: len(path.name) - len(suffix)]) is not None:
         raise OrthodiffError(f"{path}: a segmentation file, not an image series; skipped (give the image beside it)")
+
+
+def _scan_files(files: list[Path]) -> tuple[list[dict], list[dict]]:
+    """Rows of image files of one folder, read as a scan of that folder reads them (so an exam
+    given as its files is the exam given as its folder), and their problems."""
+    from ..data.scan import scan_files
+
     try:
-        header = read_volume_header(path)
+        frame, problems = scan_files(files, check_voxels=False)
     except ScanError as exc:
-        raise OrthodiffError(_one_line(exc)) from None
-    if len(header.shape) < 3 or header.shape[2] < 3:
-        raise OrthodiffError(f"{path}: a 2D image or localizer (shape {tuple(header.shape)}); a series needs at least 3 slices")
-    plane = plane_from_affine(header.affine)
-    study = path.parent.name or "study"
-    return [{"study_id": study, "series_id": f"{study}/{plane}/{stem}", "plane": plane, "path": str(path.resolve()),
-             "format": "nifti" if suffix in NIFTI_SUFFIXES else "itk", "series_uid": "", "echo_index": -1}]
+        return [], [{"input": str(files[0]), "study_id": "", "reason": _one_line(exc)}]
+    return frame.to_dict("records"), [{"input": p.path, "study_id": "", "reason": _one_line(p.reason)} for p in problems]
 
 
 def _manifest_rows(path: Path) -> list[dict]:

@@ -282,13 +282,15 @@ class OrthoDiffusionPipeline:
         explain: bool = True,
         segment: bool = True,
         notes: Mapping[str, str] | None = None,
+        noise_key: str | None = None,
     ) -> StudyPrediction:
         """Probabilities, decisions, segmentations and Grad-CAM heat maps for one study.
 
         ``series``: {plane: Volume} of the planes the study has (a plane it lacks is predicted
         from the others and listed in ``planes_missing``). ``metadata`` gives age/sex/height/weight
         when the head uses EHR. ``notes`` explains planes the caller could not read.
-        ``study_id`` seeds the feature noise, so a study gives the same numbers every time.
+        ``study_id`` seeds the feature noise, so a study gives the same numbers every time;
+        ``noise_key``, when given, seeds it instead, so that the numbers do not depend on the name.
         """
         from ..data.prepare import field_of_view_box, to_plane_tensor
 
@@ -314,7 +316,7 @@ class OrthoDiffusionPipeline:
             raise OrthodiffError(f"study {study_id}: no usable series of {', '.join(self.planes)} ({reasons})")
         images = {p: torch.from_numpy(np.ascontiguousarray(t[0]))[None].float().to(self.device) for p, t in tensors.items()}
         present = torch.tensor([[p in tensors for p in PLANES]], device=self.device)
-        features = self._features(images, study_id)
+        features = self._features(images, study_id if noise_key is None else noise_key)
 
         cls_spec = self.config["classifier"]
         maps = self._classifier_maps(features["classifier"])

@@ -36,6 +36,7 @@ import numpy as np
 
 from ..errors import OrthodiffError, ScanError
 from ..fileio import atomic_directory, safe_filename, write_json, write_table
+from ..locks import exclusive
 from .domain import notes_text, study_notes
 from .inputs import StudyInput, collect_studies
 
@@ -43,6 +44,10 @@ logger = logging.getLogger(__name__)
 
 PREDICTION_FORMAT = "orthodiff-prediction"
 ERROR_COLUMNS = ["input", "study_id", "reason"]
+RUN_FILES = ("errors.csv", "predictions.csv", ".predict.lock")  # OUT's own files: never a study's name
+# One noise draw for every study: a study's numbers depend on its images, never on its name or on the
+# other studies of the run.
+NOISE_KEY = "orthodiff-predict"
 UNKNOWN_DOMAIN = ("the pipeline does not record what it was trained on (exported before that was recorded), so "
                   "inputs unlike its training data cannot be pointed out; export it again to have them compared")
 STALE_AFTER_S = 600.0
@@ -70,9 +75,6 @@ class PredictionResult:
 
 def run_prediction(pipeline_dir, inputs: Sequence, out, explain: bool = True, progress: bool = True) -> PredictionResult:
     """Predict every study found in ``inputs`` with the pipeline at ``pipeline_dir``; write ``out``."""
-    import pandas as pd
-    from tqdm import tqdm
-
     from .pipeline import OrthoDiffusionPipeline
 
     start = time.perf_counter()
@@ -86,15 +88,26 @@ def run_prediction(pipeline_dir, inputs: Sequence, out, explain: bool = True, pr
     for note in run_notes:
         logger.warning(note)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    stale = clean_stale_staging(out)
+    # one run writes OUT at a time, so a staging folder found there is a dead run's
+    with exclusive(out, "predict", "predict"):
+        return _predict_into(out, pipeline, inputs, explain, progress, Path(pipeline_dir), run_notes, start)
+
+
+def _predict_into(out: Path, pipeline, inputs, explain: bool, progress: bool, pipeline_dir: Path, run_notes: list,
+                  start: float) -> PredictionResult:
+    import pandas as pd
+    from tqdm import tqdm
+
+    stale = clean_stale_staging(out, older_than=0.0)
     if stale:
-        logger.info("removed %d unfinished folder(s) of an interrupted run from %s", len(stale), out)
+        run_notes.append(f"removed {len(stale)} unfinished staging folder(s) that an interrupted run left in {out} "
+                         f"({', '.join(stale)})")
+        logger.warning(run_notes[-1])
     studies, errors = collect_studies(inputs, selection=pipeline.series_selection)
     written, summary_rows = [], []
     for study in tqdm(studies, desc="predict", unit="study", disable=not progress or None, leave=False):
         try:
-            summary = predict_one(pipeline, study, out, explain=explain, pipeline_dir=Path(pipeline_dir))
+            summary = predict_one(pipeline, study, out, explain=explain, pipeline_dir=pipeline_dir)
         except OrthodiffError as exc:
             errors.append({"input": _study_source(study), "study_id": study.study_id, "reason": _one_line(exc)})
             continue
@@ -133,8 +146,9 @@ def predict_one(pipeline, study: StudyInput, out: Path, explain: bool = True, pi
             paths[plane] = row
         except ScanError as exc:
             notes[plane] = f"{plane} series {row['series_id']} unreadable: {_one_line(exc)}"
-    prediction = pipeline.predict_study(volumes, study.study_id, metadata=study.metadata, explain=explain, notes=notes)
-    folder = out / safe_filename(study.study_id)
+    prediction = pipeline.predict_study(volumes, study.study_id, metadata=study.metadata, explain=explain, notes=notes,
+                                        noise_key=NOISE_KEY)
+    folder = _study_folder(out, study.study_id)
     with _naming_a_full_disk(folder), atomic_directory(folder) as staging:
         summary = _write_study(pipeline, prediction, paths, volumes, study, staging, pipeline_dir)
     return summary
@@ -226,6 +240,39 @@ def _summary_row(summary: dict) -> dict:
     return row
 
 
+def _study_folder(out: Path, study_id: str) -> Path:
+    """``OUT/<study folder>``, refused in one line when it holds anything but an earlier prediction
+    of this study (another study's, whose id cleans to the same name, or a folder not ours): a
+    study never overwrites what is not its own. OUT is locked, so no other run claims it meanwhile."""
+    folder = out / safe_filename(study_id)
+    if folder.name in RUN_FILES:
+        raise OrthodiffError(f"study {study_id}: its folder name {folder.name} is one of OUT's own files; "
+                             "rename the study (its folder or StudyID) to predict it")
+    if not (folder.exists() or folder.is_symlink()):
+        return folder
+    owner = _folder_owner(folder)
+    if owner != study_id:
+        held = f"the prediction of study {owner}" if owner else "files that are not a prediction of this study"
+        raise OrthodiffError(f"{folder}: already holds {held}; study {study_id} was not written, predict it into "
+                             "another --out (nothing was overwritten)")
+    return folder
+
+
+def _folder_owner(folder: Path) -> str | None:
+    """The study whose prediction a folder holds, or None (not a folder, not a prediction)."""
+    from ..fileio import read_json
+
+    if folder.is_symlink() or not folder.is_dir():
+        return None
+    try:
+        summary = read_json(folder / "prediction.json")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("format") != PREDICTION_FORMAT:
+        return None
+    return str(summary.get("study_id"))
+
+
 def _study_source(study: StudyInput) -> str:
     for rows in study.rows.values():
         if rows:
@@ -236,8 +283,8 @@ def _study_source(study: StudyInput) -> str:
 def clean_stale_staging(out: Path, older_than: float = STALE_AFTER_S) -> list[str]:
     """Remove staging folders that a killed run left in ``out``: hidden ``.<name>.<random>.tmp``
     and ``.<name>.old-<pid>`` folders (the names ``atomic_directory`` gives), untouched for
-    ``older_than`` seconds. A live run holds its staging folder for the seconds it takes to
-    write one study, so an older one is nobody's. Returns the names removed."""
+    ``older_than`` seconds. ``run_prediction`` calls it holding OUT's lock, when no other run can
+    be writing there, so every one is stale (``older_than`` 0). Returns the names removed."""
     import shutil
 
     removed = []
