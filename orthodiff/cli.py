@@ -53,7 +53,7 @@ def synth(
     format: str = typer.Option("nifti", "--format", help="nifti or dicom."),
     matrix: int = typer.Option(128, help="In-plane matrix of the largest site (32 to 1024)."),
     workers: Optional[int] = typer.Option(None, help="Parallel processes (default: every core)."),
-    preview: bool = typer.Option(False, "--preview", help="Also write OUT/preview.png: three planes of a few subjects, with and without each label."),
+    preview: bool = typer.Option(False, "--preview", help="Also write OUT/preview.png: the archive's first studies, then each label beside the same knee without it, at the archive's matrix and at 8x32x32 and a 16x64x64 joint crop."),
 ):
     """Write a synthetic archive: three planes per study, segmentations, labels and metadata."""
     workers = _workers(workers)
@@ -64,7 +64,7 @@ def synth(
     if preview:
         from .synth.preview import write_preview
 
-        typer.echo(f"Preview: {write_preview(out / 'preview.png', joint=joint, seed=seed, matrix=matrix)}")
+        typer.echo(f"Preview: {write_preview(out)}")
 
 
 @app.command()
@@ -133,7 +133,7 @@ def prepare(
     from .data.prepare import prepare_cache
     result = prepare_cache(
         manifest, out, plane_size=cfg.data.plane_size, workers=workers, slice_spacing=cfg.data.slice_spacing,
-        slab=cfg.data.slab, shard=shard, selection=cfg.data.series,
+        slab=cfg.data.slab, shard=shard, selection=cfg.data.series, field_of_view_mm=cfg.data.field_of_view_mm,
     )
     typer.echo(result.describe())
 

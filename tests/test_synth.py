@@ -375,14 +375,128 @@ def test_lesions_move_with_the_anatomy():
     assert spread[:2].max() > 3.0, spread  # in-plane pixels
 
 
-def test_preview_shows_each_label_and_belongs_to_the_archive(tmp_path):
+def test_preview_draws_the_studies_written_to_the_archive(tmp_path):
     from orthodiff.plotting import pyplot
-    from orthodiff.synth.preview import write_preview
+    from orthodiff.synth.preview import archive_studies, write_preview
 
     synthesize_archive(tmp_path / "arc", studies=1, seed=0, **SMALL)
-    path = write_preview(tmp_path / "arc" / "preview.png", joint="knee", seed=0, subjects=1, matrix=48)
-    picture = pyplot().imread(path)
-    rows = 1 + len(JOINT_LABELS["knee"])  # one normal row, then one per label
-    assert picture.shape[0] > 2.5 * picture.shape[1] and picture.shape[0] / picture.shape[1] > rows / 3 * 0.8
+    written = pd.read_csv(tmp_path / "arc" / "metadata.csv")
+    drawn = archive_studies(tmp_path / "arc", subjects=3)
+    assert [spec.study_id for spec in drawn] == written["study_id"].tolist()  # one study: one subject, not three
+    spec = drawn[0]
+    stored = nib.load(next((tmp_path / "arc" / spec.patient_id / spec.study_id).glob("sagittal.nii.gz")))
+    assert np.array_equal(render_study(spec, SMALL["matrix"])["sagittal"].image, np.asarray(stored.dataobj))
+    picture = pyplot().imread(write_preview(tmp_path / "arc"))
+    rows = 1 + len(JOINT_LABELS["knee"])  # the archive's one study, then one row per label
+    assert picture.shape[0] / picture.shape[1] > 0.8 * rows * 2.2 / 12
     synthesize_archive(tmp_path / "arc", studies=1, seed=1, **SMALL)  # a rerun replaces it, as part of the archive
     assert not (tmp_path / "arc" / "preview.png").exists()
+
+
+# ------------------------------------------------------------------------- knee lesions as MRI shows them
+@pytest.fixture(scope="module")
+def normal_knee():
+    return _spec_without_labels(), subject_anatomy(_spec_without_labels(), matrix=64)
+
+
+def _edited(normal, label, draw):
+    spec, anatomy = normal
+    edited = copy.deepcopy(anatomy)
+    apply_abnormalities(edited, {label: 1}, (*spec.study_seed, draw))
+    return edited
+
+
+# label: (structures it belongs to, how far from them it may change voxels (mm), tissues it may leave)
+_LESION_REGIONS = {
+    "acl_tear": (("acl",), 14, {"acl", "acl_injured", "fat", "fluid", "edema", "femur_edema", "tibia_edema"}),
+    "pcl_tear": (("pcl",), 10, {"pcl_injured", "fluid", "edema"}),
+    "medial_meniscal_tear": (("medial_meniscus",), 25, {"fluid", "fat", "medial_meniscus"}),
+    "lateral_meniscal_tear": (("lateral_meniscus",), 25, {"fluid", "fat", "lateral_meniscus"}),
+    "mcl_injury": (("mcl",), 16, {"edema", "mcl_injured", "fluid"}),
+    "lcl_injury": (("lcl",), 16, {"edema", "lcl_injured", "fluid"}),
+    "cartilage_defect": (("femoral_cartilage", "patellar_cartilage"), 12, {"fluid", "femur_edema", "patella_edema"}),
+    "joint_effusion": (("femur", "femur_cortex", "patella", "patella_cortex"), 30, {"fluid"}),
+}
+_BONE_BRUISES = ("femur_edema", "tibia_edema", "patella_edema")
+
+
+@pytest.mark.parametrize("label", JOINT_LABELS["knee"])
+def test_each_knee_lesion_changes_voxels_only_in_its_own_region(normal_knee, label):
+    from scipy.ndimage import distance_transform_edt
+
+    anatomy = normal_knee[1]
+    canvas, names = anatomy.canvas, anatomy.table.names
+    structures, reach_mm, leaves = _LESION_REGIONS[label]
+    away = distance_transform_edt(~np.isin(canvas.labels, [canvas.ids[t] for t in structures]), sampling=canvas.spacing)
+    for draw in range(6):
+        edited = _edited(normal_knee, label, draw)
+        changed = edited.canvas.labels != canvas.labels
+        assert 0 < changed.sum() < 0.01 * changed.size, (label, draw)
+        assert {names[t] for t in np.unique(edited.canvas.labels[changed])} <= leaves, (label, edited.findings)
+        soft = changed & ~np.isin(edited.canvas.labels, [canvas.ids[t] for t in _BONE_BRUISES])
+        assert away[soft].max() <= reach_mm, (label, edited.findings, away[soft].max())
+
+
+def test_meniscal_tears_reach_an_articular_surface_or_displace_a_fragment(normal_knee):
+    from orthodiff.synth.knee_lesions import MeniscusFrame
+
+    anatomy = normal_knee[1]
+    canvas = anatomy.canvas
+    ids = canvas.ids
+    cartilage = [ids["femoral_cartilage"], ids["tibial_cartilage"]]
+    kinds = set()
+    for label, name in (("medial_meniscal_tear", "medial_meniscus"), ("lateral_meniscal_tear", "lateral_meniscus")):
+        centre, radii, turn = anatomy.landmarks["menisci"][name]
+        frame = MeniscusFrame(np.asarray(centre), np.asarray(radii), np.asarray(turn))
+        meniscus = canvas.labels == ids[name]
+        inner_rho = np.median(frame.polar(*[canvas.axes[a][np.nonzero(meniscus)[a]] for a in range(3)])[1])
+        for draw in range(16):
+            edited = _edited(normal_knee, label, draw)
+            finding = edited.findings[label]
+            kinds.add(finding.split(" tear")[0].split(",")[0])
+            after = edited.canvas.labels
+            if "fragment" in finding:  # the fragment lies elsewhere; a smaller meniscus stays behind
+                assert ((after == ids[name]) & ~meniscus).sum() > 0 and (meniscus & (after != ids[name])).sum() > 0, finding
+                continue
+            tear = meniscus & (after == ids["fluid"])
+            assert tear.sum() > 0, finding
+            reaches = False
+            for axis in range(3):
+                for step in (-1, 1):
+                    contact = np.roll(tear, step, axis) & ~meniscus
+                    index = np.nonzero(contact)
+                    rho = frame.polar(*[canvas.axes[a][index[a]] for a in range(3)])[1]
+                    reaches |= bool(np.isin(after[contact], cartilage).any() or (rho < inner_rho).any())
+            assert reaches, (finding, draw)
+    assert {"horizontal", "oblique", "vertical", "radial"} <= kinds, kinds
+
+
+def test_cartilage_defect_has_depth_and_full_thickness_ones_reach_the_bone(normal_knee):
+    anatomy = normal_knee[1]
+    canvas, ids = anatomy.canvas, anatomy.canvas.ids
+    cartilage = np.isin(canvas.labels, [ids["femoral_cartilage"], ids["patellar_cartilage"]])
+    bone = np.isin(canvas.labels, [ids[t] for t in ("femur", "femur_cortex", "patella", "patella_cortex")])
+    grades = set()
+    for draw in range(10):
+        edited = _edited(normal_knee, "cartilage_defect", draw)
+        finding = edited.findings["cartilage_defect"]
+        defect = cartilage & (edited.canvas.labels == ids["fluid"])
+        assert defect.sum() >= 2, finding  # wider than one voxel
+        touches = {axis_step: np.roll(defect, axis_step[1], axis_step[0]) for axis_step in
+                   [(a, s) for a in range(3) for s in (-1, 1)]}
+        joint_side = any((t & ~cartilage & ~bone).any() for t in touches.values())
+        assert joint_side, finding  # open to the joint: it starts at the articular surface
+        if "grade 4" in finding:
+            grades.add(4)
+            assert any((t & bone).any() for t in touches.values()), finding  # down to the bone
+    assert 4 in grades
+
+
+def test_effusion_is_graded_by_the_distension_of_the_suprapatellar_recess(normal_knee):
+    fluid = {}
+    for draw in range(12):
+        edited = _edited(normal_knee, "joint_effusion", draw)
+        amount = edited.findings["joint_effusion"].split()[0]
+        fluid.setdefault(amount, []).append(edited.canvas.count("fluid"))
+    assert set(fluid) == {"small", "moderate", "large"}
+    assert np.mean(fluid["small"]) < np.mean(fluid["moderate"]) < np.mean(fluid["large"])
