@@ -9,6 +9,7 @@ from pathlib import Path
 from ..fileio import safe_filename
 from ..planes import PLANES
 from ..plotting import pyplot, save_png
+from .curves import last_quarter
 
 # The curve counts as flat when its last quarter lowered the held-out loss by less than this share.
 FLAT_CHANGE = 0.05
@@ -30,8 +31,6 @@ def heldout_curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 def last_quarter_change(points: list[tuple[int, float]]) -> float | None:
     """Relative drop of the held-out loss over the last quarter of the steps (None: too few points)."""
-    from .training_report import last_quarter
-
     found = last_quarter(points)
     if found is None or found[0] <= 0:
         return None

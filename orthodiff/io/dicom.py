@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ScanError
+from .access import access_problem
 from .volume import Volume
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
@@ -316,17 +317,6 @@ def _multi_text(value) -> str:
     if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
         return "\\".join(str(item).strip() for item in value)
     return str(value).strip()
-
-
-def access_problem(exc: OSError) -> str:
-    """The real reason a file or folder cannot be opened, and what to do, for one errors line."""
-    import errno
-
-    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied; give the scanning account read access (chmod/chown) or remove it"
-    if isinstance(exc, FileNotFoundError) or exc.errno == errno.ENOENT:
-        return "file vanished during the scan (deleted or moved); scan again once the archive is stable"
-    return f"cannot be read ({exc.strerror or type(exc).__name__}); check the disk or network share"
 
 
 def index_dicom_files(paths) -> tuple[list[DicomVolume], list[tuple[Path, str]]]:

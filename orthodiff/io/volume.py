@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ScanError
+from .access import access_problem
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -58,8 +59,6 @@ def read_volume(path: str | Path, dtype=np.float32) -> Volume:
 
 def _unreadable(path: Path, exc: Exception, what: str) -> str:
     """The real reason a reader failed: no permission, a vanished file, else damage."""
-    from .dicom import access_problem
-
     if isinstance(exc, OSError) and not isinstance(exc, EOFError):
         problem = exc
     else:
