@@ -198,3 +198,29 @@ def test_a_renamed_label_is_an_edited_pipeline_not_a_missing_threshold(built, tm
                                              r"\['blob', 'rim'\].*the pipeline was edited; export it again") as info:
         run_prediction(copy, [built["archive"] / "P0001" / "knee-0001"], tmp_path / "out")
     assert "threshold" not in str(info.value)
+
+
+def test_what_counts_as_different():
+    """The comparison rules on one plane record: unknown values are not compared, spacing is far
+    beyond 1.5 times the training range, names ignore case."""
+    from orthodiff.pipeline.domain import compare_series
+
+    record = {"contrasts": {"pd": 3, "other": 1}, "fat_suppressed": {"no": 4}, "field_strengths": {"1.5": 2, "3": 2},
+              "sites": {"Mercy": 4}, "manufacturers": {"GE": 4}, "pixel_spacing": [0.4, 0.6], "slice_thickness": [3.0, 3.5]}
+    image = np.zeros((4, 8, 8), np.float32)
+
+    def notes(row, pixel=0.5, thickness=3.0):
+        return compare_series(record, row, np.diag([pixel, pixel, thickness, 1.0]), image)
+
+    known = {"contrast": "pd", "fat_suppressed": 0.0, "field_strength": 3.0, "site": "mercy ", "manufacturer": "ge"}
+    assert notes(known) == []
+    assert notes({"contrast": "other", "fat_suppressed": float("nan")}) == []  # neither is known
+    assert notes({}, pixel=0.6 * 1.4, thickness=3.0 / 1.4) == []  # within the tolerance
+    assert [n.split(" ")[0] for n in notes({}, pixel=0.6 * 1.6, thickness=3.0 / 1.6)] == ["pixel", "slice"]
+    assert notes({**known, "field_strength": 1.0}) == ["field strength 1 T, never seen in training (1.5 T, 3 T)"]
+
+
+def test_an_edited_training_domain_is_refused(built, tmp_path):
+    copy = _copy(built, tmp_path, lambda config: config["training_domain"]["planes"]["axial"].update(sites={"Z": 1}))
+    with pytest.raises(OrthodiffError, match="training_domain edited since export"):
+        OrthoDiffusionPipeline.from_pretrained(copy)
