@@ -2,6 +2,7 @@
 the run directory contract, reproducibility and the bad-input messages."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -251,3 +252,42 @@ def test_undefined_auroc_is_a_named_warning_not_a_nan():
     scores, macro, warnings = auroc_scores(frame, ["x", "y"], "val")
     assert scores == {"x": 1.0, "y": None} and macro == 1.0
     assert warnings == ["label 'y' has no positive patient in val: AUROC undefined, left out of the val macro AUROC"]
+
+
+SCRIPTS = Path(__file__).parent / "scripts"
+TWO_RANK_CASES = ("partial-mid", "full-mid", "partial-down0", "full-down1", "segment-full", "dynunet")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_finetune_in_step_and_agree(project, tmp_path):
+    """partial/full at mid and at a down block, decoder segmentation and DynUNet with the second rank's
+    batches lacking segmentations: every case takes the budget's steps on both ranks, ends with the same
+    weights on both, and the main process alone writes one metrics row per validation."""
+    import os
+    import subprocess
+    import sys
+
+    paths = {key: value if isinstance(value, dict) else str(value) for key, value in project.items()}
+    (tmp_path / "project.json").write_text(json.dumps(paths))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(SCRIPTS / "finetune_two_ranks.py"), str(tmp_path / "project.json"),
+               str(tmp_path)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for case in TWO_RANK_CASES:
+        ranks = [json.loads((tmp_path / case / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+        assert ranks[0]["steps"] == ranks[1]["steps"] == 3, case
+        stripped = case in ("segment-full", "dynunet")
+        assert [r["steps_without_loss"] for r in ranks] == ([0, 3] if stripped else [0, 0]), case
+        assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6), case
+        rows = [json.loads(line) for line in (tmp_path / case / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in rows] == [2, 3], case

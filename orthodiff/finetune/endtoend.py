@@ -4,7 +4,8 @@ Features are computed on the fly from (augmented) plane tensors with the same se
 feature store. ``probe``: denoisers frozen (segmentation only); ``partial``: time embedding, input
 convolution, encoder and middle block train at ``learning_rate * encoder_lr_scale``, the decoder is
 frozen (and not run when only encoder/middle blocks are read); ``full``: every denoiser weight
-trains at that rate.
+that the read blocks depend on trains at that rate. Blocks past the deepest one read never run, so
+they stay frozen in every mode: on several processes DDP would otherwise wait for their gradients.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Backbone(nn.Module):
             plane: FeatureExtractor(denoiser, timesteps, blocks, seed=seed) for plane, denoiser in denoisers.items()
         }
         self.mode = mode
-        set_trainable(self.denoisers, mode)
+        set_trainable(self.denoisers, mode, blocks)
 
     def forward(self, images: dict, study_ids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         out = {}
@@ -59,15 +60,31 @@ def pixel_key(block: str, timestep) -> str:
     return f"{block}@{timestep}"
 
 
-def set_trainable(denoisers: nn.ModuleDict, mode: str) -> None:
+def set_trainable(denoisers: nn.ModuleDict, mode: str, blocks: list[str]) -> None:
+    """``full``: train what the read ``blocks`` depend on; ``partial``: only its encoder part; ``probe``: nothing."""
     for denoiser in denoisers.values():
+        deepest = max(blocks, key=denoiser.block_names().index)
         for name, parameter in denoiser.unet.named_parameters():
-            if mode == "full":
-                parameter.requires_grad_(True)
-            elif mode == "partial":
-                parameter.requires_grad_(name.split(".")[0] in ENCODER_PARTS)
-            else:
-                parameter.requires_grad_(False)
+            trains = mode in ("full", "partial") and runs_before(name, deepest)
+            if mode == "partial":
+                trains = trains and name.split(".")[0] in ENCODER_PARTS
+            parameter.requires_grad_(trains)
+
+
+def runs_before(parameter: str, deepest: str) -> bool:
+    """Whether the UNet parameter named ``parameter`` is used on the way to block ``deepest``'s output
+    (``Denoiser.features`` stops there; the output layer is never read)."""
+    part, _, rest = parameter.partition(".")
+    index = int(rest.split(".")[0]) if part in ("down_blocks", "up_blocks") else None
+    if part in ("time_embed", "conv_in"):
+        return True
+    if part == "down_blocks":
+        return not deepest.startswith("down") or index <= int(deepest[4:])
+    if part == "middle_block":
+        return not deepest.startswith("down")
+    if part == "up_blocks":
+        return deepest.startswith("up") and index <= int(deepest[2:])
+    return False
 
 
 class EndToEndClassifier(nn.Module):
@@ -160,8 +177,11 @@ def fit_best(cfg, model: nn.Module, train_set, loss_of, validate, log: MetricsLo
     defaults to AdamW over ``parameter_groups``; ``schedule(step, total)`` multiplies every group's
     learning rate (default: ``finetune.lr_schedule``'s). Returns (model with the best weights loaded, summary:
     best_epoch, best_step, steps, stopped_early and ``metric``).
+
+    On several processes every rank takes every step (``distributed_loss``), the main process alone
+    validates and writes ``log``, and the score it finds steers every rank, so they keep and stop alike.
     """
-    from .steps import StepBudget, train_best
+    from .steps import SilentLog, StepBudget, train_best
 
     ft = cfg.finetune
     budget = StepBudget.from_finetune(ft)
@@ -183,6 +203,10 @@ def fit_best(cfg, model: nn.Module, train_set, loss_of, validate, log: MetricsLo
         batch = _to(batch, accelerator.device)
         with accelerator.autocast():
             loss = loss_of(model, batch)
+        if accelerator.num_processes > 1:
+            loss, value = distributed_loss(accelerator, model, loss)
+        else:
+            value = None if loss is None else loss.item()
         if loss is None:
             return None
         if schedule is not None:
@@ -195,18 +219,50 @@ def fit_best(cfg, model: nn.Module, train_set, loss_of, validate, log: MetricsLo
             accelerator.clip_grad_norm_(model.parameters(), float(ft.max_grad_norm))
         optimizer.step()
         counter["steps"] += 1
-        return loss.item()
+        return value
 
     unwrapped = accelerator.unwrap_model(model)
     summary = train_best(
         budget, train_loader, step,
-        validate=lambda: validate(unwrapped, accelerator.device),
+        validate=lambda: validate_on_main(accelerator, lambda: validate(unwrapped, accelerator.device)),
         snapshot=lambda: copy.deepcopy(unwrapped.state_dict()),
-        log=log, metric=metric,
+        log=log if accelerator.is_main_process else SilentLog(), metric=metric,
     )
-    model = accelerator.unwrap_model(model)
+    # what is exported and thresholded runs outside Accelerate: without its autocast wrapper
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     model.load_state_dict(summary.pop("state"))
     return model, summary
+
+
+def distributed_loss(accelerator, model: nn.Module, loss):
+    """(loss every rank backpropagates, mean loss over the ranks that had one), or (None, None) when no
+    rank has anything to learn from this step.
+
+    DDP all-reduces each parameter's gradient once per backward and waits for it on every rank, so
+    every rank runs the same backward: a rank without a loss (a batch with no segmentation) and
+    parameters its loss does not reach (a plane missing from its batch) take part through a zero term
+    over every trainable parameter.
+    """
+    own = torch.zeros(2, device=accelerator.device)
+    if loss is not None:
+        own[0], own[1] = 1.0, loss.detach().float()
+    ranks_with_loss, summed = accelerator.reduce(own, reduction="sum").tolist()
+    if ranks_with_loss == 0:
+        return None, None
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    zero = torch.stack([parameter.sum() for parameter in trainable]).sum() * 0.0
+    return (zero if loss is None else loss + zero), summed / ranks_with_loss
+
+
+def validate_on_main(accelerator, validate):
+    """``validate()`` on the main process, its score given to every process (the others wait)."""
+    if accelerator.num_processes == 1:
+        return validate()
+    from accelerate.utils import broadcast_object_list
+
+    score = [validate() if accelerator.is_main_process else None]
+    broadcast_object_list(score, from_process=0)
+    return score[0]
 
 
 # ------------------------------------------------------------------------------- classify

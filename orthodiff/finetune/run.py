@@ -19,7 +19,7 @@ from ..features.selection import key_name
 from ..fileio import read_json, safe_filename, write_json, write_table
 from ..planes import PLANES
 from .scoring import MetricsLog, auroc_scores, patient_level
-from .steps import run_summary
+from .steps import SilentLog, run_summary
 from .studies import load_run_studies, resolve_labels, run_patients
 
 TASKS = ("classify", "segment")
@@ -84,8 +84,10 @@ def run_finetune(cfg) -> FinetuneResult:
     splits = load_splits(cfg.data.splits)
     cache.check_splits(splits)
     patients = run_patients(splits, ft.labels_fraction)
-    save_config(cfg, out / "config.yaml")
-    metrics_log = MetricsLog(out / "metrics.jsonl")
+    main = _is_main_process()
+    if main:
+        save_config(cfg, out / "config.yaml")
+    metrics_log = MetricsLog(out / "metrics.jsonl") if main else SilentLog()
     info = {
         "task": ft.task,
         "labels": [],
@@ -113,7 +115,9 @@ def run_finetune(cfg) -> FinetuneResult:
     for warning in warnings:
         log.info(warning)
     info.update(metrics=metrics, warnings=warnings, seconds=round(time.perf_counter() - start, 2))
-    write_json(out / "run.json", info)
+    if main:
+        write_json(out / "run.json", info)
+    _wait_for_everyone()  # the run directory is complete on return, on every process
     return FinetuneResult(
         run_dir=out, task=ft.task, mode=ft.mode, init=ft.init, labels_fraction=float(ft.labels_fraction),
         metrics=metrics, choice=(info.get("grid") or {}).get("best"), warnings=warnings, seconds=info["seconds"],
@@ -136,6 +140,8 @@ def _classify(cfg, cache, patients, info, out: Path, metrics_log):
         studies = load_run_studies(cache, patients, labels, cfg.data.ehr_columns)
         store = FeatureStore(run_extraction(cfg))
         best, cells, features, grid = train_probes(cfg, store, studies, metrics_log, grid=ft.mode == "grid")
+        if not _is_main_process():
+            return info, {}, []
         indices = np.concatenate([studies.where("val"), studies.where("test")])
         probs = predict_probes(best.model, features, best.selection, torch.from_numpy(studies.ehr),
                                indices, int(ft.batch_size), next(best.model.parameters()).device)
@@ -162,6 +168,8 @@ def _classify(cfg, cache, patients, info, out: Path, metrics_log):
         denoisers = build_denoisers(cfg, planes, cache.plane_size)
         datasets = _study_datasets(cache, patients, labels, list(denoisers), cfg, with_segmentation=False)
         model, summary = train_classifier(cfg, denoisers, datasets, labels, metrics_log)
+        if not _is_main_process():
+            return info, {}, []
         device = next(model.parameters()).device
         import pandas as pd
 
@@ -207,6 +215,8 @@ def _segment(cfg, cache, patients, info, out: Path, metrics_log):
     if not train_rows["seg"].fillna("").astype(str).str.len().gt(0).any():
         raise OrthodiffError(f"{cache.root}: no training series has a segmentation; segment needs <plane>_seg files")
     model, summary = train_segmenter(cfg, denoisers, datasets, len(classes), metrics_log)
+    if not _is_main_process():
+        return info, {}, []
     if cfg.finetune.segmenter == "pixel":
         info["features"] = {"segmenter": "pixel", **summary["pixel"]["chosen"]}
         info["pixel"] = summary["pixel"]
@@ -281,6 +291,20 @@ def resolve_classes(cfg, cache) -> list[str]:
 
 
 # ------------------------------------------------------------------------------- helpers
+def _is_main_process() -> bool:
+    """On several processes (``accelerate launch``, ``torchrun``) all train; the main one predicts and
+    writes the run directory."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
 def _study_datasets(cache, patients, labels, planes, cfg, with_segmentation: bool) -> dict:
     from ..data.datasets import StudyDataset
     from .augment import make_study_augment

@@ -128,3 +128,10 @@ def train_best(
 def run_summary(summary: dict) -> dict:
     """The run.json fields of a training summary."""
     return {key: summary[key] for key in ("best_epoch", "best_step", "steps", "stopped_early")}
+
+
+class SilentLog:
+    """A metrics log that writes nothing: what the processes other than the main one log to."""
+
+    def write(self, **record) -> None:
+        pass
