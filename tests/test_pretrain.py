@@ -270,3 +270,47 @@ def test_splits_of_another_manifest_stop_pretraining(tmp_path):
     assert not (tmp_path / "run" / "sagittal").exists()
     same = make_splits(index, tmp_path / "same.json", val_fraction=0.2, test_fraction=0.2)
     run_pretraining(tiny_config(cache_dir, tmp_path / "run", f"data.splits={same.path}", "pretrain.max_steps=1"))
+
+
+def _fake_gpu(monkeypatch, capability):
+    """A CUDA device of ``capability`` as torch.cuda reports it (bf16 emulated below 8.0)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: capability is not None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: capability[0] >= 8 or including_emulation)
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                  ((9, 0), "bf16"), (None, "no")])
+def test_auto_precision_is_bf16_only_where_the_gpu_computes_it(monkeypatch, capability, expected):
+    """V100 (7.0) and T4 (7.5) only emulate bf16: auto takes fp16 there, for pretraining and fine-tuning alike."""
+    import accelerate
+
+    from orthodiff.config import load_config
+    from orthodiff.finetune.endtoend import make_accelerator
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    _fake_gpu(monkeypatch, capability)
+    assert pretrain.resolve_mixed_precision("auto") == expected
+    asked = {}
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: asked.update(kwargs))
+    make_accelerator(load_config([], []))
+    assert asked["mixed_precision"] == expected
+
+
+def test_precision_asked_by_the_launcher_wins_in_both_stages(monkeypatch):
+    import accelerate
+
+    from orthodiff.config import load_config
+    from orthodiff.finetune.endtoend import make_accelerator
+
+    _fake_gpu(monkeypatch, (7, 0))
+    asked = {}
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: asked.update(kwargs))
+    for launched, expected in (("bf16", "bf16"), ("fp16", "fp16"), ("no", "fp16")):  # 'no': the launcher's default
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+        make_accelerator(load_config([], []))
+        assert pretrain.resolve_mixed_precision("auto") == asked["mixed_precision"] == expected
+    assert pretrain.resolve_mixed_precision("no") == "no"
+    with pytest.raises(OrthodiffError, match="finetune.mixed_precision='fp8': use one of auto, no, fp16, bf16"):
+        make_accelerator(load_config([], ["finetune.mixed_precision=fp8"]))

@@ -136,11 +136,9 @@ def use_channels_last(model: nn.Module) -> nn.Module:
 def make_accelerator(cfg):
     from accelerate import Accelerator
 
-    precision = cfg.finetune.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    if precision not in ("no", "fp16", "bf16"):
-        raise OrthodiffError(f"finetune.mixed_precision={precision!r}: use auto, no, fp16 or bf16")
+    from ..training.precision import choose_mixed_precision
+
+    precision = choose_mixed_precision(cfg.finetune.mixed_precision, "finetune.mixed_precision")
     return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
 
 

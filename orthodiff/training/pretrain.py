@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -49,6 +48,7 @@ from .checkpoints import (
     resume_note,
     save_checkpoint,
 )
+from .precision import PRECISIONS, choose_mixed_precision
 from .sampling import StepSeededBatchSampler, derived_seed, step_generator
 from .tracking import (
     MetricsLog,
@@ -60,7 +60,7 @@ from .tracking import (
     tracker_init_kwargs,
 )
 
-MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+MIXED_PRECISION = PRECISIONS
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -180,15 +180,8 @@ def open_plane_dataset(cfg: ExperimentConfig, plane: str):
 
 
 def resolve_mixed_precision(setting: str) -> str:
-    """``auto``: what ``accelerate launch`` asked for, else bf16 on a CUDA GPU that supports it, else no."""
-    if setting != "auto":
-        return setting
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launched:
-        return launched
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
+    """``pretrain.mixed_precision`` as Accelerate takes it (``precision.choose_mixed_precision``)."""
+    return choose_mixed_precision(setting, "pretrain.mixed_precision")
 
 
 def run_info(cfg: ExperimentConfig, plane: str) -> dict:
