@@ -140,8 +140,9 @@ def write_preview(archive, path=None, subjects: int = 3) -> Path:
         for c, plane in enumerate(p for p in PLANES if p in series):
             image = series[plane].image
             k = image.shape[2] // 2
-            _show(axes[r, c], image[:, :, k].T, f"{spec.study_id} as written: {present}\n{plane} {k + 1}/{image.shape[2]}",
-                  0, float(np.percentile(image, 99.8)) or 1.0)
+            title = f"{spec.study_id} as written" if c == 0 else ""
+            _show(axes[r, c], image[:, :, k].T, f"{title}\n{plane} {k + 1}/{image.shape[2]}", 0, float(np.percentile(image, 99.8)) or 1.0)
+        axes[r, 3].text(0.0, 0.5, "labels: " + present.replace(", ", "\n"), fontsize=6, va="center", transform=axes[r, 3].transAxes)
     for i, label in enumerate(labels):
         which = i % len(specs)
         spec, reference = normals[which], clean[which]
