@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .errors import OrthodiffError
 
@@ -109,6 +109,10 @@ class PretrainConfig:
     # on, the val patients are held out of pretraining (else pretraining learns from train + val)
     eval_every: int = 0
     eval_volumes: int = 8  # held-out volumes scored (the first in series order)
+    # train on random crops of the planes: [D, H, W] for every plane or {plane: [D, H, W]} (a plane left out, null
+    # or empty: whole planes); each crop lies inside the plane, drawn from (seed, step, rank). The held-out loss and
+    # the features always read whole planes (the denoiser is convolutional)
+    patch_size: Any = None
 
 
 @dataclass

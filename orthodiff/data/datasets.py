@@ -29,22 +29,69 @@ class PlaneVolumeDataset(Dataset):
     """Every prepared series of one plane (of the given patients): float32 tensors (1, D, H, W).
 
     ``augment``, when given, is called on each tensor and must return a tensor of the same shape.
+
+    ``patch_size`` (D, H, W), when given, makes each item a crop of that size drawn uniformly inside
+    the volume (MONAI ``RandSpatialCrop``, never padding outside it). Items are then addressed as
+    ``(index, draw)``, ``draw`` a tuple of integers that, with ``seed``, fixes where the crop lies:
+    the same key gives the same crop in any process and on any run.
     """
 
-    def __init__(self, cache, plane: str, patient_ids=None, augment: Callable | None = None):
+    def __init__(
+        self,
+        cache,
+        plane: str,
+        patient_ids=None,
+        augment: Callable | None = None,
+        patch_size: Sequence[int] | None = None,
+        seed: int = 0,
+    ):
         self.cache = _open(cache)
         self.plane = check_plane(plane)
         self.augment = augment
         self.series_ids = sorted(self.cache.series(plane, patient_ids)["series_id"])
         if not self.series_ids:
             raise OrthodiffError(f"{self.cache.root}: no prepared {plane} series for the requested patients")
+        self.patch_size = self._check_patch_size(patch_size)
+        self.seed = int(seed)
+        self._cropper = None
+        if self.patch_size is not None:
+            from monai.transforms import RandSpatialCrop
+
+            self._cropper = RandSpatialCrop(self.patch_size, random_size=False)
+
+    def _check_patch_size(self, patch_size) -> tuple[int, int, int] | None:
+        if patch_size is None:
+            return None
+        size = tuple(int(s) for s in patch_size)
+        volume = tuple(int(s) for s in self.cache.plane_size[self.plane])
+        if len(size) != 3 or any(s < 1 for s in size) or any(s > v for s, v in zip(size, volume)):
+            raise OrthodiffError(
+                f"patch_size {list(patch_size)}: does not fit inside the {self.plane} volumes {list(volume)} of "
+                f"{self.cache.root}; give three sizes no larger than the volume's"
+            )
+        return size
 
     def __len__(self) -> int:
         return len(self.series_ids)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, key) -> torch.Tensor:
+        index, draw = key if isinstance(key, tuple) else (key, None)
         image = _as_float32(self.cache.image(self.series_ids[index]))
+        if self.patch_size is not None:
+            image = self._crop(image, draw)
         return self.augment(image) if self.augment is not None else image
+
+    def _crop(self, image: torch.Tensor, draw) -> torch.Tensor:
+        if draw is None:
+            raise OrthodiffError(
+                f"PlaneVolumeDataset with patch_size {list(self.patch_size)}: address items as (index, draw) so "
+                "each crop is seeded; a bare index has no crop position"
+            )
+        # A fresh state per item: the crop depends on its key alone, not on what was read before.
+        state = np.random.RandomState(np.random.SeedSequence([self.seed, *(int(d) for d in draw)]).generate_state(4))
+        self._cropper.set_random_state(state=state)
+        cropped = self._cropper(image)
+        return (cropped.as_tensor() if hasattr(cropped, "as_tensor") else cropped).contiguous()
 
 
 class StudyDataset(Dataset):

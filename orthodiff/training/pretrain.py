@@ -48,6 +48,7 @@ from .checkpoints import (
     resume_note,
     save_checkpoint,
 )
+from .patches import DrawKeyedBatches, crop_seed, plane_patch_size
 from .precision import PRECISIONS, choose_mixed_precision
 from .sampling import StepSeededBatchSampler, derived_seed, step_generator
 from .tracking import (
@@ -168,7 +169,8 @@ def open_plane_dataset(cfg: ExperimentConfig, plane: str):
         splits = load_splits(splits_path)
         cache.check_splits(splits)
         patients = list(splits.train) + ([] if int(cfg.pretrain.eval_every) > 0 else list(splits.val))
-    dataset = PlaneVolumeDataset(cache, plane, patient_ids=patients)
+    dataset = PlaneVolumeDataset(cache, plane, patient_ids=patients, patch_size=plane_patch_size(cfg, plane),
+                                 seed=crop_seed(cfg.seed, plane))
     cache.check_tensors(dataset.series_ids)
     if len(dataset) == 0:
         who = "train" if int(cfg.pretrain.eval_every) > 0 else "train/val"
@@ -270,7 +272,7 @@ def train_plane(cfg: ExperimentConfig, plane: str, dataset) -> Path:
     )
     loader = DataLoader(
         dataset,
-        batch_sampler=sampler,
+        batch_sampler=DrawKeyedBatches(sampler) if dataset.patch_size else sampler,
         num_workers=int(cfg.data.num_workers),
         pin_memory=device.type == "cuda",
     )
