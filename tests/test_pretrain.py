@@ -97,6 +97,11 @@ def test_two_cpu_processes_train_in_sync(cache, tmp_path):
     assert _differ(ema, initial), "EMA weights equal the initial weights"
     assert _differ(rank0, initial), "training did not change the weights"
 
+    # Their checkpoint is not resumed by one process: its batches, noise and LR schedule were the two ranks'.
+    with pytest.raises(OrthodiffError, match=r"^checkpoint \S+step-000004 was written by 2 processes, this run has 1: "
+                                             r"resume with 2 processes, or start a new output folder"):
+        run_pretraining(tiny_config(cache, tmp_path, "pretrain.max_steps=6"))
+
 
 def test_resume_continues_exactly(cache, tmp_path, monkeypatch):
     overrides = ("pretrain.max_steps=3", "pretrain.checkpoint_every=2", "pretrain.gradient_accumulation_steps=2")
@@ -127,6 +132,71 @@ def test_resume_continues_exactly(cache, tmp_path, monkeypatch):
     assert [m["loss"] for m in resumed_metrics] == [m["loss"] for m in straight_metrics]
     for relative in ("sagittal/checkpoints/step-000003/model.safetensors", "denoisers/sagittal/model.safetensors"):
         _assert_same(_weights(tmp_path / "resumed" / relative), _weights(tmp_path / "straight" / relative))
+
+
+def test_killed_run_resumes_with_the_uninterrupted_metrics_log(cache, tmp_path, monkeypatch):
+    """Killed (think kill -9) after a checkpoint and a logged step past it: the rows past the checkpoint are
+    redone, and each row's loss, which averages the steps since the previous row, is the uninterrupted run's."""
+    overrides = ("pretrain.max_steps=6", "pretrain.checkpoint_every=3", "pretrain.log_every=2")
+    run_pretraining(tiny_config(cache, tmp_path / "straight", *overrides))
+    original = pretrain._Loop.train_step
+
+    def killed_at_step_5(loop, batches):
+        if loop.progress.step == 4:
+            raise KeyboardInterrupt("killed")
+        return original(loop, batches)
+
+    monkeypatch.setattr(pretrain._Loop, "train_step", killed_at_step_5)
+    resumed_cfg = tiny_config(cache, tmp_path / "resumed", *overrides)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretraining(resumed_cfg)
+    metrics_path = tmp_path / "resumed" / "sagittal" / "metrics.jsonl"
+    assert [row["step"] for row in read_metrics(metrics_path)] == [2, 4]  # step 4 was logged after checkpoint 3
+    monkeypatch.setattr(pretrain._Loop, "train_step", original)
+    run_pretraining(resumed_cfg)
+
+    straight = read_metrics(tmp_path / "straight" / "sagittal" / "metrics.jsonl")
+    resumed = read_metrics(metrics_path)
+    assert [row["step"] for row in resumed] == [2, 4, 6]
+    for a, b in zip(straight, resumed):
+        assert {k: v for k, v in a.items() if k != "volumes_per_s"} == {k: v for k, v in b.items() if k != "volumes_per_s"}
+
+
+def test_full_disk_while_checkpointing_leaves_no_temporary_folder(cache, tmp_path, monkeypatch):
+    import errno
+
+    from orthodiff.training import checkpoints
+
+    original = checkpoints.save_state
+
+    def disk_full_at_step_2(folder, name, state):
+        if name == "optimizer" and "step-000002" in str(folder):  # after the RNG, window and model files
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "optimizer.safetensors"))
+        return original(folder, name, state)
+
+    monkeypatch.setattr(checkpoints, "save_state", disk_full_at_step_2)
+    with pytest.raises(OSError) as full:
+        run_pretraining(tiny_config(cache, tmp_path, "pretrain.max_steps=3", "pretrain.checkpoint_every=1"))
+    assert full.value.errno == errno.ENOSPC
+    folder = tmp_path / "sagittal" / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000001"]
+    assert checkpoints.damage(folder / "step-000001") is None
+
+
+def test_checkpoint_of_another_process_count_is_refused_in_one_line(cache, tmp_path):
+    from orthodiff.fileio import read_json, write_json
+
+    cfg = tiny_config(cache, tmp_path, "pretrain.max_steps=1", "pretrain.checkpoint_every=1")
+    run_pretraining(cfg)
+    run_file = tmp_path / "sagittal" / "checkpoints" / "step-000001" / "run.json"
+    assert read_json(run_file)["world_size"] == 1
+    write_json(run_file, {**read_json(run_file), "world_size": 2})
+    with pytest.raises(OrthodiffError) as refused:
+        run_pretraining(tiny_config(cache, tmp_path, "pretrain.max_steps=2"))
+    assert str(refused.value) == (
+        f"checkpoint {run_file.parent} was written by 2 processes, this run has 1: resume with 2 processes, or start "
+        "a new output folder (pretrain.output_dir, or pretrain.resume=false to start over there)")
+    assert read_metrics(tmp_path / "sagittal" / "metrics.jsonl")[-1]["step"] == 1  # nothing trained
 
 
 @pytest.mark.slow
@@ -314,3 +384,20 @@ def test_precision_asked_by_the_launcher_wins_in_both_stages(monkeypatch):
     assert pretrain.resolve_mixed_precision("no") == "no"
     with pytest.raises(OrthodiffError, match="finetune.mixed_precision='fp8': use one of auto, no, fp16, bf16"):
         make_accelerator(load_config([], ["finetune.mixed_precision=fp8"]))
+
+
+def test_first_non_finite_value_is_kept_on_the_device_until_read():
+    """The loop notes losses and gradient norms without waiting for the device; a read names the first bad one."""
+    from types import SimpleNamespace
+
+    watch = pretrain.FiniteWatch(torch.device("cpu"))
+    one_process = SimpleNamespace(gather=lambda tensor: tensor)
+    watch.note(torch.tensor(0.5), "loss", 1)
+    watch.note(torch.tensor(2.0), "gradient norm", 1)
+    assert watch.first_on_any_process(one_process) is None
+    watch.note(torch.tensor(float("inf")), "gradient norm", 3)
+    watch.note(torch.tensor(float("nan")), "loss", 4)
+    assert watch.first_on_any_process(one_process) == ("gradient norm", float("inf"), 3)
+    two_processes = SimpleNamespace(gather=lambda tensor: torch.cat([tensor, torch.tensor([[2.0, 0.0, float("nan")]])]))
+    what, value, step = watch.first_on_any_process(two_processes)
+    assert (what, step) == ("loss", 2) and value != value

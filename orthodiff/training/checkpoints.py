@@ -9,6 +9,7 @@ unpickling a tampered folder runs its code. So the resumable state is written he
     ema.safetensors/.json           EMA shadow weights and counters
     scaler.json                     fp16 loss-scaler state (fp16 runs only)
     rng-<rank>.safetensors/.json    Python, NumPy and torch RNG states of each process
+    window-<rank>.safetensors/.json each process's losses since the last logged step
     run.json                        what was trained, the step, and size + sha256 of every file
 
 A checkpoint is written into a hidden temporary folder and renamed when every process has
@@ -59,10 +60,13 @@ def latest_checkpoint(directory: Path) -> Optional[tuple[int, Path]]:
 
 
 class TrainingProgress:
-    """The optimizer-step counter, saved with each checkpoint."""
+    """The optimizer-step counter, saved with each checkpoint, and this process's losses of the steps
+    since the last logged one (the next log row averages them, so a resumed run logs what an
+    uninterrupted one does)."""
 
     def __init__(self) -> None:
         self.step = 0
+        self.window: list = []
 
     def state_dict(self) -> dict:
         return {"step": self.step}
@@ -86,7 +90,9 @@ class ResumableState:
         from ..fileio import atomic_path
 
         accelerator = self.accelerator
-        files = save_state(folder, f"rng-{accelerator.process_index}", _rng_state())
+        rank = accelerator.process_index
+        files = save_state(folder, f"rng-{rank}", _rng_state())
+        files += save_state(folder, f"window-{rank}", {"losses": [loss.detach() for loss in self.progress.window]})
         if not accelerator.is_main_process:
             return files
         weights = accelerator.unwrap_model(self.model).state_dict()
@@ -111,8 +117,9 @@ class ResumableState:
         scheduler = load_state(folder, "scheduler")
         ema = load_state(folder, "ema")
         scaler = load_state(folder, "scaler") if (folder / "scaler.json").exists() else None
-        own_rng = folder / f"rng-{accelerator.process_index}.json"
-        rng = load_state(folder, f"rng-{accelerator.process_index}") if own_rng.exists() else None
+        rank = accelerator.process_index
+        rng = load_state(folder, f"rng-{rank}") if (folder / f"rng-{rank}.json").exists() else None
+        window = load_state(folder, f"window-{rank}")["losses"] if (folder / f"window-{rank}.json").exists() else []
 
         accelerator.unwrap_model(self.model).load_state_dict(weights)
         self.optimizer.load_state_dict(optimizer)
@@ -121,6 +128,7 @@ class ResumableState:
         if scaler is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(scaler)
         self.progress.step = int(info["step"])
+        self.progress.window = [loss.to(accelerator.device) for loss in window]
         # Accelerate counts micro-batches to decide when gradients synchronise
         accelerator.step = self.progress.step * int(accelerator.gradient_accumulation_steps)
         if rng is not None:
@@ -128,28 +136,53 @@ class ResumableState:
 
 
 def save_checkpoint(accelerator, directory: Path, step: int, run_info: dict, keep: int, state: ResumableState) -> Path:
-    """Save the state at ``step`` on every process; the main process publishes and prunes."""
+    """Save the state at ``step`` on every process; the main process publishes and prunes. A process that
+    cannot write its part (a full disk) stops every process, and the half-written folder is removed."""
     directory = Path(directory)
     final = directory / checkpoint_name(step)
     staging = directory / f".{checkpoint_name(step)}.tmp"
+    failure = None
+    try:
+        if accelerator.is_main_process:
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        state.save(staging)
+    except OSError as exc:
+        failure = exc
+    if not _every_process_succeeded(accelerator, failure is None):
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        raise failure or OrthodiffError(
+            f"{staging}: another process could not write its part of the step-{step} checkpoint (see its error); "
+            "free disk space and resume"
+        )
     if accelerator.is_main_process:
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    state.save(staging)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = {path.name: _file_record(path) for path in sorted(staging.iterdir()) if path.is_file()}
-        info = {"format": CHECKPOINT_FORMAT, **run_info, "step": step, "world_size": accelerator.num_processes}
-        write_json(staging / RUN_INFO, {**info, "files": files})
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
+        try:
+            files = {path.name: _file_record(path) for path in sorted(staging.iterdir()) if path.is_file()}
+            info = {"format": CHECKPOINT_FORMAT, **run_info, "step": step, "world_size": accelerator.num_processes}
+            write_json(staging / RUN_INFO, {**info, "files": files})
+            if final.exists():
+                shutil.rmtree(final)
+            staging.rename(final)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         for _, old in list_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _every_process_succeeded(accelerator, succeeded: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return succeeded
+    import torch
+
+    failures = accelerator.reduce(torch.tensor([0.0 if succeeded else 1.0], device=accelerator.device), reduction="sum")
+    return failures.item() == 0
 
 
 def damage(path: Path) -> Optional[str]:
@@ -201,9 +234,18 @@ def resume_note(step: int, path: Path, notes: list[str]) -> str:
     return text
 
 
-def check_resumable(path: Path, run_info: dict) -> None:
-    """Refuse to resume from a checkpoint of another model, plane or objective (one line)."""
+def check_resumable(path: Path, run_info: dict, processes: int) -> None:
+    """Refuse to resume from a checkpoint of another model, plane or objective, or one written by another
+    number of processes (one line). Each process draws its own batches and noise, and the LR schedule
+    advances once per process per step, so a run continued on another count would not be the one saved."""
     saved = read_json(Path(path) / RUN_INFO)
+    written_by = int(saved.get("world_size", 1))
+    if written_by != int(processes):
+        raise OrthodiffError(
+            f"checkpoint {path} was written by {written_by} process{'es' if written_by != 1 else ''}, this run has "
+            f"{processes}: resume with {written_by} process{'es' if written_by != 1 else ''}, or start a new output "
+            "folder (pretrain.output_dir, or pretrain.resume=false to start over there)"
+        )
     for key in ("plane", "plane_size", "model", "diffusion"):
         if saved.get(key) != run_info.get(key):
             detail = _first_difference(saved.get(key), run_info.get(key))

@@ -74,13 +74,13 @@ def run_pretraining(cfg: ExperimentConfig) -> dict[str, Path]:
     check_pretrain_config(cfg)
     datasets = {plane: open_plane_dataset(cfg, plane) for plane in planes}
     output_dir = Path(cfg.pretrain.output_dir)
+    from accelerate import PartialState
+
     for plane in planes:
         if cfg.pretrain.resume:
             latest = resumable_checkpoint(output_dir / plane / "checkpoints")
             if latest is not None:
-                check_resumable(latest[1], run_info(cfg, plane))
-
-    from accelerate import PartialState
+                check_resumable(latest[1], run_info(cfg, plane), PartialState().num_processes)
 
     if PartialState().is_main_process:
         save_config(cfg, output_dir / "config.yaml")
@@ -243,7 +243,7 @@ def train_plane(cfg: ExperimentConfig, plane: str, dataset) -> Path:
     metrics = MetricsLog(plane_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     latest = resumable_checkpoint(checkpoint_dir) if p.resume else None
     if latest is not None:
-        check_resumable(latest[1], info)
+        check_resumable(latest[1], info, world)
         state.load(latest[1])
         ema.to(device)
         accelerator.print(f"pretrain {plane}: " + resume_note(*latest))
@@ -324,26 +324,36 @@ class _Loop:
         p, accelerator = self.cfg.pretrain, self.accelerator
         self.last_checkpoint = last_checkpoint
         self.heldout = self.make_heldout()
+        self.finite = FiniteWatch(accelerator.device)
         bar = tqdm_bar(p.max_steps, self.progress.step, self.plane, accelerator.is_main_process)
-        window_losses: list[torch.Tensor] = []
+        window = self.progress.window  # restored on resume: the first row after it averages the same steps
         window_start, window_steps = time.perf_counter(), 0
         self.model.train()
         while self.progress.step < p.max_steps:
             loss, grad_norm, clean = self.train_step(batches)
             self.progress.step += 1
             step = self.progress.step
-            window_losses.append(loss)
+            window.append(loss)
             window_steps += 1
             bar.update(1)
-            if step % p.log_every == 0 or step == p.max_steps:
-                record = self.log(step, window_losses, grad_norm, window_steps, time.perf_counter() - window_start)
+            due = {
+                "log": step % p.log_every == 0 or step == p.max_steps,
+                "preview": bool(p.preview_every) and step % p.preview_every == 0,
+                "heldout": self.heldout is not None and (step % p.eval_every == 0 or step == p.max_steps),
+                "checkpoint": step % p.checkpoint_every == 0 or step == p.max_steps,
+            }
+            if any(due.values()):  # nothing non-finite is logged, shown or saved
+                self.stop_unless_finite()
+            if due["log"]:
+                record = self.log(step, window, grad_norm, window_steps, time.perf_counter() - window_start)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                window_losses, window_start, window_steps = [], time.perf_counter(), 0
-            if p.preview_every and step % p.preview_every == 0:
+                window.clear()
+                window_start, window_steps = time.perf_counter(), 0
+            if due["preview"]:
                 self.preview(step, clean)
-            if self.heldout is not None and (step % p.eval_every == 0 or step == p.max_steps):
+            if due["heldout"]:
                 self.evaluate_heldout(step)
-            if step % p.checkpoint_every == 0 or step == p.max_steps:
+            if due["checkpoint"]:
                 self.last_checkpoint = save_checkpoint(
                     accelerator, checkpoint_dir, step, info, int(p.keep_checkpoints), self.state
                 )
@@ -367,12 +377,12 @@ class _Loop:
                 prediction = self.model(noisy, timesteps)
                 target = training_target(scheduler, clean, noise, timesteps)
                 loss = diffusion_loss(prediction, target, min_snr_weights(scheduler, timesteps, self.cfg.diffusion.min_snr_gamma))
-                self.stop_unless_finite(accelerator.gather(loss.detach().reshape(1)), "loss", step + 1)
+                self.finite.note(loss, "loss", step + 1)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     max_norm = float(p.max_grad_norm) if p.max_grad_norm and p.max_grad_norm > 0 else math.inf
                     grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
-                    self.stop_unless_finite(torch.as_tensor(grad_norm).reshape(1), "gradient norm", step + 1)
+                    self.finite.note(torch.as_tensor(grad_norm), "gradient norm", step + 1)
                 self.optimizer.step()
                 self.lr_scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
@@ -382,13 +392,14 @@ class _Loop:
         self.ema.step(self.model.parameters())
         return torch.stack(losses).mean(), grad_norm, clean
 
-    def stop_unless_finite(self, values: torch.Tensor, what: str, step: int) -> None:
-        if bool(torch.isfinite(values.float()).all()):
+    def stop_unless_finite(self) -> None:
+        found = self.finite.first_on_any_process(self.accelerator)
+        if found is None:
             return
-        bad = values[~torch.isfinite(values.float())][0].item()
+        what, value, step = found
         kept = f"the last checkpoint {self.last_checkpoint} is intact" if self.last_checkpoint else "no checkpoint was written yet"
         raise OrthodiffError(
-            f"pretrain {self.plane}: {what} is {bad} at step {step}; stopped without saving ({kept}); "
+            f"pretrain {self.plane}: {what} is {value} at step {step}; stopped without saving ({kept}); "
             "lower pretrain.learning_rate or check the prepared volumes for NaN"
         )
 
@@ -446,6 +457,32 @@ class _Loop:
         directory = Path(self.cfg.pretrain.output_dir) / self.plane / "previews"
         save_png(image, directory / f"step-{step:06d}.png")
         log_image(accelerator, "preview", image, step)
+
+
+class FiniteWatch:
+    """The first step whose loss or gradient norm was not finite, noted on the device: checking it
+    every micro-batch would wait for the GPU each time, so the loop reads it only before it logs, shows
+    or saves anything (a step's weights after a NaN are never saved)."""
+
+    WHAT = ("loss", "gradient norm")
+
+    def __init__(self, device) -> None:
+        # (step, what, value); step 0: every value so far was finite
+        self.first = torch.zeros(3, dtype=torch.float32, device=device)
+
+    def note(self, value: torch.Tensor, what: str, step: int) -> None:
+        value = value.detach().reshape(()).to(self.first.dtype)
+        entry = torch.stack([torch.full_like(value, step), torch.full_like(value, self.WHAT.index(what)), value])
+        self.first = torch.where((self.first[0] == 0) & ~torch.isfinite(value), entry, self.first)
+
+    def first_on_any_process(self, accelerator) -> Optional[tuple[str, float, int]]:
+        """(what, value, step) of the earliest non-finite value of every process, or None."""
+        noted = accelerator.gather(self.first.reshape(1, 3)).cpu()
+        noted = noted[noted[:, 0] > 0]
+        if not len(noted):
+            return None
+        step, what, value = noted[int(noted[:, 0].argmin())].tolist()
+        return self.WHAT[int(what)], value, int(step)
 
 
 def tqdm_bar(total: int, initial: int, plane: str, enabled: bool):
