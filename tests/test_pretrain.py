@@ -401,3 +401,32 @@ def test_first_non_finite_value_is_kept_on_the_device_until_read():
     two_processes = SimpleNamespace(gather=lambda tensor: torch.cat([tensor, torch.tensor([[2.0, 0.0, float("nan")]])]))
     what, value, step = watch.first_on_any_process(two_processes)
     assert (what, step) == ("loss", 2) and value != value
+
+
+def test_slurm_script_passes_overrides_whole_and_cpus_to_srun(tmp_path):
+    """pretrain/slurm_pretrain.sh under stand-ins for scontrol, srun and accelerate: the launcher gets
+    every override as one argument (spaces and quotes kept), srun the job's CPUs, and SLURM writes the
+    log where it exists before the job starts."""
+    import stat
+
+    script = Path(__file__).parents[1] / "pretrain" / "slurm_pretrain.sh"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_ins = {
+        "scontrol": 'echo node-a; echo node-b',
+        "srun": 'echo "$SRUN_CPUS_PER_TASK" > "$RECORD.cpus"; shift; exec "$@"',
+        "accelerate": 'for arg in "$@"; do printf "%s\\n" "$arg"; done > "$RECORD"',
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(tmp_path / "args"), "SLURM_JOB_NODELIST": "node-[a-b]",
+           "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_GPUS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "32"}
+    overrides = ["plane=sagittal", "tracking.run_name=knee run 2", 'tracking.project="a b"']
+    subprocess.run(["bash", str(script), *overrides], env=env, check=True, timeout=30)
+    args = (tmp_path / "args").read_text().splitlines()
+    assert args[args.index("-m"):] == ["-m", "orthodiff", "pretrain", "-c", "reference", *overrides]
+    assert args[args.index("--num_processes") + 1] == "8" and args[args.index("--machine_rank") + 1] == "1"
+    assert args[args.index("--main_process_ip") + 1] == "node-a"
+    assert (tmp_path / "args.cpus").read_text().strip() == "32"
+    assert "#SBATCH --output=%x-%j.out" in script.read_text().splitlines()
