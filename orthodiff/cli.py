@@ -255,26 +255,55 @@ def predict(
     typer.echo(result.describe())
 
 
-def _bench(name: str, preset: str, out: Path, overrides):
+def _bench(name: str, preset: str, out: Path, overrides, user=None):
     from .bench import run_bench
 
-    result = run_bench(name, preset=preset, out=out, overrides=overrides or [])
+    result = run_bench(name, preset=preset, out=out, overrides=overrides or [], user=user)
     typer.echo(result.describe())
+
+
+BENCH_PRESET_HELP = (
+    "test (seconds: the test suite's sizes), small (2 CPU cores, measured from an empty folder: about 30 min of "
+    "data and pretraining, then about 1 h per seed, 3 seeds), or paper (GPUs: the paper's sizes, 16x256x256 plane "
+    "tensors, 50,000 pretraining steps, 5 seeds, fractions down to 5%; what a published number should use). "
+    "Costs per stage: benchmarks/README.md."
+)
 
 
 @bench_app.command("label-fraction")
 def bench_label_fraction(
-    preset: str = typer.Option("small", help="small (CPU, 30 min) or paper (GPU, reference sizes)."),
+    preset: str = typer.Option("small", help=BENCH_PRESET_HELP),
     out: Path = typer.Option(Path("bench/label-fraction"), "--out", "-o"),
+    labeled: Optional[Path] = typer.Option(
+        None, "--labeled", help="Your labeled archive instead of the synthetic one: a folder `orthodiff scan` reads "
+        "(DICOM, NIfTI/NRRD, MRNet train/valid) or a manifest it wrote (.parquet/.csv). Split by patient into "
+        "train/val/test under OUT/user."),
+    unlabeled: Optional[Path] = typer.Option(
+        None, "--unlabeled", help="Your unlabeled archive (folder or manifest) to pretrain on; it must share no "
+        "patient, StudyInstanceUID or SeriesInstanceUID with --labeled (checked)."),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="Labels CSV keyed by study_id or patient_id, one 0/1 column per label (default: the "
+        "labeled archive's labels.csv or MRNet label CSVs, as `orthodiff scan` reads them)."),
+    pool_from_training: bool = typer.Option(
+        False, "--pool-from-training", help="No separate unlabeled archive: pretrain on the labeled archive's "
+        "training patients only (never validation or test), named so in the report."),
+    denoisers: Optional[Path] = typer.Option(
+        None, "--denoisers", help="Skip pretraining: a pretraining or pipeline folder holding "
+        "denoisers/<plane>/model.safetensors and config.json (recorded with its sha256)."),
     overrides: Optional[List[str]] = OverridesArgument,
 ):
-    """AUROC and Dice versus the fraction of training labels, against scratch baselines."""
-    _bench("label-fraction", preset, out, overrides)
+    """AUROC and Dice versus the fraction of training labels, against scratch baselines, on synthetic
+    archives or your own (--labeled with --unlabeled, --pool-from-training or --denoisers)."""
+    from .bench.user_data import UserData
+
+    user = UserData(labeled=labeled, unlabeled=unlabeled, labels=labels, pool_from_training=pool_from_training,
+                    denoisers=denoisers)
+    _bench("label-fraction", preset, out, overrides, user)
 
 
 @bench_app.command("cross-joint")
 def bench_cross_joint(
-    preset: str = typer.Option("small"),
+    preset: str = typer.Option("small", help=BENCH_PRESET_HELP),
     out: Path = typer.Option(Path("bench/cross-joint"), "--out", "-o"),
     overrides: Optional[List[str]] = OverridesArgument,
 ):
@@ -284,7 +313,7 @@ def bench_cross_joint(
 
 @bench_app.command("robustness")
 def bench_robustness(
-    preset: str = typer.Option("small"),
+    preset: str = typer.Option("small", help=BENCH_PRESET_HELP),
     out: Path = typer.Option(Path("bench/robustness"), "--out", "-o"),
     overrides: Optional[List[str]] = OverridesArgument,
 ):

@@ -3,7 +3,8 @@ sites and field strengths, against supervised baselines on the same splits and i
 
 ``run_bench(name, preset, out, overrides)`` runs one bench's grid of cells (method x label
 fraction x seed), resuming at the first cell missing from ``OUT/results.json``, then writes
-``OUT/report.md`` and PNG plots.
+``OUT/report.md`` and PNG plots. The benches synthesize their archives; ``user`` (a
+``user_data.UserData``) points the label-fraction bench at the user's own archives instead.
 """
 
 from __future__ import annotations
@@ -41,18 +42,26 @@ class BenchResult:
         return "\n".join(lines)
 
 
-def run_bench(name: str, preset: str = "small", out: str | Path = "bench", overrides: Sequence[str] = ()) -> BenchResult:
+def run_bench(name: str, preset: str = "small", out: str | Path = "bench", overrides: Sequence[str] = (),
+              user=None) -> BenchResult:
     """Run bench ``name`` at ``preset`` size into ``out``; ``overrides`` are preset fields
-    (``seeds=[0,1]``) or ExperimentConfig keys (``pretrain.max_steps=100``)."""
+    (``seeds=[0,1]``) or ExperimentConfig keys (``pretrain.max_steps=100``); ``user`` the user's
+    archives and denoisers (``user_data.UserData``), for the label-fraction bench."""
     from .presets import resolve_preset
+    from .user_data import UserData
 
     if name not in BENCHES:
         raise OrthodiffError(f"bench {name!r} is unknown; use one of {', '.join(BENCHES)}")
+    user = user or UserData()
+    user.check()
+    if user.given and name != "label-fraction":
+        raise OrthodiffError(f"bench {name}: runs on the synthetic archives only; --labeled, --unlabeled and "
+                             "--denoisers are options of `orthodiff bench label-fraction`")
     spec, _ = resolve_preset(preset, list(overrides))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["orthodiff", "bench", name, "--preset", preset, "--out", str(out),
-                        *[shlex.quote(o) for o in overrides]])
+                        *[shlex.join(o.split(" ", 1)) for o in user.options()], *[shlex.quote(o) for o in overrides]])
     header = {"bench": name, "preset": preset, "overrides": list(overrides), "command": command,
               "python": sys.version.split()[0]}
     if not spec.run_cells:  # a report-only rerun keeps the command that computed the rows
@@ -68,7 +77,7 @@ def run_bench(name: str, preset: str = "small", out: str | Path = "bench", overr
         from .cross_joint import run_cross_joint as runner
     else:
         from .robustness import run_robustness as runner
-    result = runner(spec, out, header)
+    result = runner(spec, out, header, user) if user.given else runner(spec, out, header)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -24,6 +24,7 @@ from .protocol import counts_from_dict, label_counts, low_label_shortfalls, prot
 from .results import Pooler, ResultsFile, clearly_above, fmt, fmt_diff, fmt_pooled, select
 from .segmentation_report import segmentation_section
 from .training_report import convergence_lines, timing_line
+from .user_data import UserData, archive_size, prepare_user_joint, user_pretraining
 from .workspace import prepare_joint
 
 BENCH = "label-fraction"
@@ -44,25 +45,37 @@ def label_fraction_cells(preset: BenchPreset) -> list[Cell]:
     return cells
 
 
-def run_label_fraction(preset: BenchPreset, out: Path, header: dict):
+def run_label_fraction(preset: BenchPreset, out: Path, header: dict, user: UserData | None = None):
+    """The bench on the synthetic archives, or on the user's (``user``: labeled archive, pool, denoisers)."""
     from . import BenchResult
     from .pretraining import pool_pretraining
 
-    data = stage(BENCH, "data (synth, scan, prepare, split)", lambda: prepare_joint(preset, out, JOINT))
+    user = user or UserData()
+    notes = []
+    if user.labeled:
+        data, notes = stage(BENCH, "data (scan, prepare, split of the labeled archive)",
+                            lambda: prepare_user_joint(preset, out, user, JOINT))
+    else:
+        data = stage(BENCH, "data (synth, scan, prepare, split)", lambda: prepare_joint(preset, out, JOINT))
     counts = label_counts(data.splits, data.config.data.manifest, preset.min_test_positives)
     shortfalls = (short_test_set(counts, preset.min_test_patients)
                   + low_label_shortfalls(counts, minimum=preset.min_low_label_positives))
-    for line in shortfalls:
-        print(f"[orthodiff bench {BENCH}] protocol: {line}", flush=True)
     needs_pretraining = any(m in PRETRAINED_METHODS for m in preset.methods + preset.segment_methods)
     pretrained, pool = None, {}
-    if needs_pretraining:
+    if needs_pretraining and (user.labeled or user.denoisers):
+        pretrained, pool, warnings = stage(BENCH, "pretraining source checked (user data)",
+                                           lambda: user_pretraining(preset, out, user, data))
+        shortfalls += warnings
+    elif needs_pretraining:
         pretrained, pool = stage(BENCH, "pretraining on the unlabeled knee archive (shared cache)",
                                  lambda: pool_pretraining(preset, out, JOINT, data.config,
                                                           [(data.config.data.manifest, data.splits)]))
+    for line in notes + shortfalls:
+        print(f"[orthodiff bench {BENCH}] protocol: {line}", flush=True)
+    extra = {"user_data": {**user.as_dict(), **archive_size(data.config.data.manifest), "notes": notes}} if user.given else {}
     results = ResultsFile.open(out / "results.json", {**header, "joint": JOINT, "test_set": str(data.splits),
                                                       "label_counts": counts.as_dict(), "shortfalls": shortfalls,
-                                                      "unlabeled_pool": pool})
+                                                      "unlabeled_pool": pool, **extra})
 
     def inputs_for(cell: Cell) -> CellInputs:
         return data.cell_inputs(cell.seed, pretrained)
@@ -97,12 +110,13 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
         "",
         f"Command: `{results.header.get('command', '')}`",
         "",
-        (f"Preset `{preset.name}`: {preset.studies[JOINT]} synthetic knee studies, seeds {preset.seeds}. "
+        (f"{_data_line(preset, results.header.get('user_data'))} "
         "One test set for every method, fraction and seed. Values are the mean over seeds; brackets are 95% "
         "bootstrap intervals of that mean over seeds and test patients (each replicate draws the seeds, then "
         "the test patients; the same draws for every method, so differences are paired); ± is the standard "
         "deviation over seeds (label subsets and initialisations)."),
         "",
+        *_user_data_lines(results.header.get("user_data")),
         *_pool_lines(results.header.get("unlabeled_pool") or {}),
         *pretraining_lines,
         *(protocol_lines(counts_from_dict(counts), results.header.get("shortfalls", []), preset.min_test_positives)
@@ -177,15 +191,44 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
     return out / "report.md", files, headline
 
 
+def _data_line(preset: BenchPreset, user: dict | None) -> str:
+    if user and user.get("labeled"):
+        return (f"The user's labeled archive `{user['labeled']}` ({user['studies']} studies of {user['patients']} "
+                f"patients), preset `{preset.name}` for the network and training lengths, seeds {preset.seeds}.")
+    return f"Preset `{preset.name}`: {preset.studies[JOINT]} synthetic knee studies, seeds {preset.seeds}."
+
+
+def _user_data_lines(user: dict | None) -> list[str]:
+    """What the checks of the user's data named: labels left out, studies without series, ..."""
+    if not user or not user.get("notes"):
+        return []
+    return ["## The user's data: what the checks named", "", *[f"- {note}" for note in user["notes"]], ""]
+
+
 def _pool_lines(pool: dict) -> list[str]:
     if not pool:
         return []
+    source = pool.get("source", "synthetic")
+    if source == "existing denoisers":
+        steps = f"{pool['steps']} steps" if "steps" in pool else "steps not recorded"
+        patients = (f"{pool['unlabeled_patients']} unlabeled patients" if "unlabeled_patients" in pool
+                    else "pool size not recorded")
+        digests = ", ".join(f"{plane} {digest[:12]}" for plane, digest in pool["sha256"].items())
+        return [(f"Pretraining: none in this run; the denoisers of `{pool['pretraining']}` ({steps}, {patients}; "
+                 f"sha256 {digests})."), ""]
     held_out = int(pool.get("held_out_patients", 0))
     trained = pool.get("trained_patients", pool["unlabeled_patients"])
     scored = f", {held_out} more held out to score its denoising loss" if held_out else ""
-    return [(f"Pretraining: {trained} unlabeled knee patients from a separate archive{scored} "
-             f"({pool['ratio']}x the {pool['labeled_train_patients']} labeled training patients; no patient in "
-             "any labeled split, checked), cached and shared by the benches."), ""]
+    if source == "training patients":
+        return [(f"Pretraining: on the labeled archive's TRAINING patients only ({trained}{scored}), without their "
+                 "labels; no validation or test patient was seen. There was no separate unlabeled pool, so this "
+                 "measures what pretraining on the labeled scans themselves buys."), ""]
+    where = f"the user's separate archive `{pool['archive']}`" if source == "separate archive" else "a separate archive"
+    checked = ("no patient, exam or series shared with the labeled archive, checked" if source == "separate archive"
+               else "no patient in any labeled split, checked")
+    return [(f"Pretraining: {trained} unlabeled knee patients from {where}{scored} "
+             f"({pool['ratio']}x the {pool['labeled_train_patients']} labeled training patients; {checked}), "
+             "cached and shared by the benches."), ""]
 
 
 def _per_label_table(rows, pooler: Pooler, methods, fractions) -> list[str]:

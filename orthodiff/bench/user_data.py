@@ -1,0 +1,411 @@
+"""A bench on the user's own archives instead of synthetic ones: a labeled archive, and a separate
+unlabeled pool to pretrain on (or the labeled archive's training patients, or denoisers already
+pretrained).
+
+Each archive is a folder that ``orthodiff scan`` reads (DICOM, NIfTI/NRRD, the MRNet layout) or a
+manifest it wrote. The labeled one goes through scan -> prepare -> split under ``<bench out>/user/``
+exactly as a synthetic archive does; the pool is scanned and prepared under
+``<bench out>/user-pool-<key of its path>/`` with its labels dropped. The protocol is checked
+before anything trains: the pool shares no patient, study (StudyInstanceUID) or series
+(SeriesInstanceUID) with the labeled archive (refused, naming one), each label is 0/1 and varies
+(named and left out otherwise), and what is short of the protocol (few test patients, a pool under
+5x the labeled training patients, studies with no usable series) is named in the report and on the
+terminal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ..config import ExperimentConfig
+from ..errors import OrthodiffError
+from ..fileio import read_json, sha256_file, write_json, write_table
+from .presets import BenchPreset
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SUFFIXES = (".parquet", ".csv")
+LABELED_FOLDER = "user"
+POOL_FOLDER = "user-pool"
+MIN_POOL_RATIO = 5  # unlabeled patients per labeled training patient the protocol asks for
+
+
+@dataclass(frozen=True)
+class UserData:
+    """What the user pointed the bench at; every path is optional, the synthetic archives fill in."""
+
+    labeled: Path | None = None
+    unlabeled: Path | None = None
+    labels: Path | None = None
+    pool_from_training: bool = False
+    denoisers: Path | None = None
+
+    @property
+    def given(self) -> bool:
+        return bool(self.labeled or self.unlabeled or self.labels or self.denoisers or self.pool_from_training)
+
+    def check(self) -> None:
+        """One line for options that do not go together or paths that are not there."""
+        if not self.labeled and (self.unlabeled or self.labels or self.pool_from_training):
+            raise OrthodiffError("--unlabeled, --labels and --pool-from-training need --labeled PATH (the labeled "
+                                 "archive folder or its manifest)")
+        sources = [name for name, on in (("--unlabeled", self.unlabeled), ("--pool-from-training",
+                                         self.pool_from_training), ("--denoisers", self.denoisers)) if on]
+        if len(sources) > 1:
+            raise OrthodiffError(f"{' and '.join(sources)} each say what pretraining reads; give one of them")
+        if self.labeled and not sources:
+            raise OrthodiffError("--labeled needs a pretraining source: --unlabeled PATH (a separate unlabeled "
+                                 "archive), --pool-from-training, or --denoisers PATH (denoisers already pretrained)")
+        for option, path in (("--labeled", self.labeled), ("--unlabeled", self.unlabeled), ("--labels", self.labels),
+                             ("--denoisers", self.denoisers)):
+            if path and not Path(path).exists():
+                raise OrthodiffError(f"{option} {path}: not found; give an existing folder or file")
+
+    def options(self) -> list[str]:
+        """The command-line options that give this data, for the command recorded in the report."""
+        found = [f"--{name} {Path(path).resolve()}" for name, path in (
+            ("labeled", self.labeled), ("unlabeled", self.unlabeled), ("labels", self.labels),
+            ("denoisers", self.denoisers)) if path]
+        return found + (["--pool-from-training"] if self.pool_from_training else [])
+
+    def as_dict(self) -> dict:
+        found = {name: str(Path(getattr(self, name)).resolve()) for name in ("labeled", "unlabeled", "labels", "denoisers")
+                 if getattr(self, name)}
+        if self.labels:
+            found["labels_sha256"] = sha256_file(self.labels)
+        return {**found, "pool_from_training": bool(self.pool_from_training)}
+
+
+# ------------------------------------------------------------------------------------------- reading
+def read_user_archive(path: Path, scratch: Path, labels_csv: Path | None = None):
+    """The manifest of a user's archive: ``path`` scanned when it is a folder, read when it is a
+    manifest; its labels replaced by ``labels_csv`` when given. Returns (frame, notes)."""
+    from ..data.manifest import read_manifest
+    from ..data.scan import scan_archive
+
+    path, notes = Path(path), []
+    if path.is_dir():
+        scanned = scan_archive(path, scratch)
+        frame = read_manifest(scratch)
+        if scanned.errors:
+            notes.append(f"{path}: the scan set aside {len(scanned.errors)} file(s), series or table rows, listed in "
+                         f"{scanned.errors_path}")
+        # a labeled study with no series at all never reaches a split: name each
+        notes += [f"{path}: {problem.reason}" for problem in scanned.errors if "has no series" in problem.reason]
+    elif path.suffix.lower() in MANIFEST_SUFFIXES:
+        frame = read_manifest(path)
+    else:
+        raise OrthodiffError(f"{path}: neither an archive folder nor a manifest (.parquet or .csv from "
+                             "`orthodiff scan`); give the folder that holds the scans")
+    if labels_csv is not None:
+        frame, found = attach_labels(frame, Path(labels_csv))
+        notes += found
+    return frame, notes
+
+
+def attach_labels(frame, labels_csv: Path):
+    """``frame`` with its label columns replaced by those of ``labels_csv`` (keyed by study_id, or by
+    patient_id for labels of every study of a patient). Returns (frame, notes)."""
+    import pandas as pd
+
+    from ..data.manifest import LABEL_PREFIX, label_columns
+
+    table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False, skipinitialspace=True)
+    key = next((k for k in ("study_id", "patient_id") if k in table.columns), None)
+    if key is None:
+        raise OrthodiffError(f"{labels_csv}: no study_id or patient_id column (columns: {', '.join(table.columns)}); "
+                             "key each row by the study_id or patient_id that `orthodiff scan` gives")
+    names = [c for c in table.columns if c not in ("study_id", "patient_id")]
+    if not names:
+        raise OrthodiffError(f"{labels_csv}: no label column beside {key}; add one 0/1 column per label")
+    table[key] = table[key].str.strip()
+    repeated = table[key][table[key].duplicated()]
+    if len(repeated):
+        raise OrthodiffError(f"{labels_csv}: {key} {repeated.iloc[0]!r} appears in more than one row; keep one")
+    values = {name: _zero_one(table, name, key, labels_csv) for name in names}
+    frame = frame.drop(columns=label_columns(frame))
+    ids = frame[key].astype(str)
+    for name in names:
+        frame[LABEL_PREFIX + name] = ids.map(dict(zip(table[key], values[name]))).astype("float64")
+    notes = []
+    unknown = sorted(set(table[key]) - set(ids))
+    if unknown:
+        notes.append(f"{labels_csv}: {len(unknown)} row(s) name a {key} with no series in the labeled archive "
+                     f"(e.g. {unknown[0]!r}); their labels are not used")
+    return frame, notes
+
+
+def _zero_one(table, name: str, key: str, source: Path):
+    """Column ``name`` as 0.0 / 1.0 / NaN (blank); any other value is refused, naming its row."""
+    import pandas as pd
+
+    raw = table[name].str.strip()
+    blank = raw.str.lower().isin(["", "nan", "na"])
+    numbers = pd.to_numeric(raw.where(~blank), errors="coerce")
+    bad = ~blank & ~numbers.isin([0, 1])
+    if bad.any():
+        row = int(bad.to_numpy().nonzero()[0][0])
+        raise OrthodiffError(f"{source}: label {name!r} is {raw.iloc[row]!r} for {key} {table[key].iloc[row]!r} "
+                             f"(row {row + 2}); labels are 0, 1 or blank (unknown)")
+    return numbers.where(~blank)
+
+
+def usable_labels(frame, source: str):
+    """``frame`` without the label columns that cannot be learned or scored (no values, one value
+    only), each named; refused when a label holds other values than 0/1 or none is left.
+    Returns (frame, notes)."""
+    import numpy as np
+
+    from ..data.manifest import LABEL_PREFIX, label_columns
+
+    columns = label_columns(frame)
+    if not columns:
+        raise OrthodiffError(f"{source}: the labeled archive has no labels (no labels.csv, no MRNet label CSVs); "
+                             "give --labels CSV keyed by study_id or patient_id")
+    notes, dropped = [], []
+    studies = frame.drop_duplicates("study_id")
+    for column in columns:
+        name, values = column[len(LABEL_PREFIX):], studies[column].astype("float64")
+        known = values.dropna()
+        if not np.isin(known, [0.0, 1.0]).all():
+            other = sorted(set(known) - {0.0, 1.0})[0]
+            raise OrthodiffError(f"{source}: label {name!r} holds {other:g}; labels are 0, 1 or blank (unknown)")
+        if known.empty:
+            notes.append(f"label {name}: no study has a value; left out")
+            dropped.append(column)
+        elif known.nunique() == 1:
+            notes.append(f"label {name}: {known.iloc[0]:g} in all {len(known)} labeled studies (constant: nothing "
+                         "to learn or score); left out")
+            dropped.append(column)
+    if len(dropped) == len(columns):
+        raise OrthodiffError(f"{source}: no label varies across the labeled studies ({'; '.join(notes)}); check the "
+                             "labels table")
+    frame = frame.drop(columns=dropped)
+    unlabeled = studies.loc[studies[[c for c in columns if c not in dropped]].isna().all(axis=1), "study_id"]
+    if len(unlabeled):
+        notes.append(f"{len(unlabeled)} labeled-archive stud(ies) have no label value (e.g. {unlabeled.iloc[0]!r}); "
+                     "they count as unknown for every label")
+    return frame, notes
+
+
+def archive_size(manifest: Path) -> dict:
+    """Studies and patients of a manifest, for the report."""
+    from ..data.manifest import read_manifest
+
+    frame = read_manifest(manifest)
+    return {"studies": int(frame["study_id"].nunique()), "patients": int(frame["patient_id"].nunique())}
+
+
+def studies_without_series(manifest: Path, cache: Path) -> list[str]:
+    """One line per study of ``manifest`` none of whose series was prepared into ``cache``."""
+    import pandas as pd
+
+    from ..data.manifest import read_manifest
+
+    frame = read_manifest(manifest)
+    prepared = set(pd.read_parquet(Path(cache) / "index.parquet")["series_id"].astype(str))
+    missing = frame.groupby("study_id")["series_id"].apply(lambda ids: not set(ids.astype(str)) & prepared)
+    errors = Path(cache) / "errors.csv"
+    where = f"; reasons in {errors}" if errors.exists() else ""
+    return [f"study {study}: no usable series (none could be prepared{where}); it is in no training or test set"
+            for study in missing[missing].index]
+
+
+# ----------------------------------------------------------------------------------- labeled archive
+def prepare_user_joint(preset: BenchPreset, out: Path, user: UserData, joint: str):
+    """Scan (or read), label, prepare and split the user's labeled archive under ``out/user``; each
+    stage resumes. Returns (JointData, notes for the report)."""
+    from ..data.splits import make_splits
+    from .workspace import JointData, joint_config, prepare_planes
+
+    root = Path(out) / LABELED_FOLDER
+    root.mkdir(parents=True, exist_ok=True)
+    config = joint_config(preset, root, joint, extra=[f"data.archive={Path(user.labeled).resolve()}"])
+    record = root / "user-data.json"
+    given = {"labeled": str(Path(user.labeled).resolve()), "stamp": source_stamp(Path(user.labeled)),
+             "labels": user.as_dict().get("labels_sha256", "")}
+    manifest = Path(config.data.manifest)
+    if manifest.exists():
+        _check_same_source(record, given, root)
+        notes = read_json(record)["notes"]
+    else:
+        frame, notes = read_user_archive(Path(user.labeled), root / "scanned.parquet", user.labels)
+        frame, label_notes = usable_labels(frame, str(user.labeled))
+        notes = notes + label_notes
+        write_table(manifest, frame)
+        write_json(record, {**given, "notes": notes})
+    prepare_planes(config)
+    data = config.data
+    make_splits(data.manifest, data.splits, seed=config.seed, val_fraction=data.val_fraction,
+                test_fraction=data.test_fraction, fractions=data.label_fractions)
+    notes = list(notes) + studies_without_series(manifest, Path(data.cache))
+    return JointData(joint=joint, root=root, config=config), notes
+
+
+def source_stamp(path: Path) -> dict:
+    """What decides a prepared manifest besides the scans: the manifest file itself, or an archive
+    folder's labels.csv and metadata.csv, by sha256 (so an edited table is never read stale)."""
+    if Path(path).is_file():
+        return {Path(path).name: sha256_file(path)}
+    return {name: sha256_file(Path(path) / name) for name in ("labels.csv", "metadata.csv") if (Path(path) / name).exists()}
+
+
+def _check_same_source(record: Path, given: dict, root: Path) -> None:
+    stored = read_json(record) if record.exists() else {}
+    if {k: stored.get(k) for k in given} != given:
+        raise OrthodiffError(f"{root}: prepared from other data or tables ({stored.get('labeled', 'a synthetic archive')}); "
+                             "give another --out, or delete that folder to scan again")
+
+
+# ------------------------------------------------------------------------------------ unlabeled pool
+def prepare_user_pool(out: Path, user: UserData, labeled_config: ExperimentConfig, joint: str):
+    """Scan (or read) and prepare the user's unlabeled archive under ``out/user-pool-<key>`` with its labels
+    dropped (pretraining never reads them). Returns the pool (see ``pretraining.Pool``) and notes."""
+    import numpy as np
+
+    from ..data.manifest import label_columns, read_manifest
+    from .pretraining import Pool
+    from .workspace import prepare_planes
+
+    source = Path(user.unlabeled).resolve()
+    root = Path(out) / f"{POOL_FOLDER}-{hashlib.sha256(str(source).encode()).hexdigest()[:12]}"
+    root.mkdir(parents=True, exist_ok=True)
+    data = labeled_config.data
+    config = replace(labeled_config, data=replace(
+        data, archive=str(Path(user.unlabeled).resolve()), manifest=str(root / "manifest.parquet"),
+        cache=str(root / "cache"), splits=str(root / "splits.json")))
+    record, given = root / "user-data.json", {"labeled": str(source), "stamp": source_stamp(source), "labels": ""}
+    manifest = Path(config.data.manifest)
+    if manifest.exists():
+        _check_same_source(record, given, root)
+        notes = read_json(record)["notes"]
+        check_disjoint(read_manifest(manifest), read_manifest(labeled_config.data.manifest), manifest)
+    else:
+        frame, notes = read_user_archive(source, root / "scanned.parquet")
+        # checked before the pool is written, so a refused pool is scanned afresh once it is fixed
+        check_disjoint(frame, read_manifest(labeled_config.data.manifest), source)
+        for column in label_columns(frame):
+            frame[column] = np.nan
+        write_table(manifest, frame)
+        write_json(record, {**given, "notes": notes})
+    prepare_planes(config)
+    return Pool(joint=joint, root=root, config=config), list(notes)
+
+
+def check_disjoint(pool, labeled, source: Path) -> None:
+    """Refuse, naming one, a patient, a study (StudyInstanceUID) or a series (SeriesInstanceUID) in
+    both the pool's manifest frame and the labeled one: pretraining on an exam that is tested on
+    would inflate every pretrained number."""
+    checks = (("patient", "patient_id", lambda v: v), ("exam (StudyInstanceUID)", "study_key", _study_uid),
+              ("series (SeriesInstanceUID)", "series_uid", lambda v: v))
+    for what, column, identity in checks:
+        if column not in pool.columns or column not in labeled.columns:
+            continue
+        ids = [{identity(str(v)) for v in frame[column]} - {"", None} for frame in (pool, labeled)]
+        shared = sorted(ids[0] & ids[1])
+        if shared:
+            raise OrthodiffError(
+                f"{source}: {len(shared)} {what} id(s) are in both the unlabeled pool and the labeled "
+                f"archive (e.g. {shared[0]!r}); pretraining must not see labeled patients: remove them from the "
+                "pool, or give the pool's patients their own ids (metadata.csv patient_id)")
+
+
+def _study_uid(study_key: str) -> str:
+    """The StudyInstanceUID in a manifest's study_key ("dicom:<uid>"); "" for studies without one."""
+    return study_key[len("dicom:"):] if study_key.startswith("dicom:") else ""
+
+
+def pool_counts(patients: int, held_out: int, train_patients: int, source: str) -> tuple[dict, list[str]]:
+    """The pool's counts for the report and a warning when it is under ``MIN_POOL_RATIO`` x the
+    labeled training patients (a user's pool is what it is: named, never refused)."""
+    trained = patients - held_out
+    counts = {"unlabeled_patients": patients, "held_out_patients": held_out, "trained_patients": trained,
+              "labeled_train_patients": train_patients, "ratio": round(trained / max(1, train_patients), 2),
+              "disjoint": True, "source": source}
+    warnings = []
+    if source == "separate archive" and trained < MIN_POOL_RATIO * train_patients:
+        warnings.append(f"unlabeled pool: {trained} patients to pretrain on for {train_patients} labeled training "
+                        f"patients ({counts['ratio']}x; protocol: at least {MIN_POOL_RATIO}x)")
+    return counts, warnings
+
+
+def user_pretraining(preset: BenchPreset, out: Path, user: UserData, data) -> tuple[Path, dict, list[str]]:
+    """Denoisers for the user's bench, after the protocol checks: pretrained on the separate pool,
+    on the labeled archive's training patients only, or the ones given. Returns (folder, the pool's
+    record for the report, warnings)."""
+    from ..data.splits import load_splits
+    from .pretraining import Pool, cached_pretraining, heldout_patients, pool_patients
+
+    train = load_splits(data.splits).train
+    if user.denoisers:
+        return Path(user.denoisers), existing_denoisers(Path(user.denoisers), data.config), []
+    if user.pool_from_training:
+        pool = Pool(joint=data.joint, root=data.root, config=data.config)
+        patients, source, notes = list(train), "training patients", []
+    else:
+        pool, notes = prepare_user_pool(out, user, data.config, data.joint)
+        patients, source = pool_patients(pool), "separate archive"
+    held_out = len(heldout_patients(patients, data.config))
+    counts, warnings = pool_counts(len(patients), held_out, len(train), source)
+    if not held_out and int(pool.config.pretrain.eval_every) > 0:
+        # one pool patient in ten scores the held-out loss; a pool under ten patients has none to spare
+        pretrain = replace(pool.config.pretrain, eval_every=0)
+        pool = replace(pool, config=replace(pool.config, pretrain=pretrain))
+        warnings.append(f"pretraining: {len(patients)} patients are too few to hold any out, so its held-out "
+                        "denoising loss was not measured")
+    folder = cached_pretraining(pool, preset, out, patients, name=source.replace(" ", "-"))
+    record = {**counts, "joint": data.joint, "pretraining": str(folder), "pool": str(pool.root),
+              "archive": str(Path(user.unlabeled or user.labeled).resolve())}
+    return folder, record, notes + warnings
+
+
+def existing_denoisers(folder: Path, config: ExperimentConfig) -> dict:
+    """Check ``folder/denoisers/<plane>`` (a pretraining or pipeline folder) against the bench's
+    plane sizes; its record for the report: path, sha256 per plane, steps and pool size when known."""
+    import json
+
+    from ..planes import PLANES
+
+    record = {"source": "existing denoisers", "pretraining": str(folder.resolve()), "sha256": {}}
+    for plane in PLANES:
+        plane_dir = folder / "denoisers" / plane
+        missing = [name for name in ("config.json", "model.safetensors") if not (plane_dir / name).exists()]
+        if missing:
+            raise OrthodiffError(f"--denoisers {folder}: no denoisers/{plane}/{missing[0]} there; give a pretraining "
+                                 "or pipeline folder holding denoisers/<plane>/config.json and model.safetensors")
+        size = json.loads((plane_dir / "config.json").read_text()).get("plane_size")
+        wanted = list(config.data.plane_size[plane])
+        if size is not None and list(size) != wanted:
+            raise OrthodiffError(f"--denoisers {folder}: the {plane} denoiser takes plane tensors of {list(size)}, the "
+                                 f"bench prepares {wanted}; add data.plane_size.{plane}={list(size)}".replace(" ", ""))
+        record["sha256"][plane] = sha256_file(plane_dir / "model.safetensors")
+    record.update(_pretraining_facts(folder))
+    return record
+
+
+def _pretraining_facts(folder: Path) -> dict:
+    """Steps and pool size of a pretraining, from whichever record the folder keeps."""
+    facts = {}
+    for name, steps_key, pool_key in (("provenance.json", "steps", "pool_patients"),
+                                      ("pretrain-cache.json", None, "patients")):
+        path = folder / name
+        if path.exists():
+            stored = read_json(path)
+            if steps_key and steps_key in stored:
+                facts.setdefault("steps", int(stored[steps_key]))
+            if pool_key in stored:
+                facts.setdefault("unlabeled_patients", int(stored[pool_key]))
+    if "steps" not in facts and (folder / "config.yaml").exists():
+        import yaml
+
+        steps = ((yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("pretrain") or {}).get("max_steps")
+        if steps is not None:
+            facts["steps"] = int(steps)
+    return facts
+
+
+__all__ = ["UserData", "archive_size", "attach_labels", "check_disjoint", "existing_denoisers", "pool_counts", "prepare_user_joint",
+           "prepare_user_pool", "read_user_archive", "studies_without_series", "usable_labels", "user_pretraining"]

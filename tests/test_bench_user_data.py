@@ -1,0 +1,181 @@
+"""The label-fraction bench on archives laid out as a user holds them: a labeled DICOM archive and a
+separate unlabeled NIfTI archive written by ``orthodiff synth``, and a labels CSV; the protocol
+checks that guard it (disjoint pool, usable labels, named shortfalls)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orthodiff.bench import run_bench
+from orthodiff.bench.presets import resolve_preset
+from orthodiff.bench.user_data import (
+    UserData,
+    attach_labels,
+    existing_denoisers,
+    studies_without_series,
+    usable_labels,
+    user_pretraining,
+)
+from orthodiff.cli import main
+from orthodiff.errors import OrthodiffError
+from orthodiff.fileio import sha256_file
+
+GRID = ["seeds=[0]", "fractions=[1.0,0.5]", "methods=[orthodiff-probe,raw-voxels]", "segment_methods=[]"]
+
+
+def synth(out: Path, seed: int, fmt: str, studies: int) -> Path:
+    main(["synth", str(out), "--studies", str(studies), "--matrix", "32", "--seed", str(seed), "--format", fmt,
+          "--workers", "1"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user-archives")
+    labeled = synth(root / "hospital", 0, "dicom", 24)
+    pool = synth(root / "pool", 1, "nifti", 16)
+    labels = pd.read_csv(labeled / "labels.csv", dtype=str)
+    labels["never_seen"] = "0"  # a constant label: named and left out
+    labels.to_csv(root / "labels.csv", index=False)
+    return {"root": root, "labeled": labeled, "pool": pool, "labels": root / "labels.csv"}
+
+
+@pytest.fixture(scope="module")
+def distinct_pool(archives):
+    """synth numbers patients P0001... under every seed, so its two archives share patient ids; this
+    is the pool with its own ids, given as a user would: in the metadata.csv that scan reads."""
+    folder = archives["root"] / "pool-own-ids"
+    shutil.copytree(archives["pool"], folder)
+    metadata = pd.read_csv(archives["pool"] / "metadata.csv", dtype=str)
+    metadata["patient_id"] = "U-" + metadata["patient_id"]
+    metadata.to_csv(folder / "metadata.csv", index=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bench(archives, distinct_pool):
+    out = archives["root"] / "bench" / "label-fraction"
+    user = UserData(labeled=archives["labeled"], unlabeled=distinct_pool, labels=archives["labels"])
+    result = run_bench("label-fraction", "test", out, GRID, user=user)
+    return out, result
+
+
+def test_label_fraction_runs_end_to_end_on_the_users_archives(bench, archives):
+    out, result = bench
+    stored = json.loads((out / "results.json").read_text())
+    assert len(stored["rows"]) == 4 and result.computed == 4
+    assert f"--labeled {archives['labeled']}" in stored["command"]
+    # the labeled archive was scanned, prepared and split under <out>/user, patients as the archive names them
+    manifest = pd.read_parquet(out / "user" / "manifest.parquet")
+    splits = json.loads((out / "user" / "splits.json").read_text())
+    assert set(manifest["patient_id"]) == set(pd.read_csv(archives["labeled"] / "metadata.csv")["patient_id"])
+    assert set(splits["train"] + splits["val"] + splits["test"]) == set(manifest["patient_id"])
+    assert "label_never_seen" not in manifest.columns and "label_acl_tear" in manifest.columns
+    pool = stored["unlabeled_pool"]
+    assert pool["source"] == "separate archive" and pool["archive"] == str(Path(archives["root"] / "pool-own-ids"))
+    pool_patients = set(pd.read_parquet(Path(pool["pool"]) / "manifest.parquet")["patient_id"])
+    assert all(p.startswith("U-") for p in pool_patients) and not pool_patients & set(manifest["patient_id"])
+    report = (out / "report.md").read_text()
+    assert f"The user's labeled archive `{archives['labeled']}`" in report
+    assert "label never_seen: 0 in all 24 labeled studies" in report
+    # 16 pool studies for ~9 training patients: short of 5x, named, not refused
+    assert "protocol: at least 5x" in report and pool["ratio"] < 5
+
+
+def test_a_pool_sharing_a_patient_with_the_labeled_archive_is_refused_in_one_line(bench, archives):
+    out, _ = bench
+    user = UserData(labeled=archives["labeled"], unlabeled=archives["pool"], labels=archives["labels"])
+    with pytest.raises(OrthodiffError, match="'P0001'") as refused:
+        run_bench("label-fraction", "test", out, GRID, user=user)
+    assert "\n" not in str(refused.value) and "patient" in str(refused.value)
+    assert len(list(out.glob("user-pool-*/manifest.parquet"))) == 1  # the refused pool was not written
+
+
+def test_pretraining_on_the_training_patients_never_sees_validation_or_test(bench):
+    out, _ = bench
+    preset, _ = resolve_preset("test", GRID)
+    from orthodiff.bench.workspace import JointData, joint_config
+
+    data = JointData("knee", out / "user", joint_config(preset, out / "user", "knee"))
+    folder, record, _ = user_pretraining(preset, out, UserData(labeled=out / "user" / "manifest.parquet",
+                                                               pool_from_training=True), data)
+    splits = json.loads((out / "user" / "splits.json").read_text())
+    trained_on = json.loads((folder / "pool-splits.json").read_text())
+    assert set(trained_on["train"] + trained_on["val"]) == set(splits["train"])
+    assert record["source"] == "training patients"
+    from orthodiff.bench.label_fraction import _pool_lines
+
+    assert "TRAINING patients only" in _pool_lines(record)[0]
+
+
+def test_existing_denoisers_are_recorded_and_checked_against_the_plane_size(bench):
+    out, _ = bench
+    stored = json.loads((out / "results.json").read_text())
+    folder = Path(stored["unlabeled_pool"]["pretraining"])
+    preset, _ = resolve_preset("test", GRID)
+    from orthodiff.bench.workspace import joint_config
+
+    config = joint_config(preset, out / "user", "knee")
+    record = existing_denoisers(folder, config)
+    assert record["sha256"]["axial"] == sha256_file(folder / "denoisers" / "axial" / "model.safetensors")
+    assert record["unlabeled_patients"] == stored["unlabeled_pool"]["unlabeled_patients"]
+    import orthodiff.pretrained
+
+    shipped = Path(orthodiff.pretrained.__file__).parent / "knee-small"
+    with pytest.raises(OrthodiffError, match=r"data\.plane_size\.sagittal=\[8,32,32\]"):
+        existing_denoisers(shipped, config)
+
+
+def test_labels_csv_keyed_by_patient_and_values_other_than_zero_one(tmp_path):
+    frame = pd.DataFrame({"patient_id": ["A", "A", "B"], "study_id": ["a1", "a2", "b1"], "label_old": [0.0, 1.0, 0.0]})
+    csv = tmp_path / "labels.csv"
+    csv.write_text("patient_id,acl\nA,1\nB,0\nC,1\n")
+    labeled, notes = attach_labels(frame, csv)
+    assert list(labeled["label_acl"]) == [1.0, 1.0, 0.0] and "label_old" not in labeled.columns
+    assert any("'C'" in note for note in notes)  # a row naming no patient of the archive is named
+    csv.write_text("study_id,acl\na1,1\na2,yes\n")
+    with pytest.raises(OrthodiffError, match=r"label 'acl' is 'yes' for study_id 'a2' \(row 3\)"):
+        attach_labels(frame, csv)
+
+
+def test_unusable_labels_are_named_and_left_out_and_none_left_is_refused():
+    frame = pd.DataFrame({"patient_id": ["A", "B", "C"], "study_id": ["a", "b", "c"], "label_ok": [0.0, 1.0, None],
+                          "label_flat": [1.0, 1.0, 1.0], "label_empty": [None, None, None]})
+    kept, notes = usable_labels(frame, "archive")
+    assert [c for c in kept.columns if c.startswith("label_")] == ["label_ok"]
+    assert any("flat" in n and "constant" in n for n in notes) and any("empty" in n and "no study" in n for n in notes)
+    assert any("'c'" in n for n in notes)  # a study without any label value
+    with pytest.raises(OrthodiffError, match="no label varies"):
+        usable_labels(frame.drop(columns=["label_ok"]), "archive")
+    with pytest.raises(OrthodiffError, match="label 'ok' holds 2"):
+        usable_labels(frame.assign(label_ok=[0.0, 2.0, 1.0]), "archive")
+    with pytest.raises(OrthodiffError, match="--labels CSV"):
+        usable_labels(frame[["patient_id", "study_id"]], "archive")
+
+
+def test_a_study_without_a_prepared_series_is_named(tmp_path):
+    from orthodiff.fileio import write_table
+
+    manifest = pd.DataFrame({"patient_id": ["A", "A", "B"], "study_id": ["a", "a", "b"], "series_id": ["a1", "a2", "b1"],
+                             "plane": ["sagittal"] * 3, "path": ["x"] * 3, "format": ["nifti"] * 3})
+    write_table(tmp_path / "manifest.parquet", manifest)
+    (tmp_path / "cache").mkdir()
+    pd.DataFrame({"series_id": ["a2"]}).to_parquet(tmp_path / "cache" / "index.parquet")
+    lines = studies_without_series(tmp_path / "manifest.parquet", tmp_path / "cache")
+    assert len(lines) == 1 and lines[0].startswith("study b: no usable series")
+
+
+def test_user_options_that_do_not_go_together_are_refused(tmp_path):
+    with pytest.raises(OrthodiffError, match="need --labeled"):
+        UserData(unlabeled=tmp_path).check()
+    with pytest.raises(OrthodiffError, match="give one of them"):
+        UserData(labeled=tmp_path, unlabeled=tmp_path, pool_from_training=True).check()
+    with pytest.raises(OrthodiffError, match="needs a pretraining source"):
+        UserData(labeled=tmp_path).check()
+    with pytest.raises(OrthodiffError, match="label-fraction"):
+        run_bench("robustness", "test", tmp_path / "out", user=UserData(denoisers=tmp_path))
