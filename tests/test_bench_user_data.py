@@ -179,3 +179,25 @@ def test_user_options_that_do_not_go_together_are_refused(tmp_path):
         UserData(labeled=tmp_path).check()
     with pytest.raises(OrthodiffError, match="label-fraction"):
         run_bench("robustness", "test", tmp_path / "out", user=UserData(denoisers=tmp_path))
+
+
+def test_mrnet_valid_exams_are_the_test_set(tmp_path):
+    from orthodiff.bench.user_data import mrnet_valid_patients, test_on_mrnet_valid
+    from orthodiff.data.splits import load_splits, make_splits
+    from orthodiff.fileio import write_table
+
+    exams = [("train", n) for n in range(16)] + [("valid", 1130 + n) for n in range(6)]
+    rows = [{"patient_id": f"mrnet-{split}-{n:04d}", "study_id": f"mrnet-{split}-{n:04d}",
+             "series_id": f"mrnet-{split}-{n:04d}/{plane}", "plane": plane, "path": "x", "format": "mrnet",
+             "label_acl": float(n % 2), "label_meniscus": float(n % 3 == 0)}
+            for split, n in exams for plane in ("sagittal", "coronal", "axial")]
+    write_table(tmp_path / "manifest.parquet", pd.DataFrame(rows))
+    valid = mrnet_valid_patients(tmp_path / "manifest.parquet")
+    assert valid == [f"mrnet-valid-{1130 + n:04d}" for n in range(6)]
+    make_splits(tmp_path / "manifest.parquet", tmp_path / "splits.json", val_fraction=0.25, test_fraction=0.0,
+                fractions=[1.0, 0.5])
+    test_on_mrnet_valid(tmp_path / "splits.json", tmp_path / "manifest.parquet", 0)
+    splits = load_splits(tmp_path / "splits.json")
+    assert sorted(splits.test) == valid
+    assert all(p.startswith("mrnet-train-") for p in splits.train + splits.val) and splits.val
+    assert set(splits.subset(0.5)) <= set(splits.train)

@@ -239,8 +239,14 @@ def prepare_user_joint(preset: BenchPreset, out: Path, user: UserData, joint: st
         write_json(record, {**given, "notes": notes})
     prepare_planes(config)
     data = config.data
-    make_splits(data.manifest, data.splits, seed=config.seed, val_fraction=data.val_fraction,
-                test_fraction=data.test_fraction, fractions=data.label_fractions)
+    if mrnet_valid_patients(manifest):
+        # MRNet's valid exams are its held-out test set: they are the test set, train/val come from train
+        make_splits(data.manifest, data.splits, seed=config.seed, val_fraction=data.val_fraction,
+                    test_fraction=0.0, fractions=data.label_fractions)
+        test_on_mrnet_valid(Path(data.splits), manifest, int(config.seed))
+    else:
+        make_splits(data.manifest, data.splits, seed=config.seed, val_fraction=data.val_fraction,
+                    test_fraction=data.test_fraction, fractions=data.label_fractions)
     notes = list(notes) + studies_without_series(manifest, Path(data.cache))
     return JointData(joint=joint, root=root, config=config), notes
 
@@ -251,6 +257,46 @@ def source_stamp(path: Path) -> dict:
     if Path(path).is_file():
         return {Path(path).name: sha256_file(path)}
     return {name: sha256_file(Path(path) / name) for name in ("labels.csv", "metadata.csv") if (Path(path) / name).exists()}
+
+
+def mrnet_valid_patients(manifest: Path) -> list[str]:
+    """The patients of MRNet's valid exams when the archive is MRNet's train and valid folders (scan
+    names their studies mrnet-train-NNNN and mrnet-valid-NNNN); empty for any other archive."""
+    from ..data.manifest import read_manifest
+
+    studies = read_manifest(manifest).drop_duplicates("study_id")
+    ids = studies["study_id"].astype(str)
+    valid, train = ids.str.startswith("mrnet-valid-"), ids.str.startswith("mrnet-train-")
+    if not (valid.any() and train.any() and (valid | train).all()):
+        return []
+    return sorted(set(studies.loc[valid, "patient_id"].astype(str)))
+
+
+def test_on_mrnet_valid(splits_path: Path, manifest: Path, seed: int) -> Path:
+    """Rewrite a train/val splits file of an MRNet archive so that its test set is exactly MRNet's
+    valid exams: those leave train and val, and the nested label subsets are drawn again from what is
+    left. Done once (the file records it)."""
+    from ..data.manifest import read_manifest
+    from ..data.splits import load_splits, nested_subsets, patient_labels
+
+    stored = read_json(splits_path)
+    if stored.get("test_set") == "mrnet-valid":
+        return splits_path
+    splits = load_splits(splits_path)
+    valid = set(mrnet_valid_patients(manifest))
+    per_patient = patient_labels(read_manifest(manifest), splits.labels)
+    train = sorted(set(splits.train) - valid)
+    val = sorted(set(splits.val) - valid)
+    fractions = sorted(splits.subsets, reverse=True)
+    subsets = nested_subsets(train, per_patient.loc[train], fractions, int(seed) + 7)
+    val_subsets = nested_subsets(val, per_patient.loc[val], fractions, int(seed) + 57)
+    stored.update(train=train, val=val, test=sorted(valid), test_set="mrnet-valid",
+                  subsets={f"{k:g}": sorted(v) for k, v in subsets.items()},
+                  val_subsets={f"{k:g}": sorted(v) for k, v in val_subsets.items()})
+    stored.pop("label_positives", None)  # counted for the random split; the report counts anew
+    write_json(splits_path, stored)
+    load_splits(splits_path)  # checks nesting and disjointness
+    return splits_path
 
 
 def _check_same_source(record: Path, given: dict, root: Path) -> None:
@@ -408,4 +454,4 @@ def _pretraining_facts(folder: Path) -> dict:
 
 
 __all__ = ["UserData", "archive_size", "attach_labels", "check_disjoint", "existing_denoisers", "pool_counts", "prepare_user_joint",
-           "prepare_user_pool", "read_user_archive", "studies_without_series", "usable_labels", "user_pretraining"]
+           "mrnet_valid_patients", "prepare_user_pool", "test_on_mrnet_valid", "read_user_archive", "studies_without_series", "usable_labels", "user_pretraining"]
