@@ -430,3 +430,37 @@ def test_slurm_script_passes_overrides_whole_and_cpus_to_srun(tmp_path):
     assert args[args.index("--main_process_ip") + 1] == "node-a"
     assert (tmp_path / "args.cpus").read_text().strip() == "32"
     assert "#SBATCH --output=%x-%j.out" in script.read_text().splitlines()
+
+
+def test_heldout_loss_shared_out_over_processes_adds_up_to_the_whole(cache, tmp_path):
+    """Each process scores its share of the held-out volumes in batches; the shares add up to one process's score."""
+    from types import SimpleNamespace
+
+    from orthodiff.training.heldout import HeldoutLoss, evaluate_heldout
+
+    splits = write_splits(tmp_path / "splits.json", ["P0001", "P0002"], ["P0003", "P0004", "P0005"], ["P0006"])
+    cfg = tiny_config(cache, tmp_path, f"data.splits={splits}", "pretrain.eval_every=1", "pretrain.eval_volumes=3",
+                      "pretrain.batch_size=2")
+    model = initial_denoiser(cfg, "sagittal")
+    whole = HeldoutLoss(cfg, "sagittal", "cpu")
+    shares = [HeldoutLoss(cfg, "sagittal", "cpu", rank, 2) for rank in (0, 1)]
+    assert [len(share.volumes) for share in shares] == [2, 1] and len(whole.volumes) == 3
+    torch.testing.assert_close(shares[0].noise[1], whole.noise[2])  # a volume's noise does not depend on the share
+    added = shares[0].totals(model) + shares[1].totals(model)
+    assert added[1].item() == 3 * len(whole.timesteps)
+    assert (added[0] / added[1]).item() == pytest.approx(whole(model), rel=1e-6)
+
+    class NoEMA:
+        def store(self, parameters): pass
+        def copy_to(self, parameters): pass
+        def restore(self, parameters): pass
+
+    written = []
+    for rank, share in enumerate(shares):
+        other = shares[1 - rank]
+        accelerator = SimpleNamespace(num_processes=2, is_main_process=rank == 0,
+                                      reduce=lambda totals, reduction, other=other: totals + other.totals(model))
+        loss = evaluate_heldout(share, model, NoEMA(), 5, "sagittal", SimpleNamespace(write=written.append),
+                                tmp_path / "sagittal", accelerator)
+        assert loss == pytest.approx(whole(model), rel=1e-6)
+    assert [row["step"] for row in written] == [5]  # the main process alone writes

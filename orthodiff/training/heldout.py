@@ -51,9 +51,14 @@ def heldout_series(cfg, plane: str) -> list[str]:
 
 
 class HeldoutLoss:
-    """Scores a denoiser on fixed held-out volumes, timesteps and noise (built once per run)."""
+    """Scores a denoiser on fixed held-out volumes, timesteps and noise (built once per run).
 
-    def __init__(self, cfg, plane: str, device):
+    On several processes each scores its share of the volumes (``rank``, ``processes``) and
+    ``evaluate_heldout`` adds the shares up, so no GPU holds them all and none waits long for the
+    others. Volumes and noise stay on the CPU and go to ``device`` ``pretrain.batch_size`` at a time.
+    """
+
+    def __init__(self, cfg, plane: str, device, rank: int = 0, processes: int = 1):
         from ..data.cache import PlaneCache
         from ..data.datasets import _as_float32
         from ..models.diffusion import make_noise_scheduler
@@ -62,43 +67,66 @@ class HeldoutLoss:
             raise OrthodiffError(f"pretrain.eval_volumes={cfg.pretrain.eval_volumes}: must be at least 1")
         cache = PlaneCache(cfg.data.cache)
         self.series = heldout_series(cfg, plane)
-        self.volumes = torch.stack([_as_float32(cache.image(sid)) for sid in self.series]).to(device)
+        self.device = torch.device(device)
+        self.batch_size = max(1, int(cfg.pretrain.batch_size))
         self.scheduler = make_noise_scheduler(cfg.diffusion)
         self.timesteps = heldout_timesteps(cfg.diffusion.num_train_timesteps)
         self.gamma = cfg.diffusion.min_snr_gamma
-        generator = torch.Generator().manual_seed(derived_seed(cfg.seed, PLANES.index(plane), NOISE_STREAM))
-        # (timesteps, volumes, 1, D, H, W), drawn on the CPU so every device gets the same numbers
-        self.noise = torch.randn((len(self.timesteps), *self.volumes.shape), generator=generator).to(device)
+        mine = range(int(rank), len(self.series), int(processes))
+        self.volumes = [_as_float32(cache.image(self.series[index])) for index in mine]
+        # (timesteps, 1, D, H, W) per volume, seeded by the volume's place in the list: the same numbers
+        # however the volumes are shared out, on every device
+        self.noise = [
+            torch.randn((len(self.timesteps), *volume.shape), generator=torch.Generator().manual_seed(
+                derived_seed(cfg.seed, PLANES.index(plane), NOISE_STREAM, index)))
+            for index, volume in zip(mine, self.volumes)
+        ]
 
     @torch.no_grad()
-    def __call__(self, model) -> float:
-        """Mean over timesteps of the training objective on the held-out volumes."""
+    def totals(self, model) -> torch.Tensor:
+        """(sum of the per-volume losses over timesteps and this process's volumes, their count) on ``device``."""
         from ..models.diffusion import denoising_loss
 
         was_training = model.training
         model.eval()
+        total = torch.zeros(2, device=self.device)
         try:
-            losses = []
-            for index, t in enumerate(self.timesteps):
-                timesteps = torch.full((len(self.volumes),), t, dtype=torch.long, device=self.volumes.device)
-                losses.append(float(denoising_loss(model, self.scheduler, self.volumes, timesteps,
-                                                   self.noise[index], self.gamma)))
+            for start in range(0, len(self.volumes), self.batch_size):
+                volumes = torch.stack(self.volumes[start:start + self.batch_size]).to(self.device)
+                noise = torch.stack(self.noise[start:start + self.batch_size], dim=1).to(self.device)
+                for index, t in enumerate(self.timesteps):
+                    timesteps = torch.full((len(volumes),), t, dtype=torch.long, device=self.device)
+                    loss = denoising_loss(model, self.scheduler, volumes, timesteps, noise[index], self.gamma)
+                    total[0] += loss.float() * len(volumes)
+                    total[1] += len(volumes)
         finally:
             model.train(was_training)
-        return sum(losses) / len(losses)
+        return total
+
+    def __call__(self, model) -> float:
+        """Mean over timesteps and volumes of the training objective (this process's volumes)."""
+        loss, count = self.totals(model).tolist()
+        return loss / count
 
 
-def evaluate_heldout(heldout: HeldoutLoss, model, ema, step: int, plane: str, metrics, plane_dir: Path) -> float:
-    """Score the EMA weights (raw weights restored after), log the record and redraw the plot."""
+def evaluate_heldout(heldout: HeldoutLoss, model, ema, step: int, plane: str, metrics, plane_dir: Path,
+                     accelerator=None) -> float:
+    """Score the EMA weights (raw weights restored after) on every process's share, add the shares up;
+    the main process logs the record and redraws the plot."""
     parameters = list(model.parameters())
     ema.store(parameters)
     ema.copy_to(parameters)
     try:
-        loss = heldout(model)
+        totals = heldout.totals(model)
     finally:
         ema.restore(parameters)
-    metrics.write({"plane": plane, "step": int(step), "heldout_loss": loss})
-    plot_heldout(Path(plane_dir) / "metrics.jsonl", Path(plane_dir) / PLOT_NAME, plane)
+    if accelerator is not None and accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    loss, count = totals.tolist()
+    loss = loss / count
+    if accelerator is None or accelerator.is_main_process:
+        metrics.write({"plane": plane, "step": int(step), "heldout_loss": loss})
+        plot_heldout(Path(plane_dir) / "metrics.jsonl", Path(plane_dir) / PLOT_NAME, plane)
     return loss
 
 
@@ -126,9 +154,9 @@ def plot_heldout(metrics_path: Path, png_path: Path, plane: str) -> Path | None:
     return save_png(fig, Path(png_path))
 
 
-def make_heldout(cfg, plane: str, device) -> HeldoutLoss | None:
-    """The run's held-out scorer, or None when ``pretrain.eval_every`` is 0."""
+def make_heldout(cfg, plane: str, device, rank: int = 0, processes: int = 1) -> HeldoutLoss | None:
+    """The run's held-out scorer (this process's share), or None when ``pretrain.eval_every`` is 0."""
     every = int(cfg.pretrain.eval_every)
     if every < 0:
         raise OrthodiffError(f"pretrain.eval_every={every}: must be 0 (never) or a number of steps")
-    return HeldoutLoss(cfg, plane, device) if every else None
+    return HeldoutLoss(cfg, plane, device, rank, processes) if every else None

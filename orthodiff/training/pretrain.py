@@ -419,21 +419,21 @@ class _Loop:
         return record
 
     def make_heldout(self):
-        """The held-out loss scorer (``training.heldout``), or None when off; built on every rank so a
-        missing validation split stops them all, scored on the main process only."""
+        """The held-out loss scorer (``training.heldout``) of this process's share of the volumes, or None
+        when off; built on every rank, so a missing validation split stops them all."""
         from .heldout import make_heldout
 
-        return make_heldout(self.cfg, self.plane, self.accelerator.device)
+        accelerator = self.accelerator
+        return make_heldout(self.cfg, self.plane, accelerator.device, accelerator.process_index,
+                            accelerator.num_processes)
 
     def evaluate_heldout(self, step: int) -> None:
-        if not self.accelerator.is_main_process:
-            return
         from .heldout import evaluate_heldout
 
         model = self.accelerator.unwrap_model(self.model)
         with self.accelerator.autocast():
             loss = evaluate_heldout(self.heldout, model, self.ema, step, self.plane, self.metrics,
-                                    Path(self.cfg.pretrain.output_dir) / self.plane)
+                                    Path(self.cfg.pretrain.output_dir) / self.plane, self.accelerator)
         self.accelerator.log({"heldout/loss": loss}, step=step)
 
     def preview(self, step: int, clean: torch.Tensor) -> None:
