@@ -201,3 +201,11 @@ def test_mrnet_valid_exams_are_the_test_set(tmp_path):
     assert sorted(splits.test) == valid
     assert all(p.startswith("mrnet-train-") for p in splits.train + splits.val) and splits.val
     assert set(splits.subset(0.5)) <= set(splits.train)
+
+
+def test_the_command_line_offers_the_user_data_options_and_refuses_a_labeled_archive_alone(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "label-fraction", "--preset", "test", "--out", str(tmp_path / "out"), "--labeled", str(tmp_path)])
+    error = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and error.count("\n") == 0 and "--pool-from-training" in error
+    assert not (tmp_path / "out").exists()  # refused before anything is written
