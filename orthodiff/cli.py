@@ -3,7 +3,7 @@ so ``orthodiff --help`` answers at once."""
 
 from __future__ import annotations
 
-import errno
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -12,6 +12,7 @@ import typer
 
 from .config import PRESET_RULE, preset_names
 from .errors import OrthodiffError
+from .fileio import disk_full_errno
 
 app = typer.Typer(
     name="orthodiff",
@@ -322,7 +323,6 @@ def bench_robustness(
 
 
 INTERRUPTED = 130  # the shell's status for Ctrl-C; typer returns it for a KeyboardInterrupt in a command
-DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -340,9 +340,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         _show(exc)
         sys.exit(exc.exit_code)
     except OSError as exc:
-        if exc.errno not in DISK_FULL:
+        full = disk_full_errno(exc)
+        if full is None:
             raise
-        typer.echo(f"orthodiff: error: {DISK_FULL[exc.errno]}{_where(exc)}; free space and run again", err=True)
+        typer.echo(f"orthodiff: error: {os.strerror(full).lower()}{_where(exc)}; free space and run again", err=True)
         sys.exit(1)
     if status == INTERRUPTED:
         typer.echo("orthodiff: interrupted", err=True)

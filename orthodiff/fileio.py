@@ -26,7 +26,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; shared archives need the umask's mode
         os.replace(tmp_path, path)
     except OSError as exc:
-        full = _disk_full_errno(exc)
+        full = disk_full_errno(exc)
         if full is None:
             raise
         # Name the file being written: the writer's own error (pyarrow's, a temp name) may not.
@@ -39,8 +39,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
-def _disk_full_errno(exc: OSError) -> int | None:
-    """ENOSPC or EDQUOT when ``exc`` says the disk is full (pyarrow says so only in its message)."""
+def disk_full_errno(exc: BaseException) -> int | None:
+    """ENOSPC or EDQUOT when ``exc`` says the disk is full (pyarrow says so only in its message), else None."""
+    if not isinstance(exc, OSError):
+        return None
     if exc.errno in _DISK_FULL:
         return exc.errno
     text = str(exc)

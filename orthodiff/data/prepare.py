@@ -34,7 +34,6 @@ One run at a time writes a cache folder: a second run waits for the first (``ort
 
 from __future__ import annotations
 
-import errno
 import json
 import numbers
 import os
@@ -46,7 +45,16 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OrthodiffError, ScanError
-from ..fileio import atomic_path, npy_is_complete, read_json, safe_filename, sha256_file, write_json, write_table
+from ..fileio import (
+    atomic_path,
+    disk_full_errno,
+    npy_is_complete,
+    read_json,
+    safe_filename,
+    sha256_file,
+    write_json,
+    write_table,
+)
 from ..io.volume import Volume
 from ..locks import exclusive
 from ..planes import PLANES, check_plane
@@ -68,7 +76,6 @@ ERROR_COLUMNS = ["series_id", "path", "reason"]
 SLABS = ("crop", "fit")
 CENTRE_COLUMN = "joint_centre_ras"  # optional manifest column: the joint's centre "x,y,z" in RAS mm
 _RAS_AXIS_OF_CODE = {"L": 0, "R": 0, "P": 1, "A": 1, "I": 2, "S": 2}
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 # --------------------------------------------------------------------------- pure transforms
@@ -469,7 +476,7 @@ def prepare_cache(
         with exclusive(out, "prepare", "prepare"):
             return _prepare_into(out, frame, sizes, settings, workers, manifest_path, fingerprint, shard_info)
     except OSError as exc:
-        if exc.errno in _DISK_FULL:
+        if disk_full_errno(exc) is not None:
             raise OrthodiffError(_disk_full(out)) from None
         raise
 
@@ -679,7 +686,7 @@ def _prepare_series(task: dict) -> dict:
     except OrthodiffError as exc:
         return {"series_id": row["series_id"], "path": str(row["path"]), "reason": _one_line(exc)}
     except OSError as exc:
-        if exc.errno in _DISK_FULL:
+        if disk_full_errno(exc) is not None:
             return {"disk_full": str(out)}
         reason = f"unexpected {type(exc).__name__} while preparing: {exc}"
         return {"series_id": row["series_id"], "path": str(row["path"]), "reason": _one_line(reason)}

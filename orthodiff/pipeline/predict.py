@@ -23,7 +23,6 @@ and renamed when complete, so a folder that exists is whole.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import OrthodiffError, ScanError
-from ..fileio import atomic_directory, safe_filename, write_json, write_table
+from ..fileio import atomic_directory, disk_full_errno, safe_filename, write_json, write_table
 from ..locks import exclusive
 from .domain import notes_text, study_notes
 from .inputs import StudyInput, collect_studies
@@ -112,7 +111,7 @@ def _predict_into(out: Path, pipeline, inputs, explain: bool, progress: bool, pi
             errors.append({"input": _study_source(study), "study_id": study.study_id, "reason": _one_line(exc)})
             continue
         except Exception as exc:  # noqa: BLE001  odd data must not stop the other studies
-            if _disk_full(exc):
+            if disk_full_errno(exc) is not None:
                 raise  # every later study would fail too: the command stops with one line naming the folder
             reason = f"unexpected {type(exc).__name__} while predicting: {_one_line(exc)}"
             errors.append({"input": _study_source(study), "study_id": study.study_id, "reason": reason})
@@ -299,10 +298,6 @@ def clean_stale_staging(out: Path, older_than: float = STALE_AFTER_S) -> list[st
     return removed
 
 
-def _disk_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
 @contextlib.contextmanager
 def _naming_a_full_disk(path: Path):
     """A full disk names ``path``, the output being written (a failed write() names no file, and a temporary
@@ -310,7 +305,7 @@ def _naming_a_full_disk(path: Path):
     try:
         yield
     except OSError as exc:
-        if not _disk_full(exc):
+        if disk_full_errno(exc) is None:
             raise
         raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
 
