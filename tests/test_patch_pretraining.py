@@ -180,3 +180,18 @@ def test_patch_training_scores_and_reads_whole_planes(cache, tmp_path, monkeypat
     # the bottleneck follows the whole plane, not the crops the denoiser trained on
     assert features[("mid", "100")].shape[2:] == tuple(s // 2 for s in TINY_SIZE) != tuple(s // 2 for s in PATCH)
     assert all(torch.isfinite(value).all() for value in features.values())
+
+
+def test_bench_pretraining_key_changes_only_with_crops(cache, tmp_path):
+    """A bench's cached whole-plane pretraining keeps its key; a crop size is a pretraining of its own."""
+    from dataclasses import asdict
+
+    from orthodiff.bench.pretraining import _IGNORED_PRETRAIN_KEYS, _digest, pretrain_key
+
+    whole = tiny_config(cache, tmp_path)
+    settings = {k: v for k, v in asdict(whole.pretrain).items() if k not in (*_IGNORED_PRETRAIN_KEYS, "patch_size")}
+    without_the_field = _digest({"model": asdict(whole.model), "pretrain": settings, "seed": 0,
+                                 "patients": ["P1"], "cache": "c"})
+    assert pretrain_key(whole, ["P1"], "c") == without_the_field
+    assert pretrain_key(tiny_config(cache, tmp_path, "pretrain.patch_size={}"), ["P1"], "c") == without_the_field
+    assert pretrain_key(tiny_config(cache, tmp_path, PATCH_OVERRIDE), ["P1"], "c") != without_the_field

@@ -154,6 +154,8 @@ def pretrain_key(config: ExperimentConfig, patients: list[str], cache_fingerprin
     """sha256 of what a pretraining learns from: the network, the pretraining settings, the seed and
     its data (the pool's patients and the prepared cache's settings)."""
     settings = {k: v for k, v in asdict(config.pretrain).items() if k not in _IGNORED_PRETRAIN_KEYS}
+    if not settings.get("patch_size"):  # whole planes, however spelled (null or {}), keep the key they always had
+        settings.pop("patch_size", None)
     return _digest({"model": asdict(config.model), "pretrain": settings, "seed": int(config.seed),
                     "patients": sorted(patients), "cache": cache_fingerprint})
 
