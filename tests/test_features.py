@@ -1,5 +1,7 @@
 """Feature extraction (seeded, early exit) and the feature store (reuse, refusal)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -124,6 +126,10 @@ def test_store_caches_every_study_reuses_and_refuses_other_settings(project, tmp
         direct = FeatureExtractor(denoiser, [100], ["mid"], seed=cfg.seed)(image, [row["study_id"]])[("mid", "100")]
     assert np.allclose(array[int(row["row"])], direct[0].numpy(), atol=2e-3)
 
+    # The store says what computed it, with TF32 off (the float32 numbers predict computes too).
+    device = json.loads((path / "features.json").read_text())["device"]
+    assert device["type"] == "cpu" and device["tf32"] is False and device["torch"] == torch.__version__
+
     stamp = (path / "features.json").stat().st_mtime_ns
     assert run_extraction(cfg) == path and (path / "features.json").stat().st_mtime_ns == stamp  # reused
 
@@ -164,3 +170,20 @@ def test_feature_selection_composes_maps_on_the_first_ones_grid():
         parse_key("mid")
     with pytest.raises(OrthodiffError, match="averaged timesteps cannot be mixed"):
         plane_sampling(["mid@50+100", "mid@25"])
+
+
+def test_exact_float32_turns_tf32_off_and_restores_the_settings():
+    from orthodiff.models.numerics import exact_float32
+
+    backends = torch.backends
+    saved = (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.deterministic,
+             backends.cudnn.benchmark)
+    backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.benchmark = True, True, True
+    try:
+        with exact_float32():
+            assert not backends.cuda.matmul.allow_tf32 and not backends.cudnn.allow_tf32
+            assert backends.cudnn.deterministic and not backends.cudnn.benchmark
+        assert backends.cuda.matmul.allow_tf32 and backends.cudnn.allow_tf32 and backends.cudnn.benchmark
+    finally:
+        (backends.cuda.matmul.allow_tf32, backends.cudnn.allow_tf32, backends.cudnn.deterministic,
+         backends.cudnn.benchmark) = saved

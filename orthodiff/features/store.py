@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import OrthodiffError
 from ..fileio import npy_is_complete, read_json, read_table, write_json, write_table
 from ..locks import exclusive
+from ..models.numerics import device_record, exact_float32
 from ..planes import PLANES
 
 FORMAT = "orthodiff-features"
@@ -97,7 +98,8 @@ def run_extraction(cfg) -> Path:
             log.info("features at %s already extracted with these settings; reusing them", out)
             return out
         (out / HEADER).unlink(missing_ok=True)  # the store reads as unfinished until it is whole again
-        _extract_into(out, cfg, cache, series, denoisers, spec, device)
+        with exact_float32():
+            _extract_into(out, cfg, cache, series, denoisers, spec, device)
     return out
 
 
@@ -181,7 +183,8 @@ def _extract_into(out: Path, cfg, cache, series, denoisers: dict, spec: dict, de
     import pandas as pd
 
     write_table(out / INDEX, pd.concat(index_rows, ignore_index=True))
-    write_json(out / HEADER, {"format": FORMAT, "version": VERSION, "spec": spec, "entries": entries})
+    write_json(out / HEADER, {"format": FORMAT, "version": VERSION, "spec": spec, "entries": entries,
+                              "device": device_record(device)})
 
 
 class _open_arrays:

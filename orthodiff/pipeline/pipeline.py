@@ -28,6 +28,7 @@ import torch
 from ..errors import OrthodiffError, ScanError
 from ..fileio import atomic_directory, atomic_path, read_format_json, read_json, sha256_file, write_json
 from ..io.volume import Volume
+from ..models.numerics import exact_float32
 from ..planes import PLANES
 
 FORMAT = "orthodiff-pipeline"
@@ -316,7 +317,8 @@ class OrthoDiffusionPipeline:
             raise OrthodiffError(f"study {study_id}: no usable series of {', '.join(self.planes)} ({reasons})")
         images = {p: torch.from_numpy(np.ascontiguousarray(t[0]))[None].float().to(self.device) for p, t in tensors.items()}
         present = torch.tensor([[p in tensors for p in PLANES]], device=self.device)
-        features = self._features(images, study_id if noise_key is None else noise_key)
+        with exact_float32():  # the numbers ``extract`` stored for the training studies
+            features = self._features(images, study_id if noise_key is None else noise_key)
 
         cls_spec = self.config["classifier"]
         maps = self._classifier_maps(features["classifier"])
