@@ -14,32 +14,14 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import OrthodiffError
+from .run_result import BenchResult
 
 BENCHES = ("label-fraction", "cross-joint", "robustness")
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BenchResult:
-    name: str
-    out: Path
-    rows: list = field(default_factory=list)
-    computed: int = 0  # cells run now (the rest came from results.json)
-    headline: list = field(default_factory=list)  # lines for the terminal
-    files: list = field(default_factory=list)
-    seconds: float = 0.0
-
-    def describe(self) -> str:
-        lines = [(f"bench {self.name}: {len(self.rows)} cells ({self.computed} computed now, "
-                 f"{len(self.rows) - self.computed} resumed from results.json) in {self.seconds:.0f} s")]
-        lines += self.headline
-        lines.append("wrote " + ", ".join(str(p) for p in self.files))
-        return "\n".join(lines)
 
 
 def run_bench(name: str, preset: str = "small", out: str | Path = "bench", overrides: Sequence[str] = (),

@@ -47,8 +47,8 @@ def cross_joint_cells(preset: BenchPreset) -> list[Cell]:
 
 
 def run_cross_joint(preset: BenchPreset, out: Path, header: dict):
-    from . import BenchResult
     from .pretraining import pool_pretraining
+    from .run_result import BenchResult
 
     targets = {joint: stage(BENCH, f"{joint} data", lambda j=joint: prepare_joint(preset, out, j))
                for joint in preset.cross_joint_targets}

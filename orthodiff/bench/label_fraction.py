@@ -47,8 +47,8 @@ def label_fraction_cells(preset: BenchPreset) -> list[Cell]:
 
 def run_label_fraction(preset: BenchPreset, out: Path, header: dict, user: UserData | None = None):
     """The bench on the synthetic archives, or on the user's (``user``: labeled archive, pool, denoisers)."""
-    from . import BenchResult
     from .pretraining import pool_pretraining
+    from .run_result import BenchResult
 
     user = user or UserData()
     notes = []

@@ -33,7 +33,7 @@ def robustness_cells(preset: BenchPreset) -> list[Cell]:
 
 
 def run_robustness(preset: BenchPreset, out: Path, header: dict):
-    from . import BenchResult
+    from .run_result import BenchResult
 
     data = stage(BENCH, "data (synth, scan, prepare, split)", lambda: prepare_joint(preset, out, JOINT))
     from .pretraining import pool_pretraining

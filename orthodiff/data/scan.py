@@ -153,7 +153,7 @@ def scan_archive(
     ``shard`` ("I/N") scans only that part of the archive's top-level folders.
     """
     from ..fileio import write_table
-    from .scan_merge import shard_record_path, write_shard_record
+    from .shard_record import shard_record_path, write_shard_record
     from .shards import parse_shard
     from .workers import resolve_workers
 

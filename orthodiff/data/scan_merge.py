@@ -18,40 +18,9 @@ from pathlib import Path
 from ..errors import OrthodiffError
 from ..planes import PLANES
 from .manifest import LABEL_PREFIX
+from .shard_record import read_shard_record, shard_record_path
 
 NO_SERIES = "has no series in the archive"
-RECORD_FORMAT = "orthodiff-scan-shard"
-
-
-def shard_record_path(manifest_path: str | Path) -> Path:
-    """``runs/m.shard1.parquet`` -> ``runs/m.shard1.shard.json``."""
-    return Path(manifest_path).with_suffix(".shard.json")
-
-
-def write_shard_record(manifest_path: Path, archive: Path, shard: tuple[int, int] | None) -> None:
-    """Record which shard of which archive a manifest holds; a manifest of a whole archive has none."""
-    from ..fileio import write_json
-    from .walk import units_fingerprint
-
-    record = shard_record_path(manifest_path)
-    record.unlink(missing_ok=True)  # a record left by an earlier scan to this path must not outlive it
-    if shard is None:
-        return
-    write_json(record, {"format": RECORD_FORMAT, "version": 1, "shard": list(shard), "archive": str(archive),
-                        "archive_units": units_fingerprint(archive)})
-
-
-def _read_shard_record(path: Path) -> dict:
-    from ..fileio import read_format_json
-
-    record = shard_record_path(path)
-    if not record.is_file():
-        raise OrthodiffError(
-            f"{record}: shard record not found, so {path.name} is not known as one shard of an archive; "
-            "scan it again with --shard I/N"
-        )
-    data = read_format_json(record, RECORD_FORMAT, "scan shard record", "scan that shard again")
-    return {**data, "manifest": path}
 
 
 def _check_shard_set(records: list[dict]) -> None:
@@ -110,7 +79,7 @@ def merge_scan_shards(manifests, out: str | Path, errors: str | Path | None = No
         frame = read_table(path)
         if "study_key" not in frame.columns:
             raise OrthodiffError(f"{path}: not a manifest written by this version of `orthodiff scan`; scan the shard again")
-        records.append(_read_shard_record(path))
+        records.append(read_shard_record(path))
         frames.append(frame.assign(_shard=len(frames)))
         errors_path = default_errors_path(path)
         if not errors_path.is_file():

@@ -21,6 +21,7 @@ import numpy as np
 
 from .shapes import Canvas, Capsule, Ellipsoid, rotation
 from .template import load_template
+from .tissues import tissue_table
 
 # Template label -> tissue name (template.TEMPLATE_LABELS gives the labels).
 _TEMPLATE_TISSUE = {1: "femoral_cartilage", 2: "tibial_cartilage", 3: "tibial_cartilage", 4: "patellar_cartilage",
@@ -134,8 +135,6 @@ def _landmarks(labels: np.ndarray, origin: np.ndarray, spacing: float) -> dict:
 def knee_atlas() -> KneeAtlas:
     """The template wrapped in soft tissue, as knee tissue ids; built once per process."""
     from scipy.ndimage import distance_transform_edt
-
-    from .anatomy import tissue_table
 
     template = load_template()
     ids = tissue_table("knee").ids
@@ -420,8 +419,6 @@ def _draw_soft_structures(canvas: Canvas, pose: KneePose, atlas: KneeAtlas) -> d
 @lru_cache(maxsize=4)
 def _meniscus_extent(name: str) -> tuple[np.ndarray, np.ndarray]:
     """Centre and half-extent of one meniscus in the atlas (mm)."""
-    from .anatomy import tissue_table
-
     atlas = knee_atlas()
     pts = _points(atlas.tissues == tissue_table("knee").ids[name], atlas.origin, atlas.spacing)
     return (pts.min(0) + pts.max(0)) / 2, (pts.max(0) - pts.min(0)) / 2
