@@ -255,7 +255,7 @@ def test_undefined_auroc_is_a_named_warning_not_a_nan():
 
 
 SCRIPTS = Path(__file__).parent / "scripts"
-TWO_RANK_CASES = ("partial-mid", "full-mid", "partial-down0", "full-down1", "segment-full", "dynunet")
+TWO_RANK_CASES = ("partial-mid", "full-mid", "partial-down0", "full-down1", "segment-full", "dynunet", "resnet3d")
 
 
 def _free_port() -> int:
@@ -269,8 +269,10 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_cpu_processes_finetune_in_step_and_agree(project, tmp_path):
     """partial/full at mid and at a down block, decoder segmentation and DynUNet with the second rank's
-    batches lacking segmentations: every case takes the budget's steps on both ranks, ends with the same
-    weights on both, and the main process alone writes one metrics row per validation."""
+    batches lacking segmentations, the ResNet baseline: every case takes the budget's steps on both ranks,
+    ends with the same weights on both, and the main process alone writes the run directory, with one
+    metrics row per validation. A probe grid trains on the main process alone and chooses what one
+    process chooses."""
     import os
     import subprocess
     import sys
@@ -291,3 +293,19 @@ def test_two_cpu_processes_finetune_in_step_and_agree(project, tmp_path):
         assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-6), case
         rows = [json.loads(line) for line in (tmp_path / case / "run" / "metrics.jsonl").read_text().splitlines()]
         assert [row["step"] for row in rows] == [2, 3], case
+        assert ranks[1]["written"] == [], case
+        assert {"config.yaml", "metrics.jsonl", "run.json"} <= set(ranks[0]["written"]), case
+
+    grid_ranks = [json.loads((tmp_path / "grid" / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    assert grid_ranks[0]["probe_cells"] > 0 and "probe_cells" not in grid_ranks[1]
+    assert grid_ranks[1]["written"] == [] and "run.json" in grid_ranks[0]["written"]
+    # one process, with the two-process run's config and feature store, chooses the same cell with the
+    # same scores and predictions
+    from orthodiff.config import load_config
+
+    two = tmp_path / "grid" / "run"
+    one = run_finetune(load_config([two / "config.yaml"], [f"finetune.output_dir={tmp_path / 'one'}"])).run_dir
+    grids = [json.loads((run / "run.json").read_text())["grid"] for run in (two, one)]
+    assert grids[0]["best"] == grids[1]["best"] and grids[0]["chosen"] == grids[1]["chosen"]
+    assert grids[0]["planes"] == grids[1]["planes"]
+    assert (two / "predictions.csv").read_text() == (one / "predictions.csv").read_text()

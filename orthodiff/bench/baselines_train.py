@@ -10,6 +10,11 @@ step budget (``finetune.max_steps``, ``eval_every``, ``patience``; epochs when u
 ``train_segmentation_baseline`` does the same for segmentation (``dynunet``, the supervised
 reference): same datasets and augmentation, class-balanced Dice + CE, best validation mean Dice,
 the segmentation contract (``segmentations/index.csv``).
+
+On several processes (``accelerate launch``, ``torchrun``) both train data parallel as orthodiff's
+end-to-end fine-tuning does: every process takes every step, the main process alone validates (its
+score decides best weights and early stopping for all) and writes the run directory, and every
+process returns its run.json record.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ PREDICTION_COLUMNS = ("study_id", "patient_id", "split", "site", "field_strength
 
 
 def _open_run(cfg, run_dir) -> tuple:
-    """Seed everything, create ``run_dir``, and check the cache against the config and the splits file.
+    """Seed everything and check the cache against the config and the splits file.
 
     Returns (seed, run_dir, cache, patients of the run's label fraction).
     """
@@ -43,12 +48,35 @@ def _open_run(cfg, run_dir) -> tuple:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     cache = PlaneCache(cfg.data.cache)
     cache.check_plane_size(cfg.data.plane_size)
     splits = load_splits(cfg.data.splits)
     cache.check_splits(splits)
     return seed, run_dir, cache, run_patients(splits, float(cfg.finetune.labels_fraction))
+
+
+def _start_run_directory(cfg, run_dir: Path, main: bool):
+    """The main process saves the config and opens the metrics log; the others log nowhere."""
+    from ..finetune.scoring import MetricsLog
+    from ..finetune.steps import SilentLog
+
+    if not main:
+        return SilentLog()
+    save_config(cfg, run_dir / "config.yaml")
+    return MetricsLog(run_dir / "metrics.jsonl")
+
+
+def _finish_run(state, run_dir: Path, info: dict | None) -> dict:
+    """The main process writes run.json from ``info``; every process returns that record."""
+    if state.is_main_process:
+        write_json(run_dir / "run.json", info)
+    if state.num_processes == 1:
+        return info
+    from accelerate.utils import broadcast_object_list
+
+    shared = [info]
+    broadcast_object_list(shared, from_process=0)  # also waits until run.json is written
+    return shared[0]
 
 
 def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, learning_rate: float,
@@ -58,9 +86,11 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
     Returns the run.json contents.
     """
     import torch
+    from accelerate import Accelerator
 
     from ..baselines import build_baseline
-    from ..finetune.scoring import MetricsLog, auroc_scores, patient_level
+    from ..finetune.endtoend import distributed_loss, validate_on_main
+    from ..finetune.scoring import auroc_scores, patient_level
     from ..finetune.steps import StepBudget, run_summary, train_best
     from ..finetune.studies import resolve_labels
     from ..heads import masked_bce_loss
@@ -72,42 +102,49 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
     labels = resolve_labels(cache, cfg.data.labels, f"data.labels (cache {cache.root})")
     planes = [p for p in PLANES if (cache.index["plane"] == p).any()]
     datasets = _datasets(cache, patients, labels, planes, cfg)
-    save_config(cfg, run_dir / "config.yaml")
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    # full precision, as the baselines have always been trained; Accelerate places each process on its own device
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    log = _start_run_directory(cfg, run_dir, accelerator.is_main_process)
 
     model = build_baseline(name, labels, {p: cache.plane_size[p] for p in planes}, planes=planes, **options)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=float(learning_rate),
                                   weight_decay=float(cfg.finetune.weight_decay))
     # a last batch of one study would leave batch norm one value per channel; drop it (reshuffled each epoch)
     loader = _loader(datasets["train"], batch_size, shuffle=True, seed=seed,
                      drop_last=len(datasets["train"]) > int(batch_size))
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    unwrapped = accelerator.unwrap_model(model)
+    device = accelerator.device
 
     def step(batch):
         model.train()
         batch = _to(batch, device)
         loss = masked_bce_loss(model(batch).float(), batch["labels"])
+        value = loss.item()
+        if accelerator.num_processes > 1:  # every process backpropagates through every parameter
+            loss, value = distributed_loss(accelerator, model, loss)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         if cfg.finetune.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.finetune.max_grad_norm))
+            accelerator.clip_grad_norm_(model.parameters(), float(cfg.finetune.max_grad_norm))
         optimizer.step()
-        return loss.item()
+        return value
 
     def validate():
-        frame = predict(model, datasets["val"], "val", labels, batch_size, device)
+        frame = predict(unwrapped, datasets["val"], "val", labels, batch_size, device)
         return auroc_scores(patient_level(frame, labels), labels, "val")[1]
 
     # the same budget as orthodiff's fine-tuning: epochs, or finetune.max_steps optimizer steps
     budget = StepBudget.from_finetune(cfg.finetune, epochs=int(epochs))
-    best = train_best(budget, loader, step, validate, lambda: copy.deepcopy(model.state_dict()), log,
-                      "val_macro_auroc")
-    model.load_state_dict(best.pop("state"))
+    best = train_best(budget, loader, step, lambda: validate_on_main(accelerator, validate),
+                      lambda: copy.deepcopy(unwrapped.state_dict()), log, "val_macro_auroc")
+    unwrapped.load_state_dict(best.pop("state"))
+    if not accelerator.is_main_process:
+        return _finish_run(accelerator, run_dir, None)
 
     import pandas as pd
 
-    frame = pd.concat([predict(model, datasets[s], s, labels, batch_size, device) for s in ("val", "test")],
+    frame = pd.concat([predict(unwrapped, datasets[s], s, labels, batch_size, device) for s in ("val", "test")],
                       ignore_index=True)
     columns = list(PREDICTION_COLUMNS) + [f"prob_{n}" for n in labels] + [f"label_{n}" for n in labels]
     write_table(run_dir / "predictions.csv", frame[columns])
@@ -122,12 +159,11 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
         "labels_fraction": float(cfg.finetune.labels_fraction), "init": "scratch", "mode": "supervised", "baseline": name,
         "baseline_options": options, "seed": seed, "epochs": int(epochs), "learning_rate": float(learning_rate),
         "batch_size": int(batch_size), "augment": bool(cfg.finetune.augment), **run_summary(best),
-        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "parameters": int(sum(p.numel() for p in unwrapped.parameters())),
         "patients": {split: len(ids) for split, ids in patients.items()},
         "metrics": metrics, "seconds": round(time.perf_counter() - start, 2),
     }
-    write_json(run_dir / "run.json", info)
-    return info
+    return _finish_run(accelerator, run_dir, info)
 
 
 def _datasets(cache, patients: dict, labels: list, planes: list, cfg) -> dict:
@@ -200,6 +236,7 @@ def train_segmentation_baseline(cfg, name: str, run_dir: Path, options: dict | N
     import json
 
     import torch
+    from accelerate import PartialState
 
     from ..baselines.dynunet import DynUNetSegmenter, deep_supervision_weights, poly_factor
     from ..finetune.endtoend import (
@@ -210,7 +247,6 @@ def train_segmentation_baseline(cfg, name: str, run_dir: Path, options: dict | N
         training_class_counts,
     )
     from ..finetune.run import _study_datasets, resolve_classes, write_segmentations
-    from ..finetune.scoring import MetricsLog
     from ..finetune.steps import run_summary
     from ..heads.segmentation import class_weights, make_dice_ce_loss
 
@@ -228,8 +264,8 @@ def train_segmentation_baseline(cfg, name: str, run_dir: Path, options: dict | N
     datasets = _study_datasets(cache, patients, [], planes, cfg, with_segmentation=True)
     if len(datasets["train"]) == 0:
         raise OrthodiffError(f"{cfg.data.splits}: the training subset has no study with prepared planes")
-    save_config(cfg, run_dir / "config.yaml")
-    log = MetricsLog(run_dir / "metrics.jsonl")
+    state = PartialState()
+    log = _start_run_directory(cfg, run_dir, state.is_main_process)
 
     spacing = {plane: np.median(np.array([json.loads(v) for v in cache.index.loc[cache.index["plane"] == plane,
                                                                                     "tensor_spacing"]]), axis=0)
@@ -266,6 +302,8 @@ def train_segmentation_baseline(cfg, name: str, run_dir: Path, options: dict | N
 
     model, summary = fit_best(cfg, model, datasets["train"], loss_of, validate, log, "val_mean_dice",
                               optimizer=optimizer, schedule=poly_factor)
+    if not state.is_main_process:
+        return _finish_run(state, run_dir, None)
     metrics, warnings = write_segmentations(cfg, cache, model, datasets, len(classes), run_dir)
     info = {
         "task": "segment", "labels": [], "classes": classes,
@@ -280,5 +318,4 @@ def train_segmentation_baseline(cfg, name: str, run_dir: Path, options: dict | N
         "patients": {split: len(ids) for split, ids in patients.items()},
         "metrics": metrics, "warnings": warnings, "seconds": round(time.perf_counter() - start, 2),
     }
-    write_json(run_dir / "run.json", info)
-    return info
+    return _finish_run(state, run_dir, info)

@@ -137,11 +137,14 @@ def _classify(cfg, cache, patients, info, out: Path, metrics_log):
         from ..features.store import FeatureStore, run_extraction
         from .probe import predict_probes, train_probes
 
-        studies = load_run_studies(cache, patients, labels, cfg.data.ehr_columns)
+        # Every process extracts, or waits on the store's lock for the one extracting and reuses its
+        # store (a lock has no time limit; a barrier through a long extraction would). Probes on cached
+        # features are cheap: the main process alone trains them, the others wait for the run directory.
         store = FeatureStore(run_extraction(cfg))
-        best, cells, features, grid = train_probes(cfg, store, studies, metrics_log, grid=ft.mode == "grid")
         if not _is_main_process():
             return info, {}, []
+        studies = load_run_studies(cache, patients, labels, cfg.data.ehr_columns)
+        best, cells, features, grid = train_probes(cfg, store, studies, metrics_log, grid=ft.mode == "grid")
         indices = np.concatenate([studies.where("val"), studies.where("test")])
         probs = predict_probes(best.model, features, best.selection, torch.from_numpy(studies.ehr),
                                indices, int(ft.batch_size), next(best.model.parameters()).device)
@@ -292,8 +295,8 @@ def resolve_classes(cfg, cache) -> list[str]:
 
 # ------------------------------------------------------------------------------- helpers
 def _is_main_process() -> bool:
-    """On several processes (``accelerate launch``, ``torchrun``) all train; the main one predicts and
-    writes the run directory."""
+    """On several processes (``accelerate launch``, ``torchrun``) all train end to end, the main one
+    alone trains probes; the main one predicts and writes the run directory."""
     from accelerate import PartialState
 
     return PartialState().is_main_process
