@@ -432,6 +432,70 @@ def test_slurm_script_passes_overrides_whole_and_cpus_to_srun(tmp_path):
     assert "#SBATCH --output=%x-%j.out" in script.read_text().splitlines()
 
 
+SLURM_OVERRIDES = ["data.slab=fit", "data.series.description_regex=PD FS", 'data.series.planes="[sagittal]"']
+
+
+def _stand_in_commands(tmp_path: Path, bodies: dict) -> dict:
+    """An environment whose PATH finds these stand-in commands first; each records into $RECORD.*."""
+    import stat
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in bodies.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RECORD": str(tmp_path / "record")}
+
+
+SRUN_STAND_IN = 'echo "$SRUN_CPUS_PER_TASK" > "$RECORD.cpus"; while [[ "$1" == --* ]]; do shift; done; exec "$@"'
+ARGS_STAND_IN = 'for arg in "$@"; do printf "%s\\n" "$arg"; done > "$RECORD.args"'
+
+
+def test_slurm_prepare_script_passes_overrides_whole_and_cpus_to_srun(tmp_path):
+    """pretrain/slurm_prepare.sh under stand-ins for srun and orthodiff: prepare gets its shard, the job's
+    CPUs as workers and every override as one argument; srun gets the CPUs; no logs/ folder is needed."""
+    script = Path(__file__).parents[1] / "pretrain" / "slurm_prepare.sh"
+    env = _stand_in_commands(tmp_path, {"srun": SRUN_STAND_IN, "orthodiff": ARGS_STAND_IN})
+    env.update(MANIFEST="m.parquet", CACHE="cache", SLURM_ARRAY_TASK_COUNT="16", SLURM_ARRAY_TASK_ID="3",
+               SLURM_CPUS_PER_TASK="32")
+    subprocess.run(["bash", str(script), *SLURM_OVERRIDES], env=env, cwd=tmp_path, check=True, timeout=30)
+    assert (tmp_path / "record.args").read_text().splitlines() == [
+        "prepare", "m.parquet", "--out", "cache", "-c", "reference", "--workers", "32", "--shard", "3/16",
+        *SLURM_OVERRIDES]
+    assert (tmp_path / "record.cpus").read_text().strip() == "32"
+    assert "#SBATCH --output=%x-%A_%a.out" in script.read_text().splitlines()
+    assert "logs" not in script.read_text() and not (tmp_path / "logs").exists()
+
+
+def test_slurm_scan_prepare_script_hands_overrides_whole_to_prepare_and_its_merge(tmp_path):
+    """pretrain/slurm_scan_prepare.sh submit under a stand-in sbatch: the prepare array and the cache
+    merge get every override as one argument and write their output in the submit directory; the cache
+    merge job then gives them to orthodiff prepare --merge, and srun the job's CPUs."""
+    script = Path(__file__).parents[1] / "pretrain" / "slurm_scan_prepare.sh"
+    sbatch = ('calls=("$RECORD".sbatch.*); n=${#calls[@]}; [ -e "${calls[0]}" ] || n=0; '
+              'for arg in "$@"; do printf "%s\\n" "$arg"; done > "$RECORD.sbatch.$n"; echo "10$n"')
+    env = _stand_in_commands(tmp_path, {"sbatch": sbatch, "srun": SRUN_STAND_IN, "python": ARGS_STAND_IN})
+    env.update(ARCHIVE="archive", N="4", OUT=str(tmp_path / "runs"))
+    subprocess.run(["bash", str(script), "submit", *SLURM_OVERRIDES], env=env, cwd=tmp_path, check=True,
+                   timeout=30)
+    calls = [(tmp_path / f"record.sbatch.{n}").read_text().splitlines() for n in range(4)]
+    assert calls[0][-2:] == [str(script), "scan"] and calls[1][-2:] == [str(script), "merge"]
+    assert calls[2][-1 - len(SLURM_OVERRIDES):] == ["pretrain/slurm_prepare.sh", *SLURM_OVERRIDES]
+    assert calls[3][-2 - len(SLURM_OVERRIDES):] == [str(script), "merge-cache", *SLURM_OVERRIDES]
+    assert "--output=%x-%j.out" in calls[1] and "--output=%x-%j.out" in calls[3]
+    assert "#SBATCH --output=%x-%A_%a.out" in script.read_text().splitlines()
+    assert "logs" not in script.read_text() and not (tmp_path / "logs").exists()
+
+    env.update(SLURM_CPUS_PER_TASK="2")
+    subprocess.run(["bash", str(script), "merge-cache", *SLURM_OVERRIDES], env=env, cwd=tmp_path, check=True,
+                   timeout=30)
+    runs = tmp_path / "runs"
+    assert (tmp_path / "record.args").read_text().splitlines() == [
+        "-m", "orthodiff", "prepare", f"{runs}/manifest.parquet", "--out", f"{runs}/cache", "--merge", "-c",
+        "reference", *SLURM_OVERRIDES]
+    assert (tmp_path / "record.cpus").read_text().strip() == "2"
+
+
 def test_heldout_loss_shared_out_over_processes_adds_up_to_the_whole(cache, tmp_path):
     """Each process scores its share of the held-out volumes in batches; the shares add up to one process's score."""
     from types import SimpleNamespace
