@@ -306,20 +306,56 @@ def bench_label_fraction(
 def bench_cross_joint(
     preset: str = typer.Option("small", help=BENCH_PRESET_HELP),
     out: Path = typer.Option(Path("bench/cross-joint"), "--out", "-o"),
+    labeled: Optional[Path] = typer.Option(
+        None, "--labeled", help="Your labeled archive of the target joint (folder or manifest), instead of the "
+        "synthetic ankle and shoulder; its joint is the one its scans name (BodyPartExamined, metadata.csv)."),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="Labels CSV of the target archive keyed by study_id or patient_id, one 0/1 column per label."),
+    unlabeled: Optional[Path] = typer.Option(
+        None, "--unlabeled", help="Your unlabeled archive of the source joint to pretrain on; it must share no "
+        "patient, StudyInstanceUID or SeriesInstanceUID with --labeled (checked)."),
+    denoisers: Optional[Path] = typer.Option(
+        None, "--denoisers", help="Source-joint denoisers already pretrained: a pretraining or pipeline folder "
+        "holding denoisers/<plane> (recorded with its sha256)."),
     overrides: Optional[List[str]] = OverridesArgument,
 ):
-    """Knee-pretrained denoisers fine-tuned on ankle and shoulder archives."""
-    _bench("cross-joint", preset, out, overrides)
+    """Denoisers pretrained on one joint fine-tuned on another: knee on synthetic ankle and shoulder, or
+    your source pool (--unlabeled) or denoisers (--denoisers) on your target archive (--labeled)."""
+    from .bench.user_data import UserData
+
+    _bench("cross-joint", preset, out, overrides,
+           UserData(labeled=labeled, unlabeled=unlabeled, labels=labels, denoisers=denoisers))
 
 
 @bench_app.command("robustness")
 def bench_robustness(
     preset: str = typer.Option("small", help=BENCH_PRESET_HELP),
     out: Path = typer.Option(Path("bench/robustness"), "--out", "-o"),
+    labeled: Optional[Path] = typer.Option(
+        None, "--labeled", help="Your labeled archive (folder or manifest) instead of the synthetic one; needs --held-out."),
+    held_out: Optional[str] = typer.Option(
+        None, "--held-out", help="COLUMN=VALUE of your archive's manifest (site, manufacturer, field_strength, "
+        "contrast, ...): its patients are tested on, never trained or pretrained on."),
+    labels: Optional[Path] = typer.Option(
+        None, "--labels", help="Labels CSV keyed by study_id or patient_id, one 0/1 column per label."),
+    unlabeled: Optional[Path] = typer.Option(
+        None, "--unlabeled", help="Your unlabeled archive to pretrain on, less its patients of the held-out domain; "
+        "it must share no patient, StudyInstanceUID or SeriesInstanceUID with --labeled (checked)."),
+    pool_from_training: bool = typer.Option(
+        False, "--pool-from-training", help="Pretrain on the labeled archive's training patients only (never the "
+        "held-out domain, validation or test)."),
+    denoisers: Optional[Path] = typer.Option(
+        None, "--denoisers", help="Denoisers already pretrained (a pretraining or pipeline folder); the report "
+        "warns that they may have seen the held-out domain."),
     overrides: Optional[List[str]] = OverridesArgument,
 ):
-    """Train on some sites and field strengths, test on the others."""
-    _bench("robustness", preset, out, overrides)
+    """Train on some domains, test on the held-out one: the synthetic archive's sites and field
+    strengths, or any column of your archive (--labeled with --held-out COLUMN=VALUE)."""
+    from .bench.user_data import UserData
+
+    _bench("robustness", preset, out, overrides,
+           UserData(labeled=labeled, unlabeled=unlabeled, labels=labels, pool_from_training=pool_from_training,
+                    denoisers=denoisers, held_out=held_out))
 
 
 INTERRUPTED = 130  # the shell's status for Ctrl-C; typer returns it for a KeyboardInterrupt in a command

@@ -17,6 +17,7 @@ from orthodiff.bench.user_data import (
     UserData,
     attach_labels,
     existing_denoisers,
+    pretraining_provenance,
     studies_without_series,
     usable_labels,
     user_pretraining,
@@ -26,6 +27,7 @@ from orthodiff.errors import OrthodiffError
 from orthodiff.fileio import sha256_file
 
 GRID = ["seeds=[0]", "fractions=[1.0,0.5]", "methods=[orthodiff-probe,raw-voxels]", "segment_methods=[]"]
+LAKESIDE = "Lakeside Imaging Centre"  # one of the synthetic archives' three sites
 
 
 def synth(out: Path, seed: int, fmt: str, studies: int) -> Path:
@@ -124,6 +126,17 @@ def test_existing_denoisers_are_recorded_and_checked_against_the_plane_size(benc
     record = existing_denoisers(folder, config)
     assert record["sha256"]["axial"] == sha256_file(folder / "denoisers" / "axial" / "model.safetensors")
     assert record["unlabeled_patients"] == stored["unlabeled_pool"]["unlabeled_patients"]
+    # the cross-joint and robustness reports name them by joint, path, pool size and digest
+    line = pretraining_provenance(record)
+    assert line.startswith(f"Pretraining: none in this run; the knee denoisers of `{folder.resolve()}`")
+    assert record["sha256"]["axial"][:12] in line and f"{record['unlabeled_patients']} unlabeled patients" in line
+    from orthodiff.bench.domains import HeldOut
+    from orthodiff.bench.workspace import JointData
+
+    data = JointData("knee", out / "user", config)
+    _, _, warnings = user_pretraining(preset, out, UserData(labeled=out / "user", denoisers=folder), data,
+                                      domain=HeldOut("site", LAKESIDE))
+    assert any(f"never saw site={LAKESIDE}" in warning for warning in warnings)  # they may have seen it
     import orthodiff.pretrained
 
     shipped = Path(orthodiff.pretrained.__file__).parent / "knee-small"
@@ -177,8 +190,16 @@ def test_user_options_that_do_not_go_together_are_refused(tmp_path):
         UserData(labeled=tmp_path, unlabeled=tmp_path, pool_from_training=True).check()
     with pytest.raises(OrthodiffError, match="needs a pretraining source"):
         UserData(labeled=tmp_path).check()
-    with pytest.raises(OrthodiffError, match="label-fraction"):
+    with pytest.raises(OrthodiffError, match="needs --labeled and --held-out"):
         run_bench("robustness", "test", tmp_path / "out", user=UserData(denoisers=tmp_path))
+    with pytest.raises(OrthodiffError, match="needs --held-out COLUMN=VALUE"):
+        UserData(labeled=tmp_path, denoisers=tmp_path).check("robustness")
+    with pytest.raises(OrthodiffError, match="expected COLUMN=VALUE"):
+        UserData(labeled=tmp_path, denoisers=tmp_path, held_out="site").check("robustness")
+    with pytest.raises(OrthodiffError, match="an option of `orthodiff bench robustness`"):
+        UserData(labeled=tmp_path, denoisers=tmp_path, held_out="site=A").check("label-fraction")
+    with pytest.raises(OrthodiffError, match="pretrains on the source joint"):
+        UserData(labeled=tmp_path, pool_from_training=True).check("cross-joint")
 
 
 def test_mrnet_valid_exams_are_the_test_set(tmp_path):
@@ -209,3 +230,92 @@ def test_the_command_line_offers_the_user_data_options_and_refuses_a_labeled_arc
     error = capsys.readouterr().err.strip()
     assert exited.value.code == 2 and error.count("\n") == 0 and "--pool-from-training" in error
     assert not (tmp_path / "out").exists()  # refused before anything is written
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "robustness", "--preset", "test", "--out", str(tmp_path / "out"), "--labeled", str(tmp_path),
+              "--denoisers", str(tmp_path)])
+    error = capsys.readouterr().err.strip()
+    assert exited.value.code == 2 and error.count("\n") == 0 and "--held-out COLUMN=VALUE" in error
+
+
+# ------------------------------------------------------------------------------ cross-joint, robustness
+@pytest.fixture(scope="module")
+def ankle_archive(archives):
+    """A labeled archive of another joint, as a hospital exports it: DICOM with its labels.csv."""
+    main(["synth", str(archives["root"] / "ankle-hospital"), "--joint", "ankle", "--studies", "16", "--matrix", "32",
+          "--seed", "2", "--format", "dicom", "--workers", "1"])
+    return archives["root"] / "ankle-hospital"
+
+
+def test_cross_joint_runs_end_to_end_from_a_knee_pool_to_the_users_ankle_archive(archives, distinct_pool,
+                                                                               ankle_archive):
+    out = archives["root"] / "bench" / "cross-joint"
+    user = UserData(labeled=ankle_archive, unlabeled=distinct_pool)
+    result = run_bench("cross-joint", "test", out, GRID, user=user)
+    stored = json.loads((out / "results.json").read_text())
+    assert result.computed == 2 and {row["joint"] for row in stored["rows"]} == {"ankle"}
+    assert f"--labeled {ankle_archive} --unlabeled {distinct_pool}" in stored["command"]
+    # the source and target are named by what their scans say, the source pool recorded
+    assert stored["pretrained_on"] == "knee" and stored["user_data"]["targets"] == ["ankle"]
+    pool = stored["unlabeled_pools"]["knee"]
+    assert pool["source"] == "separate archive" and pool["archive"] == str(distinct_pool)
+    assert Path(stored["source_denoisers"]) == Path(pool["pretraining"]).resolve()
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Cross-joint bench (knee-pretrained denoisers on ankle)")
+    assert f"target: the user's labeled ankle archive `{ankle_archive}` (16 studies of" in report
+    assert f"unlabeled knee patients of the user's archive `{distinct_pool}`" in report
+    assert "## ankle: macro AUROC (classify)" in report
+
+
+def test_a_source_pool_sharing_a_patient_with_the_target_archive_is_refused(archives, ankle_archive):
+    out = archives["root"] / "bench" / "cross-joint"  # the target prepared by the run above (or now)
+    with pytest.raises(OrthodiffError, match="'P0001'") as refused:
+        run_bench("cross-joint", "test", out, GRID, user=UserData(labeled=ankle_archive, unlabeled=archives["pool"]))
+    assert "\n" not in str(refused.value) and "patient" in str(refused.value)
+
+
+def test_robustness_holds_a_site_out_of_training_and_of_the_pool(archives, distinct_pool):
+    out = archives["root"] / "bench" / "robustness"
+    held_out = f"site={LAKESIDE}"  # named as the archive spells it, whatever the case it was given in
+    user = UserData(labeled=archives["labeled"], labels=archives["labels"], unlabeled=distinct_pool,
+                    held_out=held_out.lower())
+    result = run_bench("robustness", "test", out, GRID, user=user)
+    assert result.computed == 2
+    scenario = "unseen-site-lakeside-imaging-centre"
+    manifest = pd.read_parquet(out / "user" / "manifest.parquet")
+    lakeside = set(manifest.loc[manifest["site"] == LAKESIDE, "patient_id"])
+    splits = json.loads((out / "user" / f"splits-{scenario}.json").read_text())
+    assert lakeside and lakeside <= set(splits["test"]) and not lakeside & set(splits["train"] + splits["val"])
+    # pretraining never saw a pool patient of the held-out site
+    stored = json.loads((out / "results.json").read_text())
+    pool = stored["unlabeled_pools"][scenario]
+    pool_frame = pd.read_parquet(Path(pool["pool"]) / "manifest.parquet")
+    pool_lakeside = set(pool_frame.loc[pool_frame["site"] == LAKESIDE, "patient_id"])
+    trained_on = json.loads((Path(pool["pretraining"]) / "pool-splits.json").read_text())
+    assert pool_lakeside and not pool_lakeside & set(trained_on["train"] + trained_on["val"])
+    assert pool["domain_left_out"] == {"held_out": held_out, "patients": len(pool_lakeside)}
+    # each run is scored on the held-out site and on the others
+    for row in stored["rows"]:
+        assert set(row["by_held_out"]) == {held_out, "other site"}
+    report = (out / "report.md").read_text()
+    assert report.startswith(f"# Robustness bench (knee, the user's archive): unseen {held_out}")
+    assert f"| {held_out} (unseen) |" in report and f"patient(s) of {held_out} left out" in report
+
+
+def test_a_held_out_column_or_value_the_archive_lacks_is_refused_in_one_line(bench, archives):
+    out, _ = bench
+    stored = json.loads((out / "results.json").read_text())
+    manifest, denoisers = out / "user" / "manifest.parquet", Path(stored["unlabeled_pool"]["pretraining"])
+    robustness = archives["root"] / "bench" / "robustness-refused"
+    with pytest.raises(OrthodiffError, match="has no column 'scanner'; columns to hold out") as refused:
+        run_bench("robustness", "test", robustness, GRID,
+                  user=UserData(labeled=manifest, denoisers=denoisers, held_out="scanner=X"))
+    assert "\n" not in str(refused.value) and "site" in str(refused.value)
+    with pytest.raises(OrthodiffError, match=f"no series of .* has site 'Nowhere'; values present: .*'{LAKESIDE}'"):
+        run_bench("robustness", "test", robustness, GRID,
+                  user=UserData(labeled=manifest, denoisers=denoisers, held_out="site=Nowhere"))
+    assert not (robustness / "results.json").exists()  # refused before any cell
+    from orthodiff.bench.domains import HeldOut
+
+    frame = pd.read_parquet(manifest)
+    three_tesla = set(frame.loc[frame["field_strength"] == 3.0, "patient_id"])
+    assert HeldOut.parse("field_strength=3").patients(frame) == three_tesla  # numbers match as numbers

@@ -4,7 +4,9 @@ sites and field strengths, against supervised baselines on the same splits and i
 ``run_bench(name, preset, out, overrides)`` runs one bench's grid of cells (method x label
 fraction x seed), resuming at the first cell missing from ``OUT/results.json``, then writes
 ``OUT/report.md`` and PNG plots. The benches synthesize their archives; ``user`` (a
-``user_data.UserData``) points the label-fraction bench at the user's own archives instead.
+``user_data.UserData``) points them at the user's own archives instead: a labeled archive, and a
+pool to pretrain on or denoisers already pretrained (cross-joint: of the source joint; robustness:
+with the domain held out).
 """
 
 from __future__ import annotations
@@ -28,17 +30,14 @@ def run_bench(name: str, preset: str = "small", out: str | Path = "bench", overr
               user=None) -> BenchResult:
     """Run bench ``name`` at ``preset`` size into ``out``; ``overrides`` are preset fields
     (``seeds=[0,1]``) or ExperimentConfig keys (``pretrain.max_steps=100``); ``user`` the user's
-    archives and denoisers (``user_data.UserData``), for the label-fraction bench."""
+    archives and denoisers (``user_data.UserData``)."""
     from .presets import resolve_preset
     from .user_data import UserData
 
     if name not in BENCHES:
         raise OrthodiffError(f"bench {name!r} is unknown; use one of {', '.join(BENCHES)}")
     user = user or UserData()
-    user.check()
-    if user.given and name != "label-fraction":
-        raise OrthodiffError(f"bench {name}: runs on the synthetic archives only; --labeled, --unlabeled and "
-                             "--denoisers are options of `orthodiff bench label-fraction`")
+    user.check(name)
     spec, _ = resolve_preset(preset, list(overrides))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +58,7 @@ def run_bench(name: str, preset: str = "small", out: str | Path = "bench", overr
         from .cross_joint import run_cross_joint as runner
     else:
         from .robustness import run_robustness as runner
-    result = runner(spec, out, header, user) if user.given else runner(spec, out, header)
+    result = runner(spec, out, header, user)
     result.seconds = time.perf_counter() - start
     return result
 

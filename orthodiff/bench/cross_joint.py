@@ -12,6 +12,7 @@ the new joint is worth pretraining on.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import OrthodiffError
@@ -23,6 +24,13 @@ from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
 from .protocol import counts_from_dict, label_counts, low_label_shortfalls, protocol_lines, short_test_set
 from .results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
 from .training_report import write_grouped_report
+from .user_data import (
+    UserData,
+    archive_size,
+    prepare_user_joint,
+    pretraining_provenance,
+    user_pretraining,
+)
 from .workspace import joint_config, prepare_joint
 
 BENCH = "cross-joint"
@@ -46,33 +54,59 @@ def cross_joint_cells(preset: BenchPreset) -> list[Cell]:
     return cells
 
 
-def run_cross_joint(preset: BenchPreset, out: Path, header: dict):
+def run_cross_joint(preset: BenchPreset, out: Path, header: dict, user: UserData | None = None):
+    """The bench on the synthetic joints, or on the user's (``user``: a target-joint labeled archive,
+    and a source-joint pool to pretrain on or source denoisers)."""
     from .pretraining import pool_pretraining
     from .run_result import BenchResult
 
-    targets = {joint: stage(BENCH, f"{joint} data", lambda j=joint: prepare_joint(preset, out, j))
-               for joint in preset.cross_joint_targets}
+    user = user or UserData()
+    notes = []
+    if user.labeled:
+        data, notes = stage(BENCH, "target data (scan, prepare, split of the labeled archive)",
+                            lambda: prepare_user_joint(preset, out, user))
+        if preset.target_pretraining:
+            notes.append("target_pretraining: not run on the user's archives (it pretrains on a synthetic target "
+                         "pool); to measure pretraining on your target joint, run `orthodiff bench label-fraction` "
+                         "with --unlabeled on a pool of it")
+        preset = replace(preset, cross_joint_targets=[data.joint], target_pretraining=False)
+        targets = {data.joint: data}
+    else:
+        targets = {joint: stage(BENCH, f"{joint} data", lambda j=joint: prepare_joint(preset, out, j))
+                   for joint in preset.cross_joint_targets}
     labeled = [(d.config.data.manifest, d.splits) for d in targets.values()]
     counts = {joint: label_counts(d.splits, d.config.data.manifest, preset.min_test_positives)
               for joint, d in targets.items()}
     shortfalls = {joint: short_test_set(c, preset.min_test_patients)
                   + low_label_shortfalls(c, min(preset.cross_joint_fractions), preset.min_low_label_positives)
                   for joint, c in counts.items()}
-    pools = {}
-    if preset.knee_pretrained:
-        pretrained = _existing_denoisers(Path(preset.knee_pretrained))
+    pools, extra = {}, {}
+    if user.given:
+        first = next(iter(targets.values()))
+        pretrained, record, warnings = stage(BENCH, "source pretraining checked (user data)",
+                                             lambda: user_pretraining(preset, out, user, first))
+        source = record.get("joint") or "source"
+        pools[source] = record
+        shortfalls = {joint: lines + warnings for joint, lines in shortfalls.items()}
+        extra = {"pretrained_on": source, "source_denoisers": str(Path(pretrained).resolve()),
+                 "user_data": {**user.as_dict(), "source": source, "targets": list(targets),
+                               **(archive_size(first.config.data.manifest) if user.labeled else {}), "notes": notes}}
     else:
-        knee_config = joint_config(preset, Path(out) / "knee", "knee")
-        pretrained, pools["knee"] = stage(BENCH, "knee pretraining on the unlabeled knee archive (shared cache)",
-                                          lambda: pool_pretraining(preset, out, "knee", knee_config, labeled))
+        if preset.knee_pretrained:
+            pretrained = _existing_denoisers(Path(preset.knee_pretrained))
+        else:
+            knee_config = joint_config(preset, Path(out) / "knee", "knee")
+            pretrained, pools["knee"] = stage(BENCH, "knee pretraining on the unlabeled knee archive (shared cache)",
+                                              lambda: pool_pretraining(preset, out, "knee", knee_config, labeled))
+        extra = {"pretrained_on": "knee", "knee_denoisers": str(Path(pretrained).resolve())}
     own = {}
     for joint, data in targets.items() if preset.target_pretraining else ():
         own[joint], pools[joint] = stage(
             BENCH, f"{joint} pretraining (its own unlabeled archive)",
             lambda d=data: pool_pretraining(preset, out, d.joint, d.config, [(d.config.data.manifest, d.splits)]))
-    results = ResultsFile.open(out / "results.json", {**header, "pretrained_on": "knee",
-                                                      "knee_denoisers": str(Path(pretrained).resolve()),
-                                                      "unlabeled_pools": pools,
+    for line in notes + [line for lines in shortfalls.values() for line in lines]:
+        print(f"[orthodiff bench {BENCH}] protocol: {line}", flush=True)
+    results = ResultsFile.open(out / "results.json", {**header, **extra, "unlabeled_pools": pools,
                                                       "label_counts": {j: c.as_dict() for j, c in counts.items()},
                                                       "shortfalls": shortfalls})
 
@@ -112,13 +146,14 @@ def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Pat
     poolers = {joint: Pooler(rows, preset.n_bootstrap, root=results.path.parent,
                              headline_labels=(counts.get(joint) or {}).get("headline_labels"))
                for joint in preset.cross_joint_targets}
-    lines = ["# Cross-joint bench (knee-pretrained denoisers on new joints)", "",
+    source = results.header.get("pretrained_on", "knee")
+    lines = [f"# Cross-joint bench ({source}-pretrained denoisers on {', '.join(preset.cross_joint_targets)})", "",
              f"Command: `{results.header.get('command', '')}`", "",
-             f"Preset `{preset.name}`: knee pretraining on a separate archive of "
-             f"{preset.unlabeled_studies.get('knee', 0)} unlabeled synthetic knee studies; targets " + ", ".join(f"{j} ({preset.studies[j]} studies)" for j in preset.cross_joint_targets)
+             _data_line(preset, results.header)
              + f"; seeds {preset.seeds}. Mean over seeds [95% seed and patient bootstrap interval of the mean] "
              "± seed SD." + (" Methods marked (<joint>-pretrained) use denoisers pretrained on that joint's own "
-                             "separate unlabeled archive instead of the knee's." if own_pretraining else ""), ""]
+                             "separate unlabeled archive instead of the knee's." if own_pretraining else ""), "",
+             *_user_data_lines(results.header)]
     files, headline = [], []
     for joint in preset.cross_joint_targets:
         pooler = poolers[joint]
@@ -159,3 +194,30 @@ def write_cross_joint_report(results: ResultsFile, preset: BenchPreset, out: Pat
     report, files = write_grouped_report(lines, files, {joint: select(rows, joint=joint) for joint in preset.cross_joint_targets},
                                          results.header.get("unlabeled_pools") or {}, rows, out)
     return report, files, headline
+
+
+def _data_line(preset: BenchPreset, header: dict) -> str:
+    """Which denoisers were tested on which joints: the user's source and target, or the synthetic ones."""
+    user = header.get("user_data") or {}
+    source = header.get("pretrained_on", "knee")
+    if user.get("labeled"):
+        return (f"Source: {source} denoisers (`{header['source_denoisers']}`); target: the user's labeled "
+                f"{', '.join(user['targets'])} archive `{user['labeled']}` ({user['studies']} studies of "
+                f"{user['patients']} patients); preset `{preset.name}` for the network and training lengths")
+    targets = ", ".join(f"{j} ({preset.studies[j]} synthetic studies)" for j in preset.cross_joint_targets)
+    if user:
+        return f"Source: the given {source} denoisers (`{header['source_denoisers']}`); targets {targets}"
+    return (f"Preset `{preset.name}`: knee pretraining on a separate archive of "
+            f"{preset.unlabeled_studies.get('knee', 0)} unlabeled synthetic knee studies; targets {targets}")
+
+
+def _user_data_lines(header: dict) -> list[str]:
+    """Where the user's source denoisers come from, and what the checks of the user's data named."""
+    user = header.get("user_data")
+    if not user:
+        return []
+    pool = (header.get("unlabeled_pools") or {}).get(header.get("pretrained_on"), {})
+    lines = [pretraining_provenance(pool), ""] if pool else []
+    if user.get("notes"):
+        lines += ["## The user's data: what the checks named", "", *[f"- {note}" for note in user["notes"]], ""]
+    return lines

@@ -31,27 +31,33 @@ MANIFEST_SUFFIXES = (".parquet", ".csv")
 LABELED_FOLDER = "user"
 POOL_FOLDER = "user-pool"
 MIN_POOL_RATIO = 5  # unlabeled patients per labeled training patient the protocol asks for
+UNNAMED_JOINT = "target"  # a labeled archive's joint until its scans name it
 
 
 @dataclass(frozen=True)
 class UserData:
-    """What the user pointed the bench at; every path is optional, the synthetic archives fill in."""
+    """What the user pointed the bench at; every path is optional, the synthetic archives fill in.
+    ``held_out`` (robustness) is COLUMN=VALUE of the labeled manifest: the domain tested, never trained on."""
 
     labeled: Path | None = None
     unlabeled: Path | None = None
     labels: Path | None = None
     pool_from_training: bool = False
     denoisers: Path | None = None
+    held_out: str | None = None
 
     @property
     def given(self) -> bool:
-        return bool(self.labeled or self.unlabeled or self.labels or self.denoisers or self.pool_from_training)
+        return bool(self.labeled or self.unlabeled or self.labels or self.denoisers or self.pool_from_training
+                    or self.held_out)
 
-    def check(self) -> None:
-        """One line for options that do not go together or paths that are not there."""
-        if not self.labeled and (self.unlabeled or self.labels or self.pool_from_training):
-            raise OrthodiffError("--unlabeled, --labels and --pool-from-training need --labeled PATH (the labeled "
-                                 "archive folder or its manifest)")
+    def check(self, bench: str = "label-fraction") -> None:
+        """One line for options that do not go together, on ``bench``, or paths that are not there."""
+        if not self.labeled and (self.unlabeled or self.labels or self.pool_from_training or self.held_out):
+            raise OrthodiffError("--unlabeled, --labels, --pool-from-training and --held-out need --labeled PATH (the "
+                                 "labeled archive folder or its manifest)")
+        if self.held_out and bench != "robustness":
+            raise OrthodiffError(f"--held-out {self.held_out}: an option of `orthodiff bench robustness`, not of {bench}")
         sources = [name for name, on in (("--unlabeled", self.unlabeled), ("--pool-from-training",
                                          self.pool_from_training), ("--denoisers", self.denoisers)) if on]
         if len(sources) > 1:
@@ -59,16 +65,35 @@ class UserData:
         if self.labeled and not sources:
             raise OrthodiffError("--labeled needs a pretraining source: --unlabeled PATH (a separate unlabeled "
                                  "archive), --pool-from-training, or --denoisers PATH (denoisers already pretrained)")
+        if bench == "cross-joint" and self.pool_from_training:
+            raise OrthodiffError("--pool-from-training: the cross-joint bench pretrains on the source joint, never on "
+                                 "the target's scans; give --unlabeled PATH (an unlabeled source-joint archive) or "
+                                 "--denoisers DIR")
+        if bench == "robustness":
+            self._check_robustness()
         for option, path in (("--labeled", self.labeled), ("--unlabeled", self.unlabeled), ("--labels", self.labels),
                              ("--denoisers", self.denoisers)):
             if path and not Path(path).exists():
                 raise OrthodiffError(f"{option} {path}: not found; give an existing folder or file")
+
+    def _check_robustness(self) -> None:
+        from .domains import HeldOut
+
+        if self.labeled and not self.held_out:
+            raise OrthodiffError("--labeled on the robustness bench needs --held-out COLUMN=VALUE (the domain to test "
+                                 "on, e.g. site=Lakeside or field_strength=1.5)")
+        if self.denoisers and not self.labeled:
+            raise OrthodiffError("--denoisers on the robustness bench needs --labeled and --held-out: the synthetic "
+                                 "scenarios pretrain without their held-out domain")
+        if self.held_out:
+            HeldOut.parse(self.held_out)
 
     def options(self) -> list[str]:
         """The command-line options that give this data, for the command recorded in the report."""
         found = [f"--{name} {Path(path).resolve()}" for name, path in (
             ("labeled", self.labeled), ("unlabeled", self.unlabeled), ("labels", self.labels),
             ("denoisers", self.denoisers)) if path]
+        found += [f"--held-out {self.held_out}"] if self.held_out else []
         return found + (["--pool-from-training"] if self.pool_from_training else [])
 
     def as_dict(self) -> dict:
@@ -76,7 +101,21 @@ class UserData:
                  if getattr(self, name)}
         if self.labels:
             found["labels_sha256"] = sha256_file(self.labels)
+        if self.held_out:
+            found["held_out"] = self.held_out
         return {**found, "pool_from_training": bool(self.pool_from_training)}
+
+
+def archive_joint(manifest: Path, fallback: str) -> str:
+    """The joint a manifest's series say they show (BodyPartExamined, or metadata.csv's joint), several
+    joined by "/"; ``fallback`` when no series says."""
+    from ..data.manifest import read_manifest
+
+    frame = read_manifest(manifest)
+    if "joint" not in frame.columns:
+        return fallback
+    joints = sorted({str(v).strip().lower() for v in frame["joint"].dropna()} - {""})
+    return "/".join(joints) if joints else fallback
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -215,15 +254,16 @@ def studies_without_series(manifest: Path, cache: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- labeled archive
-def prepare_user_joint(preset: BenchPreset, out: Path, user: UserData, joint: str):
+def prepare_user_joint(preset: BenchPreset, out: Path, user: UserData, joint: str | None = None):
     """Scan (or read), label, prepare and split the user's labeled archive under ``out/user``; each
-    stage resumes. Returns (JointData, notes for the report)."""
+    stage resumes. ``joint`` None: the joint its scans name (BodyPartExamined, metadata.csv), else
+    its folder's name. Returns (JointData, notes for the report)."""
     from ..data.splits import make_splits
     from .workspace import JointData, joint_config, prepare_planes
 
     root = Path(out) / LABELED_FOLDER
     root.mkdir(parents=True, exist_ok=True)
-    config = joint_config(preset, root, joint, extra=[f"data.archive={Path(user.labeled).resolve()}"])
+    config = joint_config(preset, root, joint or UNNAMED_JOINT, extra=[f"data.archive={Path(user.labeled).resolve()}"])
     record = root / "user-data.json"
     given = {"labeled": str(Path(user.labeled).resolve()), "stamp": source_stamp(Path(user.labeled)),
              "labels": user.as_dict().get("labels_sha256", "")}
@@ -248,6 +288,9 @@ def prepare_user_joint(preset: BenchPreset, out: Path, user: UserData, joint: st
         make_splits(data.manifest, data.splits, seed=config.seed, val_fraction=data.val_fraction,
                     test_fraction=data.test_fraction, fractions=data.label_fractions)
     notes = list(notes) + studies_without_series(manifest, Path(data.cache))
+    if joint is None:
+        joint = archive_joint(manifest, fallback=Path(user.labeled).stem or UNNAMED_JOINT)
+        config = replace(config, data=replace(config.data, joint=joint))
     return JointData(joint=joint, root=root, config=config), notes
 
 
@@ -378,22 +421,33 @@ def pool_counts(patients: int, held_out: int, train_patients: int, source: str) 
     return counts, warnings
 
 
-def user_pretraining(preset: BenchPreset, out: Path, user: UserData, data) -> tuple[Path, dict, list[str]]:
+def user_pretraining(preset: BenchPreset, out: Path, user: UserData, data, splits: Path | None = None,
+                     domain=None) -> tuple[Path, dict, list[str]]:
     """Denoisers for the user's bench, after the protocol checks: pretrained on the separate pool,
-    on the labeled archive's training patients only, or the ones given. Returns (folder, the pool's
-    record for the report, warnings)."""
+    on the labeled archive's training patients only, or the ones given. ``splits`` are the labeled
+    splits whose training patients count (default: the archive's); ``domain`` (a ``domains.HeldOut``)
+    is left out of the pool. The record names the pool's joint as its scans say (the labeled joint's
+    when they do not). Returns (folder, the pool's record for the report, warnings)."""
     from ..data.splits import load_splits
     from .pretraining import Pool, cached_pretraining, heldout_patients, pool_patients
 
-    train = load_splits(data.splits).train
+    train = load_splits(splits or data.splits).train
     if user.denoisers:
-        return Path(user.denoisers), existing_denoisers(Path(user.denoisers), data.config), []
+        warnings = [f"pretraining: the given denoisers were pretrained outside this bench, so nothing shows that "
+                    f"they never saw {domain}; the unseen domain may not be unseen by them"] if domain else []
+        return Path(user.denoisers), existing_denoisers(Path(user.denoisers), data.config), warnings
     if user.pool_from_training:
+        # the training patients of ``splits``: a held-out domain sits in their test set already
         pool = Pool(joint=data.joint, root=data.root, config=data.config)
         patients, source, notes = list(train), "training patients", []
     else:
         pool, notes = prepare_user_pool(out, user, data.config, data.joint)
+        pool = replace(pool, joint=archive_joint(pool.manifest, data.joint))  # cross-joint: the source joint
         patients, source = pool_patients(pool), "separate archive"
+    left_out = {}
+    if domain is not None and source == "separate archive":
+        patients, left_out, found = _without_domain(pool, patients, domain)
+        notes = notes + found
     held_out = len(heldout_patients(patients, data.config))
     counts, warnings = pool_counts(len(patients), held_out, len(train), source)
     if not held_out and int(pool.config.pretrain.eval_every) > 0:
@@ -402,10 +456,52 @@ def user_pretraining(preset: BenchPreset, out: Path, user: UserData, data) -> tu
         pool = replace(pool, config=replace(pool.config, pretrain=pretrain))
         warnings.append(f"pretraining: {len(patients)} patients are too few to hold any out, so its held-out "
                         "denoising loss was not measured")
-    folder = cached_pretraining(pool, preset, out, patients, name=source.replace(" ", "-"))
-    record = {**counts, "joint": data.joint, "pretraining": str(folder), "pool": str(pool.root),
+    name = source.replace(" ", "-") + (f"-{domain.name}" if domain is not None else "")
+    folder = cached_pretraining(pool, preset, out, patients, name=name)
+    record = {**counts, **left_out, "joint": pool.joint, "pretraining": str(folder), "pool": str(pool.root),
               "archive": str(Path(user.unlabeled or user.labeled).resolve())}
     return folder, record, notes + warnings
+
+
+def _without_domain(pool, patients: list[str], domain) -> tuple[list[str], dict, list[str]]:
+    """The pool's patients less those of the held-out ``domain``, the record of what was left out,
+    and a warning when the pool cannot tell its domain (no such column, or no value in it)."""
+    from ..data.manifest import read_manifest
+
+    frame = read_manifest(pool.manifest)
+    dropped = domain.patients(frame) & set(patients)
+    record = {"domain_left_out": {"held_out": str(domain), "patients": len(dropped)}}
+    known = domain.column in frame.columns and frame[domain.column].astype("string").str.strip().fillna("").ne("").any()
+    notes = [] if known else [f"unlabeled pool: no {domain.column} values, so its patients of {domain} (if any) could "
+                              "not be left out of pretraining"]
+    kept = [p for p in patients if p not in dropped]
+    if not kept:
+        raise OrthodiffError(f"{pool.root}: every unlabeled patient is of the held-out {domain}; pretraining would "
+                             "learn from none: give a pool with other domains too")
+    return kept, record, notes
+
+
+def pretraining_provenance(record: dict) -> str:
+    """One sentence of a report on where the denoisers of a bench on the user's data come from
+    (``record``: what ``user_pretraining`` returned)."""
+    joint = record.get("joint", "")
+    if record.get("source") == "existing denoisers":
+        steps = f"{record['steps']} steps" if "steps" in record else "steps not recorded"
+        patients = (f"{record['unlabeled_patients']} unlabeled patients" if "unlabeled_patients" in record
+                    else "pool size not recorded")
+        digests = ", ".join(f"{plane} {digest[:12]}" for plane, digest in record["sha256"].items())
+        return (f"Pretraining: none in this run; the {joint or 'given'} denoisers of `{record['pretraining']}` "
+                f"({'joint not recorded; ' if not joint else ''}{steps}, {patients}; sha256 {digests}).")
+    held = int(record.get("held_out_patients", 0))
+    scored = f", {held} more held out to score its denoising loss" if held else ""
+    left = record.get("domain_left_out")
+    dropped = f"; its {left['patients']} patient(s) of {left['held_out']} left out" if left else ""
+    if record.get("source") == "training patients":
+        return (f"Pretraining: on the labeled archive's training patients only ({record['trained_patients']}{scored}), "
+                "without their labels; no validation or test patient was seen.")
+    return (f"Pretraining: {record['trained_patients']} unlabeled {joint} patients of the user's archive "
+            f"`{record['archive']}`{scored}{dropped} ({record['ratio']}x the {record['labeled_train_patients']} "
+            "labeled training patients; no patient, exam or series shared with the labeled archive, checked).")
 
 
 def existing_denoisers(folder: Path, config: ExperimentConfig) -> dict:
@@ -440,6 +536,8 @@ def _pretraining_facts(folder: Path) -> dict:
         path = folder / name
         if path.exists():
             stored = read_json(path)
+            if stored.get("joint"):
+                facts.setdefault("joint", str(stored["joint"]))
             if steps_key and steps_key in stored:
                 facts.setdefault("steps", int(stored[steps_key]))
             if pool_key in stored:
@@ -453,5 +551,5 @@ def _pretraining_facts(folder: Path) -> dict:
     return facts
 
 
-__all__ = ["UserData", "archive_size", "attach_labels", "check_disjoint", "existing_denoisers", "pool_counts", "prepare_user_joint",
-           "mrnet_valid_patients", "prepare_user_pool", "test_on_mrnet_valid", "read_user_archive", "studies_without_series", "usable_labels", "user_pretraining"]
+__all__ = ["UserData", "archive_joint", "archive_size", "attach_labels", "check_disjoint", "existing_denoisers", "pool_counts", "prepare_user_joint",
+           "mrnet_valid_patients", "prepare_user_pool", "pretraining_provenance", "test_on_mrnet_valid", "read_user_archive", "studies_without_series", "usable_labels", "user_pretraining"]
