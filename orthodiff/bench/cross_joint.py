@@ -8,6 +8,11 @@ first pays for it). The target joints' scans are never seen in that pretraining.
 ``target_pretraining`` the orthodiff methods also run on denoisers pretrained on the target joint's
 own separate unlabeled archive (scenario ``target-pretrained``), which tells whether an archive of
 the new joint is worth pretraining on.
+
+On the user's archives (``user_data.UserData``): the target is the labeled archive (its joint as its
+scans name it), the source the denoisers pretrained on the user's unlabeled source-joint archive
+(checked to share no patient, exam or series with the target) or given ready; the report names both
+and records where the denoisers come from.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ training and validation and added to the test set, beside the ordinary test pati
 domains. Pretraining, too, sees only the seen domains: the separate unlabeled knee archive less
 its patients of the held-out domain (cached like every bench pretraining). Metrics are reported per
 site and per field strength, so the unseen domain can be read against the seen ones.
+
+On the user's archive the one scenario holds out ``--held-out COLUMN=VALUE`` of any manifest column
+(``domains.HeldOut``); each run is also scored on that domain's test patients and on the others
+(``by_held_out``), since a run's own metrics are split by site and field strength only.
 """
 
 from __future__ import annotations
