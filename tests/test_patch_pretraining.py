@@ -147,6 +147,12 @@ def test_resume_continues_a_patch_run_exactly(cache, tmp_path, monkeypatch):
         for name in straight:
             torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-7, msg=name)
 
+    # The finished run resumed with whole planes (or another crop) is another run: refused in one line.
+    longer = tiny_config(cache, tmp_path / "resumed", "pretrain.max_steps=4", "pretrain.checkpoint_every=2",
+                         "pretrain.gradient_accumulation_steps=2")
+    with pytest.raises(OrthodiffError, match=r"another patch_size \(\[.*\] in the checkpoint vs None now\)"):
+        run_pretraining(longer)
+
 
 def test_patch_training_scores_and_reads_whole_planes(cache, tmp_path, monkeypatch):
     splits = write_splits(tmp_path / "splits.json", ["P0001", "P0002", "P0003", "P0004"], ["P0005"], ["P0006"])

@@ -246,7 +246,7 @@ def check_resumable(path: Path, run_info: dict, processes: int) -> None:
             f"{processes}: resume with {written_by} process{'es' if written_by != 1 else ''}, or start a new output "
             "folder (pretrain.output_dir, or pretrain.resume=false to start over there)"
         )
-    for key in ("plane", "plane_size", "model", "diffusion"):
+    for key in ("plane", "plane_size", "patch_size", "model", "diffusion"):
         if saved.get(key) != run_info.get(key):
             detail = _first_difference(saved.get(key), run_info.get(key))
             raise OrthodiffError(

@@ -197,6 +197,8 @@ def run_info(cfg: ExperimentConfig, plane: str) -> dict:
         "seed": int(cfg.seed),
         "batch_size": int(cfg.pretrain.batch_size),
         "gradient_accumulation_steps": int(cfg.pretrain.gradient_accumulation_steps),
+        # None for whole planes, so checkpoints written before crops existed still resume
+        "patch_size": None if (patch := plane_patch_size(cfg, plane)) is None else list(patch),
     }
 
 
