@@ -86,10 +86,9 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
     Returns the run.json contents.
     """
     import torch
-    from accelerate import Accelerator
 
     from ..baselines import build_baseline
-    from ..finetune.endtoend import distributed_loss, validate_on_main
+    from ..finetune.endtoend import distributed_loss, make_accelerator, validate_on_main
     from ..finetune.scoring import auroc_scores, patient_level
     from ..finetune.steps import StepBudget, run_summary, train_best
     from ..finetune.studies import resolve_labels
@@ -102,8 +101,8 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
     labels = resolve_labels(cache, cfg.data.labels, f"data.labels (cache {cache.root})")
     planes = [p for p in PLANES if (cache.index["plane"] == p).any()]
     datasets = _datasets(cache, patients, labels, planes, cfg)
-    # full precision, as the baselines have always been trained; Accelerate places each process on its own device
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # fine-tuning's precision: Accelerate keeps one per process, and a bench fine-tunes and trains baselines in one
+    accelerator = make_accelerator(cfg)
     log = _start_run_directory(cfg, run_dir, accelerator.is_main_process)
 
     model = build_baseline(name, labels, {p: cache.plane_size[p] for p in planes}, planes=planes, **options)
@@ -138,13 +137,15 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
     budget = StepBudget.from_finetune(cfg.finetune, epochs=int(epochs))
     best = train_best(budget, loader, step, lambda: validate_on_main(accelerator, validate),
                       lambda: copy.deepcopy(unwrapped.state_dict()), log, "val_macro_auroc")
-    unwrapped.load_state_dict(best.pop("state"))
+    # what is written runs outside Accelerate: without its autocast wrapper
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    model.load_state_dict(best.pop("state"))
     if not accelerator.is_main_process:
         return _finish_run(accelerator, run_dir, None)
 
     import pandas as pd
 
-    frame = pd.concat([predict(unwrapped, datasets[s], s, labels, batch_size, device) for s in ("val", "test")],
+    frame = pd.concat([predict(model, datasets[s], s, labels, batch_size, device) for s in ("val", "test")],
                       ignore_index=True)
     columns = list(PREDICTION_COLUMNS) + [f"prob_{n}" for n in labels] + [f"label_{n}" for n in labels]
     write_table(run_dir / "predictions.csv", frame[columns])
@@ -159,7 +160,7 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
         "labels_fraction": float(cfg.finetune.labels_fraction), "init": "scratch", "mode": "supervised", "baseline": name,
         "baseline_options": options, "seed": seed, "epochs": int(epochs), "learning_rate": float(learning_rate),
         "batch_size": int(batch_size), "augment": bool(cfg.finetune.augment), **run_summary(best),
-        "parameters": int(sum(p.numel() for p in unwrapped.parameters())),
+        "parameters": int(sum(p.numel() for p in model.parameters())),
         "patients": {split: len(ids) for split, ids in patients.items()},
         "metrics": metrics, "seconds": round(time.perf_counter() - start, 2),
     }
