@@ -312,15 +312,21 @@ def check_denoiser_config(config: DenoiserConfig) -> tuple[int, ...]:
 
 def check_plane_size(plane_size: Sequence[int], levels: int, plane: str) -> tuple[int, int, int]:
     size = tuple(int(s) for s in plane_size)
-    factor = 2 ** (levels - 1)
     if len(size) != 3 or any(s < 1 for s in size):
         raise OrthodiffError(f"data.plane_size.{plane}={list(plane_size)}: give three positive sizes [D, H, W]")
+    check_halvable(size, levels, f"data.plane_size.{plane}", "volume")
+    return size
+
+
+def check_halvable(size: Sequence[int], levels: int, field: str, what: str) -> None:
+    """Each size a multiple of 2^(levels-1): the network halves every axis levels-1 times and joins its
+    skips at each size, so an axis it cannot halve evenly fails."""
+    factor = 2 ** (levels - 1)
     if any(s % factor for s in size):
         raise OrthodiffError(
-            f"data.plane_size.{plane}={list(size)}: each size must be a multiple of {factor} "
-            f"for a denoiser with {levels} levels (it halves the volume {levels - 1} times)"
+            f"{field}={list(size)}: each size must be a multiple of {factor} "
+            f"for a denoiser with {levels} levels (it halves the {what} {levels - 1} times)"
         )
-    return size
 
 
 def architecture_differences(saved: DenoiserConfig, wanted: DenoiserConfig) -> str:

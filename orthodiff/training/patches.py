@@ -46,8 +46,9 @@ def plane_patch_size(cfg, plane: str) -> tuple[int, int, int] | None:
 def check_patch_size(size, plane_size, levels: int, field: str) -> tuple[int, int, int]:
     """Three integers, each at most the plane's and a multiple of 2^(levels-1): the network halves
     every axis levels-1 times and joins its skips at each size, so an axis it cannot halve evenly fails."""
+    from ..models.denoiser import check_halvable
+
     plane = [int(s) for s in plane_size]
-    factor = 2 ** (levels - 1)
     try:
         values = [float(s) for s in size]
     except (TypeError, ValueError):
@@ -61,11 +62,7 @@ def check_patch_size(size, plane_size, levels: int, field: str) -> tuple[int, in
             f"{field}={list(patch)}: larger than the plane {plane} (data.plane_size); crops are drawn inside the "
             "plane, so give sizes no larger than its own"
         )
-    if any(p % factor for p in patch):
-        raise OrthodiffError(
-            f"{field}={list(patch)}: each size must be a multiple of {factor} for a denoiser with {levels} levels "
-            f"(it halves the crop {levels - 1} times)"
-        )
+    check_halvable(patch, levels, field, "crop")
     return patch
 
 
