@@ -100,6 +100,27 @@ def tiny_config(cache: Path, output_dir: Path, *overrides: str) -> ExperimentCon
     )
 
 
+def preempt_after_checkpoint(monkeypatch, cfg: ExperimentConfig, step: int) -> None:
+    """Run pretraining with ``cfg`` until it has written its step-``step`` checkpoint, then stop it as a
+    preempted job stops (a KeyboardInterrupt right after the checkpoint)."""
+    import pytest
+
+    from orthodiff.training import pretrain
+
+    original = pretrain.save_checkpoint
+
+    def save_then_stop(accelerator, directory, saved_step, *args, **kwargs):
+        path = original(accelerator, directory, saved_step, *args, **kwargs)
+        if saved_step == step:
+            raise KeyboardInterrupt("simulated preemption")
+        return path
+
+    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.run_pretraining(cfg)
+    monkeypatch.setattr(pretrain, "save_checkpoint", original)
+
+
 def read_wandb_history(path: Path) -> list[dict]:
     """The history rows of an offline ``run-*.wandb`` file (wandb's leveldb-style record log).
 

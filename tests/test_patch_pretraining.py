@@ -20,7 +20,6 @@ from orthodiff.data.datasets import PlaneVolumeDataset
 from orthodiff.errors import OrthodiffError
 from orthodiff.features.extractor import FeatureExtractor
 from orthodiff.models.denoiser import Denoiser
-from orthodiff.training import pretrain
 from orthodiff.training.checkpoints import list_checkpoints
 from orthodiff.training.patches import DrawKeyedBatches, crop_seed, plane_patch_size
 from orthodiff.training.pretrain import run_pretraining
@@ -28,7 +27,14 @@ from orthodiff.training.sampling import StepSeededBatchSampler
 from orthodiff.training.tracking import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pretrain_fixtures import TINY_SIZE, one_thread, tiny_config, write_fixture_cache, write_splits  # noqa: E402
+from pretrain_fixtures import (  # noqa: E402
+    TINY_SIZE,
+    one_thread,
+    preempt_after_checkpoint,
+    tiny_config,
+    write_fixture_cache,
+    write_splits,
+)
 
 PATCH = (4, 8, 8)
 PATCH_OVERRIDE = "pretrain.patch_size=[4,8,8]"
@@ -123,19 +129,8 @@ def test_resume_continues_a_patch_run_exactly(cache, tmp_path, monkeypatch):
                  "pretrain.gradient_accumulation_steps=2")
     run_pretraining(tiny_config(cache, tmp_path / "straight", *overrides))
 
-    original = pretrain.save_checkpoint
-
-    def save_then_crash(accelerator, directory, step, *args, **kwargs):
-        path = original(accelerator, directory, step, *args, **kwargs)
-        if step == 2:
-            raise KeyboardInterrupt("simulated preemption")
-        return path
-
-    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_crash)
     resumed_cfg = tiny_config(cache, tmp_path / "resumed", *overrides)
-    with pytest.raises(KeyboardInterrupt):
-        run_pretraining(resumed_cfg)
-    monkeypatch.setattr(pretrain, "save_checkpoint", original)
+    preempt_after_checkpoint(monkeypatch, resumed_cfg, step=2)
     run_pretraining(resumed_cfg)
 
     assert [s for s, _ in list_checkpoints(tmp_path / "resumed" / "sagittal" / "checkpoints")] == [2, 3]

@@ -28,7 +28,14 @@ from orthodiff.training.sampling import StepSeededBatchSampler, derived_seed
 from orthodiff.training.tracking import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pretrain_fixtures import one_thread, read_wandb_history, tiny_config, write_fixture_cache, write_splits  # noqa: E402
+from pretrain_fixtures import (  # noqa: E402
+    one_thread,
+    preempt_after_checkpoint,
+    read_wandb_history,
+    tiny_config,
+    write_fixture_cache,
+    write_splits,
+)
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -107,20 +114,9 @@ def test_resume_continues_exactly(cache, tmp_path, monkeypatch):
     overrides = ("pretrain.max_steps=3", "pretrain.checkpoint_every=2", "pretrain.gradient_accumulation_steps=2")
     run_pretraining(tiny_config(cache, tmp_path / "straight", *overrides))
 
-    # Interrupt the second run right after its step-2 checkpoint, then start it again.
-    original = pretrain.save_checkpoint
-
-    def save_then_crash(accelerator, directory, step, *args, **kwargs):
-        path = original(accelerator, directory, step, *args, **kwargs)
-        if step == 2:
-            raise KeyboardInterrupt("simulated preemption")
-        return path
-
-    monkeypatch.setattr(pretrain, "save_checkpoint", save_then_crash)
+    # Stop the second run right after its step-2 checkpoint, then start it again.
     resumed_cfg = tiny_config(cache, tmp_path / "resumed", *overrides)
-    with pytest.raises(KeyboardInterrupt):
-        run_pretraining(resumed_cfg)
-    monkeypatch.setattr(pretrain, "save_checkpoint", original)
+    preempt_after_checkpoint(monkeypatch, resumed_cfg, step=2)
     assert not (tmp_path / "resumed" / "denoisers").exists()
     run_pretraining(resumed_cfg)
 
