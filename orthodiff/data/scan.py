@@ -668,9 +668,8 @@ def _manifest_frame(series, archive: Path, archive_info: dict, metadata: Metadat
     records = []
     for item, study, series_id, study_key in zip(series, studies, series_ids, study_keys):
         row = metadata.rows.get(study)
+        # an MRNet exam (no tags) is its own patient unless metadata.csv names the patient
         patient = (row or {}).get("patient_id") or item.tags.get("patient_id") or study
-        if item.mrnet is not None:
-            patient = study
         spacing = np.linalg.norm(item.affine[:3, :3], axis=0)
         normal = _slice_normal(item.affine)
         record = {
