@@ -224,6 +224,59 @@ def test_mrnet_valid_exams_are_the_test_set(tmp_path):
     assert set(splits.subset(0.5)) <= set(splits.train)
 
 
+@pytest.fixture(scope="module")
+def mrnet_folder(tmp_path_factory):
+    from mrnet_archive import write_mrnet_archive
+
+    return write_mrnet_archive(tmp_path_factory.mktemp("mrnet") / "MRNet-v1.0", train=24, valid=8)
+
+
+def test_label_fraction_runs_end_to_end_on_an_mrnet_folder_pretraining_on_its_training_patients(mrnet_folder,
+                                                                                              tmp_path):
+    from mrnet_archive import mrnet_exams
+
+    out = tmp_path / "label-fraction"
+    assert main(["bench", "label-fraction", "--preset", "test", "--out", str(out), "--labeled", str(mrnet_folder),
+                 "--pool-from-training", *GRID]) is None  # exit status 0
+    stored = json.loads((out / "results.json").read_text())
+    assert len(stored["rows"]) == 4 and {row["method"] for row in stored["rows"]} == {"orthodiff-probe", "raw-voxels"}
+    # MRNet's valid exams are the test set; training and validation patients are train exams only
+    splits = json.loads((out / "user" / "splits.json").read_text())
+    exams = mrnet_exams(24, 8)
+    assert splits["test"] == [f"mrnet-valid-{n:04d}" for n in exams["valid"]]
+    assert set(splits["train"] + splits["val"]) == {f"mrnet-train-{n:04d}" for n in exams["train"]} and splits["val"]
+    # pretraining read training patients only: no validation patient, no valid exam
+    pool = stored["unlabeled_pool"]
+    assert pool["source"] == "training patients" and pool["labeled_train_patients"] == len(splits["train"])
+    trained_on = json.loads((Path(pool["pretraining"]) / "pool-splits.json").read_text())
+    assert set(trained_on["train"] + trained_on["val"]) == set(splits["train"])
+    report = (out / "report.md").read_text()
+    assert "| split | fraction | patients | acl | meniscus | abnormal |" in report
+    assert "Pretraining: on the labeled archive's TRAINING patients only" in report
+    assert "test set: the 8 patient(s) of MRNet's valid exams" in report
+
+
+def test_an_mrnet_pool_with_its_own_patient_ids_in_metadata_csv_is_disjoint_from_an_mrnet_archive(mrnet_folder,
+                                                                                                tmp_path):
+    """Two MRNet folders name their exams alike (mrnet-train-0000, ...); the pool's metadata.csv
+    patient_id is what tells its patients apart, as the refusal says."""
+    from mrnet_archive import write_mrnet_archive
+
+    from orthodiff.bench.user_data import check_disjoint, read_user_archive
+
+    labeled, _ = read_user_archive(mrnet_folder, tmp_path / "labeled.parquet")
+    pool_folder = write_mrnet_archive(tmp_path / "pool", train=4, valid=2, side=16, seed=1)
+    pool, _ = read_user_archive(pool_folder, tmp_path / "pool.parquet")
+    with pytest.raises(OrthodiffError, match="'mrnet-train-0000'.*metadata.csv patient_id"):
+        check_disjoint(pool, labeled, pool_folder)
+    studies = sorted(set(pool["study_id"]))
+    pd.DataFrame({"study_id": studies, "patient_id": ["U-" + s for s in studies]}).to_csv(
+        pool_folder / "metadata.csv", index=False)
+    pool, _ = read_user_archive(pool_folder, tmp_path / "pool-own-ids.parquet")
+    assert sorted(set(pool["patient_id"])) == ["U-" + s for s in studies]
+    check_disjoint(pool, labeled, pool_folder)
+
+
 def test_the_command_line_offers_the_user_data_options_and_refuses_a_labeled_archive_alone(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         main(["bench", "label-fraction", "--preset", "test", "--out", str(tmp_path / "out"), "--labeled", str(tmp_path)])

@@ -279,11 +279,14 @@ def prepare_user_joint(preset: BenchPreset, out: Path, user: UserData, joint: st
         write_json(record, {**given, "notes": notes})
     prepare_planes(config)
     data = config.data
-    if mrnet_valid_patients(manifest):
+    valid = mrnet_valid_patients(manifest)
+    if valid:
         # MRNet's valid exams are its held-out test set: they are the test set, train/val come from train
         make_splits(data.manifest, data.splits, seed=config.seed, val_fraction=data.val_fraction,
                     test_fraction=0.0, fractions=data.label_fractions)
         test_on_mrnet_valid(Path(data.splits), manifest, int(config.seed))
+        notes = list(notes) + [f"test set: the {len(valid)} patient(s) of MRNet's valid exams, as MRNet holds them "
+                               "out; training and validation patients come from its train exams"]
     else:
         make_splits(data.manifest, data.splits, seed=config.seed, val_fraction=data.val_fraction,
                     test_fraction=data.test_fraction, fractions=data.label_fractions)
