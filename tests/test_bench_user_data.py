@@ -240,6 +240,8 @@ def test_label_fraction_runs_end_to_end_on_an_mrnet_folder_pretraining_on_its_tr
                  "--pool-from-training", *GRID]) is None  # exit status 0
     stored = json.loads((out / "results.json").read_text())
     assert len(stored["rows"]) == 4 and {row["method"] for row in stored["rows"]} == {"orthodiff-probe", "raw-voxels"}
+    for row in stored["rows"]:  # each scored on the 8 valid exams, per MRNet label
+        assert row["n_test_patients"] == 8 and set(row["auroc"]) == {"abnormal", "acl", "meniscus"}
     # MRNet's valid exams are the test set; training and validation patients are train exams only
     splits = json.loads((out / "user" / "splits.json").read_text())
     exams = mrnet_exams(24, 8)
