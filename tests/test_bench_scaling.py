@@ -1,0 +1,99 @@
+"""The scaling study's staged runner on the `test` preset with two tiny points: stages in order,
+resume without rewriting, refusals naming the stage to run first, compute from the settings, the report."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from orthodiff.bench.scaling import FLOORS, ScalingPoint, Study, point_compute, run_stage
+from orthodiff.errors import OrthodiffError
+
+TINY_POINTS = (ScalingPoint("t1-whole", width=8, steps=1), ScalingPoint("t2-crops", width=8, steps=2, crop_divisor=2))
+
+
+def tiny_study(root, tmp_path_factory, **changes) -> Study:
+    cache = tmp_path_factory.getbasetemp() / "bench-pretrain-cache"  # the bench tests' shared pool
+    settings = {"results": root / "results", "work": root / "work", "preset": "test",
+                "overrides": ["probe_epochs=1", "n_bootstrap=20", f"pretrain_cache={cache}"],
+                "points": TINY_POINTS, "low_fraction": 0.5, "subset_seeds": [0, 1]}
+    return Study(**{**settings, **changes})
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scaling")
+    study = tiny_study(root, tmp_path_factory)
+    assert run_stage(study, "pool")
+    for name in ("t1-whole", "t2-crops"):
+        for stage in ("pretrain", "extract", "probe"):
+            assert run_stage(study, stage, name)
+    assert run_stage(study, "extract", FLOORS)
+    assert run_stage(study, "probe", FLOORS)
+    run_stage(study, "report")
+    return study
+
+
+def test_stages_write_rows_and_a_report_with_table_plot_floors_and_trend(finished):
+    results = finished.results
+    for name in ("t1-whole", "t2-crops"):
+        rows = sorted(p.parent.name for p in (results / "points" / name / "rows").glob("*/row.json"))
+        # 100% once, the low fraction once per subset seed
+        assert rows == ["orthodiff-probe-0.5-seed0", "orthodiff-probe-0.5-seed1", "orthodiff-probe-1-seed0"]
+        assert (results / "points" / name / "denoisers" / "sagittal" / "model.safetensors").exists()
+    floors = {p.parent.name for p in (results / "points" / FLOORS / "rows").glob("*/row.json")}
+    assert {"orthodiff-probe-random-init-1-seed0", "raw-voxels-0.5-seed1"} <= floors
+    report = (results / "report.md").read_text()
+    assert "| t1-whole | 8 | 1 |" in report and "| t2-crops | 8 | 2 | 4x8x8 |" in report
+    assert "| orthodiff-probe-random-init |" in report and "| raw-voxels |" in report
+    assert "per tenfold pretraining compute (2 points" in report
+    assert "![scaling](scaling.png)" in report and (results / "scaling.png").stat().st_size > 1000
+    assert "## Power checks" in report and "Next point:" in report
+    assert "pretrain t1-whole" in (results / "COMMAND.txt").read_text() or "pretrain" in (
+        results / "COMMAND.txt").read_text()
+
+
+def test_a_finished_stage_is_skipped_and_its_outputs_stay_unchanged(finished):
+    outputs = [finished.results / "data.json", finished.results / "points" / "t2-crops" / "pretraining.json",
+               finished.results / "points" / "t2-crops" / "extraction.json",
+               finished.results / "points" / "t2-crops" / "rows" / "orthodiff-probe-1-seed0" / "row.json"]
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in outputs}
+    command = (finished.results / "COMMAND.txt").read_text()
+    assert not run_stage(finished, "pool")
+    for stage in ("pretrain", "extract", "probe"):
+        assert not run_stage(finished, stage, "t2-crops")
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in outputs} == before
+    assert (finished.results / "COMMAND.txt").read_text() == command
+
+
+def test_compute_of_each_point_is_computed_from_its_settings(finished):
+    first, second = (point_compute(finished, p) for p in TINY_POINTS)
+    # the test preset: 4x16x16 planes, batch 4; the crop halves the height and width
+    assert next(iter(first["planes"].values()))["crop"] == [4, 16, 16]
+    assert next(iter(second["planes"].values()))["crop"] == [4, 8, 8]
+    parameters = first["parameters"]
+    assert first["compute"] == 3 * parameters * 4 * math.prod([4, 16, 16]) * 1
+    assert second["compute"] == 3 * parameters * 4 * math.prod([4, 8, 8]) * 2
+    wider = point_compute(finished, ScalingPoint("wide", width=16, steps=1))
+    assert wider["parameters"] > 3 * parameters
+
+
+def test_a_stage_before_its_inputs_is_refused_naming_the_stage_to_run_first(finished, tmp_path, tmp_path_factory):
+    fresh = tiny_study(tmp_path, tmp_path_factory)
+    with pytest.raises(OrthodiffError, match="run the `pool` stage first") as error:
+        run_stage(fresh, "pretrain", "t1-whole")
+    assert "\n" not in str(error.value)
+    # on the finished study's data: a point not pretrained cannot be extracted or probed
+    other = tiny_study(tmp_path, tmp_path_factory, work=finished.work, results=tmp_path / "other")
+    run_stage(other, "pool")
+    with pytest.raises(OrthodiffError, match="run the `pretrain t2-crops` stage first"):
+        run_stage(other, "extract", "t2-crops")
+    with pytest.raises(OrthodiffError, match="run the `extract floors` stage first"):
+        run_stage(other, "probe", FLOORS)
+    with pytest.raises(OrthodiffError, match="run the `probe t1-whole` stage first"):
+        run_stage(other, "report")
+    changed = tiny_study(tmp_path, tmp_path_factory, work=finished.work, results=tmp_path / "other",
+                         subset_seeds=[0, 1, 2])
+    with pytest.raises(OrthodiffError, match="subset_seeds"):
+        run_stage(changed, "pretrain", "t1-whole")
