@@ -180,12 +180,12 @@ def check_settings(study: Study) -> None:
                                  "run with the stored settings or give another --results folder")
 
 
-def record_command(study: Study, stage: str, seconds: float) -> None:
+def record_command(study: Study, stage: str, seconds: float, name: str | None = None) -> None:
     """Append the stage's command and its time to COMMAND.txt (only when the stage did work)."""
     path = Path(study.results) / "COMMAND.txt"
     before = path.read_text() if path.exists() else ""
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    write_text(path, before + f"{study.command or stage}\n    {stamp}, {seconds:.0f} s\n")
+    write_text(path, before + f"{study.command or ' '.join(filter(None, (stage, name)))}\n    {stamp}, {seconds:.0f} s\n")
 
 
 def _require(path: Path, stage: str, what: str) -> None:
@@ -453,7 +453,7 @@ def run_stage(study: Study, stage: str, name: str | None = None, baselines: Path
         write_report(study, baselines)
         did = True
     if did:
-        record_command(study, stage, time.perf_counter() - start)
+        record_command(study, stage, time.perf_counter() - start, name)
     return did
 
 
