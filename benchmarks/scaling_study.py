@@ -2,9 +2,9 @@
 
     python benchmarks/scaling_study.py pool --work /data/scaling matrix=128 \
         "data.plane_size.sagittal=[16,64,64]" ... "data.field_of_view_mm.sagittal=[null,100,100]" ...
-    python benchmarks/scaling_study.py pretrain w8-600-whole
-    python benchmarks/scaling_study.py extract w8-600-whole
-    python benchmarks/scaling_study.py probe w8-600-whole
+    python benchmarks/scaling_study.py pretrain w8-600-crops
+    python benchmarks/scaling_study.py extract w8-600-crops
+    python benchmarks/scaling_study.py probe w8-600-crops
     python benchmarks/scaling_study.py extract floors
     python benchmarks/scaling_study.py probe floors
     python benchmarks/scaling_study.py report --baselines bench/label-fraction/results.json
