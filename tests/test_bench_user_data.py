@@ -231,13 +231,23 @@ def mrnet_folder(tmp_path_factory):
     return write_mrnet_archive(tmp_path_factory.mktemp("mrnet") / "MRNet-v1.0", train=24, valid=8)
 
 
-def test_label_fraction_runs_end_to_end_on_an_mrnet_folder_pretraining_on_its_training_patients(mrnet_folder,
-                                                                                              tmp_path):
+def mrnet_bench_command(out: Path, folder: Path) -> list[str]:
+    return ["bench", "label-fraction", "--preset", "test", "--out", str(out), "--labeled", str(folder),
+            "--pool-from-training", *GRID]
+
+
+@pytest.fixture(scope="module")
+def mrnet_bench(mrnet_folder):
+    out = mrnet_folder.parent / "bench" / "label-fraction"
+    status = main(mrnet_bench_command(out, mrnet_folder))
+    return out, status
+
+
+def test_label_fraction_runs_end_to_end_on_an_mrnet_folder_pretraining_on_its_training_patients(mrnet_bench):
     from mrnet_archive import mrnet_exams
 
-    out = tmp_path / "label-fraction"
-    assert main(["bench", "label-fraction", "--preset", "test", "--out", str(out), "--labeled", str(mrnet_folder),
-                 "--pool-from-training", *GRID]) is None  # exit status 0
+    out, status = mrnet_bench
+    assert status is None  # main returned: exit status 0
     stored = json.loads((out / "results.json").read_text())
     assert len(stored["rows"]) == 4 and {row["method"] for row in stored["rows"]} == {"orthodiff-probe", "raw-voxels"}
     for row in stored["rows"]:  # each scored on the 8 valid exams, per MRNet label
@@ -256,6 +266,20 @@ def test_label_fraction_runs_end_to_end_on_an_mrnet_folder_pretraining_on_its_tr
     assert "| split | fraction | patients | acl | meniscus | abnormal |" in report
     assert "Pretraining: on the labeled archive's TRAINING patients only" in report
     assert "test set: the 8 patient(s) of MRNet's valid exams" in report
+
+
+def test_an_edited_mrnet_label_csv_is_never_read_stale(mrnet_bench, mrnet_folder, capsys):
+    out, _ = mrnet_bench
+    table = mrnet_folder / "valid-acl.csv"
+    original = table.read_text()
+    table.write_text(original.replace(",0\n", ",1\n", 1))
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main(mrnet_bench_command(out, mrnet_folder))
+    finally:
+        table.write_text(original)
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exited.value.code == 2 and error.startswith(f"orthodiff: error: {out / 'user'}: prepared from other data")
 
 
 def test_an_mrnet_pool_with_its_own_patient_ids_in_metadata_csv_is_disjoint_from_an_mrnet_archive(mrnet_folder,

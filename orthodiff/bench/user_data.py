@@ -258,6 +258,7 @@ def prepare_user_joint(preset: BenchPreset, out: Path, user: UserData, joint: st
     """Scan (or read), label, prepare and split the user's labeled archive under ``out/user``; each
     stage resumes. ``joint`` None: the joint its scans name (BodyPartExamined, metadata.csv), else
     its folder's name. Returns (JointData, notes for the report)."""
+    from ..data.manifest import read_manifest
     from ..data.splits import make_splits
     from .workspace import JointData, joint_config, prepare_planes
 
@@ -265,14 +266,15 @@ def prepare_user_joint(preset: BenchPreset, out: Path, user: UserData, joint: st
     root.mkdir(parents=True, exist_ok=True)
     config = joint_config(preset, root, joint or UNNAMED_JOINT, extra=[f"data.archive={Path(user.labeled).resolve()}"])
     record = root / "user-data.json"
-    given = {"labeled": str(Path(user.labeled).resolve()), "stamp": source_stamp(Path(user.labeled)),
-             "labels": user.as_dict().get("labels_sha256", "")}
+    given = {"labeled": str(Path(user.labeled).resolve()), "labels": user.as_dict().get("labels_sha256", "")}
     manifest = Path(config.data.manifest)
     if manifest.exists():
-        _check_same_source(record, given, root)
+        # MRNet's label CSVs are stamped where the scan found them, so the prepared manifest tells where
+        _check_same_source(record, {**given, "stamp": source_stamp(Path(user.labeled), read_manifest(manifest))}, root)
         notes = read_json(record)["notes"]
     else:
         frame, notes = read_user_archive(Path(user.labeled), root / "scanned.parquet", user.labels)
+        given["stamp"] = source_stamp(Path(user.labeled), frame)
         frame, label_notes = usable_labels(frame, str(user.labeled))
         notes = notes + label_notes
         write_table(manifest, frame)
@@ -297,12 +299,34 @@ def prepare_user_joint(preset: BenchPreset, out: Path, user: UserData, joint: st
     return JointData(joint=joint, root=root, config=config), notes
 
 
-def source_stamp(path: Path) -> dict:
+def source_stamp(path: Path, frame=None) -> dict:
     """What decides a prepared manifest besides the scans: the manifest file itself, or an archive
-    folder's labels.csv and metadata.csv, by sha256 (so an edited table is never read stale)."""
-    if Path(path).is_file():
-        return {Path(path).name: sha256_file(path)}
-    return {name: sha256_file(Path(path) / name) for name in ("labels.csv", "metadata.csv") if (Path(path) / name).exists()}
+    folder's labels.csv and metadata.csv and the MRNet label CSVs beside the MRNet exams of its
+    manifest ``frame``, by sha256 (so an edited table is never read stale)."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: sha256_file(path)}
+    tables = [path / name for name in ("labels.csv", "metadata.csv")]
+    tables += mrnet_label_tables(frame) if frame is not None else []
+    return {_relative_name(table, path): sha256_file(table) for table in tables if table.exists()}
+
+
+def mrnet_label_tables(frame) -> list[Path]:
+    """Where the scan reads the labels of a manifest's MRNet exams: ``{train,valid}-{label}.csv``
+    beside the train/valid folders (``<root>/<split>/<plane>/NNNN.npy``)."""
+    from ..io.mrnet import LABELS, SPLITS
+
+    if "format" not in frame.columns:
+        return []
+    roots = sorted({Path(p).parent.parent.parent for p in frame.loc[frame["format"] == "mrnet", "path"]})
+    return [root / f"{split}-{label}.csv" for root in roots for split in SPLITS for label in LABELS]
+
+
+def _relative_name(table: Path, folder: Path) -> str:
+    try:
+        return table.resolve().relative_to(folder.resolve()).as_posix()
+    except ValueError:
+        return str(table.resolve())
 
 
 def mrnet_valid_patients(manifest: Path) -> list[str]:
