@@ -23,7 +23,7 @@ from pathlib import Path
 
 
 def main(argv=None) -> int:
-    from orthodiff.bench.ablation import bench_probe_rows, run_variants, write_variant_table
+    from orthodiff.bench.cells.ablation import bench_probe_rows, run_variants, write_variant_table
     from orthodiff.errors import OrthodiffError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -28,7 +28,7 @@ PROBE, UNTRAINED = "orthodiff-probe", "orthodiff-probe-random-init"
 
 def variant_pretraining(preset, bench: Path, data, variant: tuple[str, int]) -> tuple[Path, int]:
     """The cached denoisers of a variant ("steps", N) or ("pool", P); returns (folder, pool patients)."""
-    from orthodiff.bench.pretraining import POOL_SEED, cached_pretraining, pool_patients, prepare_pool
+    from orthodiff.bench.data.pretraining import POOL_SEED, cached_pretraining, pool_patients, prepare_pool
     from orthodiff.errors import OrthodiffError
 
     kind, value = variant
@@ -47,7 +47,7 @@ def variant_pretraining(preset, bench: Path, data, variant: tuple[str, int]) -> 
 
 def variant_row(preset, bench: Path, data, folder: Path, name: str, fraction: float, seed: int) -> dict:
     """Train (unless done) and evaluate the probe cell on the variant's denoisers; its results row."""
-    from orthodiff.bench.cells import Cell, run_cell
+    from orthodiff.bench.cells.cell import Cell, run_cell
 
     cell = Cell("knee", "in-domain", "classify", PROBE, float(fraction), int(seed))
     row = run_cell(cell, data.cell_inputs(int(seed), folder, tag=f"ablation-{name}"), preset)
@@ -57,7 +57,7 @@ def variant_row(preset, bench: Path, data, folder: Path, name: str, fraction: fl
 
 
 def final_heldout_loss(folder: Path) -> str:
-    from orthodiff.bench.pretraining_report import heldout_curves
+    from orthodiff.bench.report.pretraining_report import heldout_curves
 
     curves = heldout_curves(folder)
     if not curves:
@@ -66,9 +66,9 @@ def final_heldout_loss(folder: Path) -> str:
 
 
 def main(argv=None) -> int:
+    from orthodiff.bench.data.workspace import prepare_joint
     from orthodiff.bench.presets import resolve_preset
-    from orthodiff.bench.results import Pooler, fmt_diff, fmt_pooled, grid_validation
-    from orthodiff.bench.workspace import prepare_joint
+    from orthodiff.bench.report.results import Pooler, fmt_diff, fmt_pooled, grid_validation
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench", type=Path, help="a finished label-fraction bench folder (results.json)")

@@ -24,7 +24,7 @@ from pathlib import Path
 def main(argv=None) -> int:
     import shlex
 
-    from orthodiff.bench.ablation import bench_probe_rows, finetune_overrides, run_variants, write_variant_table
+    from orthodiff.bench.cells.ablation import bench_probe_rows, finetune_overrides, run_variants, write_variant_table
     from orthodiff.errors import OrthodiffError
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -295,7 +295,7 @@ def bench_label_fraction(
 ):
     """AUROC and Dice versus the fraction of training labels, against scratch baselines, on synthetic
     archives or your own (--labeled with --unlabeled, --pool-from-training or --denoisers)."""
-    from .bench.user_data import UserData
+    from .bench.data.user_data import UserData
 
     user = UserData(labeled=labeled, unlabeled=unlabeled, labels=labels, pool_from_training=pool_from_training,
                     denoisers=denoisers)
@@ -321,7 +321,7 @@ def bench_cross_joint(
 ):
     """Denoisers pretrained on one joint fine-tuned on another: knee on synthetic ankle and shoulder, or
     your source pool (--unlabeled) or denoisers (--denoisers) on your target archive (--labeled)."""
-    from .bench.user_data import UserData
+    from .bench.data.user_data import UserData
 
     _bench("cross-joint", preset, out, overrides,
            UserData(labeled=labeled, unlabeled=unlabeled, labels=labels, denoisers=denoisers))
@@ -351,7 +351,7 @@ def bench_robustness(
 ):
     """Train on some domains, test on the held-out one: the synthetic archive's sites and field
     strengths, or any column of your archive (--labeled with --held-out COLUMN=VALUE)."""
-    from .bench.user_data import UserData
+    from .bench.data.user_data import UserData
 
     _bench("robustness", preset, out, overrides,
            UserData(labeled=labeled, unlabeled=unlabeled, labels=labels, pool_from_training=pool_from_training,

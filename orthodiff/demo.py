@@ -201,8 +201,8 @@ def _denoisers(config: ExperimentConfig, out: Path, pretrain: bool) -> Path:
 def bench_pretraining(config: ExperimentConfig, out: Path, preset) -> Path:
     """``preset``'s pretraining redone under ``<out>/pretraining``: its unlabeled archive, network and
     steps, checked to hold none of the demo's patients and at least 5x its training patients."""
-    from .bench.pretraining import pool_pretraining
-    from .bench.workspace import joint_config
+    from .bench.data.pretraining import pool_pretraining
+    from .bench.data.workspace import joint_config
 
     bench = replace(preset, pretrain_cache=str(out / "pretraining"))
     bench_config = joint_config(bench, out / "pretraining" / "knee", "knee")
@@ -239,7 +239,7 @@ def _finetune_and_evaluate(config: ExperimentConfig, run: DemoRun):
     run_dir = Path(config.finetune.output_dir)
     if not (run_dir / "run.json").exists():
         if run.mode == RAW_VOXELS:
-            from .bench.baselines_train import train_baseline
+            from .bench.cells.baselines_train import train_baseline
 
             ft = config.finetune
             train_baseline(config, RAW_VOXELS, run_dir, {}, epochs=ft.epochs, learning_rate=ft.learning_rate,
@@ -383,7 +383,7 @@ def _segmentation_pictures(out: Path, rows: list) -> list[str]:
 
 def _denoiser_lines(folder: Path | None) -> list[str]:
     """Where the denoisers come from: how many unlabeled patients, how many steps, the held-out loss."""
-    from .bench.pretraining_report import heldout_curves
+    from .bench.report.pretraining_report import heldout_curves
     from .fileio import read_json
     from .pretrained import PROVENANCE
 

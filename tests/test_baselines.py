@@ -186,7 +186,7 @@ def test_dynunet_trains_by_steps_and_writes_the_evaluate_contract(project, tmp_p
 
     from tiny_archive import tiny_config
 
-    from orthodiff.bench.baselines_train import train_segmentation_baseline
+    from orthodiff.bench.cells.baselines_train import train_segmentation_baseline
     from orthodiff.evaluation.report import run_evaluation
 
     cfg = tiny_config(project, tmp_path, "finetune.task=segment", "finetune.max_steps=3", "finetune.eval_every=2")
@@ -207,7 +207,7 @@ def test_dynunet_trains_by_steps_and_writes_the_evaluate_contract(project, tmp_p
 def test_dynunet_reruns_to_the_same_bits_under_one_seed(project, tmp_path):
     from tiny_archive import tiny_config
 
-    from orthodiff.bench.baselines_train import train_segmentation_baseline
+    from orthodiff.bench.cells.baselines_train import train_segmentation_baseline
 
     def run(name, seed):
         cfg = tiny_config(project, tmp_path / name, "finetune.task=segment", "finetune.max_steps=3",
@@ -227,7 +227,7 @@ def test_classification_baseline_trains_exactly_max_steps(project, tmp_path):
 
     from tiny_archive import tiny_config
 
-    from orthodiff.bench.baselines_train import train_baseline
+    from orthodiff.bench.cells.baselines_train import train_baseline
 
     cfg = tiny_config(project, tmp_path, "finetune.max_steps=3", "finetune.eval_every=2")
     info = train_baseline(cfg, "resnet3d", tmp_path / "run", TINY["resnet3d"], epochs=1, learning_rate=1e-3,

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from orthodiff.bench import run_bench
-from orthodiff.bench.cells import Cell, CellInputs, cell_config, cell_epochs
-from orthodiff.bench.presets import resolve_preset
-from orthodiff.bench.results import Pooler
-from orthodiff.bench.workspace import (
+from orthodiff.bench.cells.cell import Cell, CellInputs, cell_config, cell_epochs
+from orthodiff.bench.data.workspace import (
     prepare_joint,
     write_domain_splits,
     write_reseeded_splits,
 )
+from orthodiff.bench.presets import resolve_preset
+from orthodiff.bench.report.results import Pooler
 from orthodiff.data.splits import load_splits
 from orthodiff.errors import OrthodiffError
 
@@ -67,7 +67,7 @@ def test_label_fraction_grid_writes_rows_report_and_plots(bench):
     assert (out / "auroc_vs_fraction.png").stat().st_size > 1000
     assert (out / "dice_vs_fraction.png").exists()
     # segmentation per structure: Dice and HD95 of every structure, the mean and the thin-structure mean
-    from orthodiff.bench.segmentation_report import structure_metrics
+    from orthodiff.bench.report.segmentation_report import structure_metrics
 
     segment = next(r for r in stored["rows"] if r["method"] == "scratch-unet")
     found = structure_metrics(segment, out)
@@ -79,8 +79,8 @@ def test_label_fraction_grid_writes_rows_report_and_plots(bench):
 
 def test_segmentation_aims_are_judged_in_words_and_a_segmentation_only_report_has_no_diagnosis_table(bench, tmp_path):
     from orthodiff.bench.label_fraction import write_label_fraction_report
-    from orthodiff.bench.results import ResultsFile
-    from orthodiff.bench.segmentation_report import REFERENCE_AIMS, segmentation_section, structure_metrics
+    from orthodiff.bench.report.results import ResultsFile
+    from orthodiff.bench.report.segmentation_report import REFERENCE_AIMS, segmentation_section, structure_metrics
 
     out, _ = bench
     stored = json.loads((out / "results.json").read_text())
@@ -115,8 +115,8 @@ def test_segmentation_aims_are_judged_in_words_and_a_segmentation_only_report_ha
 
 
 def test_segmentation_aims_say_whether_the_judged_cells_had_converged(bench):
-    from orthodiff.bench.segmentation_report import segmentation_section
-    from orthodiff.bench.training_report import last_quarter_gain
+    from orthodiff.bench.report.segmentation_report import segmentation_section
+    from orthodiff.bench.report.training_report import last_quarter_gain
 
     out, _ = bench
     rows = [r for r in json.loads((out / "results.json").read_text())["rows"] if r["task"] == "segment"]
@@ -255,7 +255,7 @@ def test_probe_epochs_apply_to_the_probe_only(bench):
 
 
 def test_only_cells_sharing_a_feature_store_run_one_after_another():
-    from orthodiff.bench.grid import cell_groups
+    from orthodiff.bench.cells.grid import cell_groups
 
     cells = [Cell("knee", "in-domain", task, method, fraction, seed) for seed in (0, 1) for fraction in (1.0, 0.1)
              for task, method in (("classify", "orthodiff-probe"), ("classify", "orthodiff-probe-random-init"),
@@ -367,8 +367,8 @@ def _field_strengths(root: Path) -> dict:
 
 @pytest.mark.parametrize("name", ["test", "small", "paper"])
 def test_every_preset_gives_a_valid_experiment_config(name, tmp_path):
+    from orthodiff.bench.data.workspace import joint_config
     from orthodiff.bench.presets import PRESETS
-    from orthodiff.bench.workspace import joint_config
 
     preset, _ = resolve_preset(name)
     config = joint_config(preset, tmp_path / "knee", "knee")  # unknown keys or wrong types raise here

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from orthodiff.bench.learnability import learnability, learnability_lines
+from orthodiff.bench.report.learnability import learnability, learnability_lines
 
 
 def _row(method: str, fraction: float, seed: int, auroc: dict, task: str = "classify") -> dict:

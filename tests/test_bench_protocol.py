@@ -12,8 +12,8 @@ import pytest
 
 from orthodiff.bench import run_bench
 from orthodiff.bench.presets import resolve_preset
-from orthodiff.bench.protocol import label_counts, low_label_shortfalls, protocol_lines, short_test_set
-from orthodiff.bench.results import Pooler
+from orthodiff.bench.report.protocol import label_counts, low_label_shortfalls, protocol_lines, short_test_set
+from orthodiff.bench.report.results import Pooler
 from orthodiff.data.splits import load_splits, make_splits
 from orthodiff.errors import OrthodiffError
 
@@ -53,7 +53,7 @@ def test_unlabeled_pool_is_disjoint_from_labeled_patients_and_at_least_five_time
 
 
 def test_report_shows_the_held_out_pretraining_loss(bench):
-    from orthodiff.bench.pretraining_report import heldout_curves
+    from orthodiff.bench.report.pretraining_report import heldout_curves
 
     out, _ = bench
     pool = json.loads((out / "results.json").read_text())["unlabeled_pool"]
@@ -67,7 +67,7 @@ def test_report_shows_the_held_out_pretraining_loss(bench):
 
 
 def test_ablation_table_reads_the_grid_probes_records(bench):
-    from orthodiff.bench.ablation import grid_scores
+    from orthodiff.bench.cells.ablation import grid_scores
 
     out, _ = bench
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -81,7 +81,7 @@ def test_ablation_table_reads_the_grid_probes_records(bench):
 
 
 def test_flat_verdict_reads_the_last_quarter_of_the_curve():
-    from orthodiff.bench.pretraining_report import last_quarter_change
+    from orthodiff.bench.report.pretraining_report import last_quarter_change
 
     falling = [(100, 1.0), (200, 0.5), (300, 0.3), (400, 0.2)]
     assert last_quarter_change(falling) == pytest.approx(1 / 3)
@@ -90,7 +90,7 @@ def test_flat_verdict_reads_the_last_quarter_of_the_curve():
 
 
 def test_pool_checks_refuse_overlap_and_a_small_pool(tmp_path):
-    from orthodiff.bench.pretraining import check_pool
+    from orthodiff.bench.data.pretraining import check_pool
 
     manifest = tmp_path / "m.parquet"
     pd.DataFrame({"patient_id": ["P1", "P2"], "study_id": ["s1", "s2"], "series_id": ["s1/a", "s2/a"],
@@ -131,11 +131,11 @@ def test_floors_and_training_records_appear_in_results_and_report(bench):
 
 
 def test_random_init_probe_is_a_floor_on_its_own_feature_store(bench, tmp_path):
-    from orthodiff.bench.cells import Cell, CellInputs, cell_config
+    from orthodiff.bench.cells.cell import Cell, CellInputs, cell_config
 
     out, _ = bench
     preset, _ = resolve_preset("test")
-    from orthodiff.bench.workspace import prepare_joint
+    from orthodiff.bench.data.workspace import prepare_joint
 
     data = prepare_joint(preset, out, "knee")
     inputs = CellInputs(config=data.config, splits=data.splits, pretrained=out, features=tmp_path / "features" / "seed0",
@@ -222,8 +222,8 @@ def test_seed_and_patient_interval_is_wider_than_patient_only_when_seeds_disagre
 
 
 def test_pretraining_cache_is_not_reused_when_the_config_changes(bench):
-    from orthodiff.bench.pretraining import pool_pretraining
-    from orthodiff.bench.workspace import prepare_joint
+    from orthodiff.bench.data.pretraining import pool_pretraining
+    from orthodiff.bench.data.workspace import prepare_joint
 
     out, _ = bench
     stored = json.loads((out / "results.json").read_text())

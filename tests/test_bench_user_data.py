@@ -12,8 +12,7 @@ import pandas as pd
 import pytest
 
 from orthodiff.bench import run_bench
-from orthodiff.bench.presets import resolve_preset
-from orthodiff.bench.user_data import (
+from orthodiff.bench.data.user_data import (
     UserData,
     attach_labels,
     existing_denoisers,
@@ -22,6 +21,7 @@ from orthodiff.bench.user_data import (
     usable_labels,
     user_pretraining,
 )
+from orthodiff.bench.presets import resolve_preset
 from orthodiff.cli import main
 from orthodiff.errors import OrthodiffError
 from orthodiff.fileio import sha256_file
@@ -101,7 +101,7 @@ def test_a_pool_sharing_a_patient_with_the_labeled_archive_is_refused_in_one_lin
 def test_pretraining_on_the_training_patients_never_sees_validation_or_test(bench):
     out, _ = bench
     preset, _ = resolve_preset("test", GRID)
-    from orthodiff.bench.workspace import JointData, joint_config
+    from orthodiff.bench.data.workspace import JointData, joint_config
 
     data = JointData("knee", out / "user", joint_config(preset, out / "user", "knee"))
     folder, record, _ = user_pretraining(preset, out, UserData(labeled=out / "user" / "manifest.parquet",
@@ -120,7 +120,7 @@ def test_existing_denoisers_are_recorded_and_checked_against_the_plane_size(benc
     stored = json.loads((out / "results.json").read_text())
     folder = Path(stored["unlabeled_pool"]["pretraining"])
     preset, _ = resolve_preset("test", GRID)
-    from orthodiff.bench.workspace import joint_config
+    from orthodiff.bench.data.workspace import joint_config
 
     config = joint_config(preset, out / "user", "knee")
     record = existing_denoisers(folder, config)
@@ -130,8 +130,8 @@ def test_existing_denoisers_are_recorded_and_checked_against_the_plane_size(benc
     line = pretraining_provenance(record)
     assert line.startswith(f"Pretraining: none in this run; the knee denoisers of `{folder.resolve()}`")
     assert record["sha256"]["axial"][:12] in line and f"{record['unlabeled_patients']} unlabeled patients" in line
-    from orthodiff.bench.domains import HeldOut
-    from orthodiff.bench.workspace import JointData
+    from orthodiff.bench.data.domains import HeldOut
+    from orthodiff.bench.data.workspace import JointData
 
     data = JointData("knee", out / "user", config)
     _, _, warnings = user_pretraining(preset, out, UserData(labeled=out / "user", denoisers=folder), data,
@@ -203,7 +203,7 @@ def test_user_options_that_do_not_go_together_are_refused(tmp_path):
 
 
 def test_mrnet_valid_exams_are_the_test_set(tmp_path):
-    from orthodiff.bench.user_data import mrnet_valid_patients, test_on_mrnet_valid
+    from orthodiff.bench.data.user_data import mrnet_valid_patients, test_on_mrnet_valid
     from orthodiff.data.splits import load_splits, make_splits
     from orthodiff.fileio import write_table
 
@@ -288,7 +288,7 @@ def test_an_mrnet_pool_with_its_own_patient_ids_in_metadata_csv_is_disjoint_from
     patient_id is what tells its patients apart, as the refusal says."""
     from mrnet_archive import write_mrnet_archive
 
-    from orthodiff.bench.user_data import check_disjoint, read_user_archive
+    from orthodiff.bench.data.user_data import check_disjoint, read_user_archive
 
     labeled, _ = read_user_archive(mrnet_folder, tmp_path / "labeled.parquet")
     pool_folder = write_mrnet_archive(tmp_path / "pool", train=4, valid=2, side=16, seed=1)
@@ -393,7 +393,7 @@ def test_a_held_out_column_or_value_the_archive_lacks_is_refused_in_one_line(ben
         run_bench("robustness", "test", robustness, GRID,
                   user=UserData(labeled=manifest, denoisers=denoisers, held_out="site=Nowhere"))
     assert not (robustness / "results.json").exists()  # refused before any cell
-    from orthodiff.bench.domains import HeldOut
+    from orthodiff.bench.data.domains import HeldOut
 
     frame = pd.read_parquet(manifest)
     three_tesla = set(frame.loc[frame["field_strength"] == 3.0, "patient_id"])

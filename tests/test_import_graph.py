@@ -93,7 +93,7 @@ def test_the_walk_finds_a_loop_when_there_is_one():
     assert find_cycle({"orthodiff.a": {"orthodiff.b"}, "orthodiff.b": set()}) is None
     edges = import_edges(module_level_only=True)
     assert "orthodiff.io.access" in edges["orthodiff.io.dicom"]  # relative imports are resolved
-    assert "orthodiff.bench.curves" in edges["orthodiff.bench.pretraining_report"]
+    assert "orthodiff.bench.report.curves" in edges["orthodiff.bench.report.pretraining_report"]
 
 
 def test_no_module_level_import_loop_in_the_package():

@@ -187,7 +187,7 @@ def test_bench_pretraining_key_changes_only_with_crops(cache, tmp_path):
     """A bench's cached whole-plane pretraining keeps its key; a crop size is a pretraining of its own."""
     from dataclasses import asdict
 
-    from orthodiff.bench.pretraining import _IGNORED_PRETRAIN_KEYS, _digest, pretrain_key
+    from orthodiff.bench.data.pretraining import _IGNORED_PRETRAIN_KEYS, _digest, pretrain_key
 
     whole = tiny_config(cache, tmp_path)
     settings = {k: v for k, v in asdict(whole.pretrain).items() if k not in (*_IGNORED_PRETRAIN_KEYS, "patch_size")}

@@ -210,9 +210,9 @@ def test_predict_writes_the_segmentation_on_the_source_grid_inside_the_crop(tmp_
 
 
 def test_a_preset_takes_the_crop_as_an_override_and_its_pool_and_cache_follow(tmp_path, knee_dicom_dir):
+    from orthodiff.bench.data.pretraining import pool_key
+    from orthodiff.bench.data.workspace import prepare_planes
     from orthodiff.bench.presets import resolve_preset
-    from orthodiff.bench.pretraining import pool_key
-    from orthodiff.bench.workspace import prepare_planes
     from orthodiff.config import load_config
 
     preset, _ = resolve_preset("small", ["data.field_of_view_mm.sagittal=[null,100,100]"])

@@ -9,8 +9,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from orthodiff.bench.data.pretraining import _IGNORED_PRETRAIN_KEYS
 from orthodiff.bench.presets import resolve_preset
-from orthodiff.bench.pretraining import _IGNORED_PRETRAIN_KEYS
 from orthodiff.config import load_config
 from orthodiff.errors import OrthodiffError
 from orthodiff.planes import PLANES

@@ -4,7 +4,7 @@ sites and field strengths, against supervised baselines on the same splits and i
 ``run_bench(name, preset, out, overrides)`` runs one bench's grid of cells (method x label
 fraction x seed), resuming at the first cell missing from ``OUT/results.json``, then writes
 ``OUT/report.md`` and PNG plots. The benches synthesize their archives; ``user`` (a
-``user_data.UserData``) points them at the user's own archives instead: a labeled archive, and a
+``data.user_data.UserData``) points them at the user's own archives instead: a labeled archive, and a
 pool to pretrain on or denoisers already pretrained (cross-joint: of the source joint; robustness:
 with the domain held out).
 """
@@ -30,9 +30,9 @@ def run_bench(name: str, preset: str = "small", out: str | Path = "bench", overr
               user=None) -> BenchResult:
     """Run bench ``name`` at ``preset`` size into ``out``; ``overrides`` are preset fields
     (``seeds=[0,1]``) or ExperimentConfig keys (``pretrain.max_steps=100``); ``user`` the user's
-    archives and denoisers (``user_data.UserData``)."""
+    archives and denoisers (``data.user_data.UserData``)."""
+    from .data.user_data import UserData
     from .presets import resolve_preset
-    from .user_data import UserData
 
     if name not in BENCHES:
         raise OrthodiffError(f"bench {name!r} is unknown; use one of {', '.join(BENCHES)}")

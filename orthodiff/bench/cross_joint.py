@@ -21,22 +21,22 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import OrthodiffError
-from . import plots
-from .cells import Cell, CellInputs
-from .grid import run_grid, stage
-from .learnability import learnability_lines
-from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
-from .protocol import counts_from_dict, label_counts, low_label_shortfalls, protocol_lines, short_test_set
-from .results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
-from .training_report import write_grouped_report
-from .user_data import (
+from .cells.cell import Cell, CellInputs
+from .cells.grid import run_grid, stage
+from .data.user_data import (
     UserData,
     archive_size,
     prepare_user_joint,
     pretraining_provenance,
     user_pretraining,
 )
-from .workspace import joint_config, prepare_joint
+from .data.workspace import joint_config, prepare_joint
+from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
+from .report import plots
+from .report.learnability import learnability_lines
+from .report.protocol import counts_from_dict, label_counts, low_label_shortfalls, protocol_lines, short_test_set
+from .report.results import Pooler, ResultsFile, fmt_diff, fmt_pooled, select
+from .report.training_report import write_grouped_report
 
 BENCH = "cross-joint"
 SCENARIO = "knee-pretrained"
@@ -62,7 +62,7 @@ def cross_joint_cells(preset: BenchPreset) -> list[Cell]:
 def run_cross_joint(preset: BenchPreset, out: Path, header: dict, user: UserData | None = None):
     """The bench on the synthetic joints, or on the user's (``user``: a target-joint labeled archive,
     and a source-joint pool to pretrain on or source denoisers)."""
-    from .pretraining import pool_pretraining
+    from .data.pretraining import pool_pretraining
     from .run_result import BenchResult
 
     user = user or UserData()

@@ -13,19 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..fileio import write_text
-from . import plots
-from .ablation import ablation_lines
-from .cells import Cell, CellInputs
-from .grid import run_grid, stage
-from .learnability import learnability_lines
+from .cells.ablation import ablation_lines
+from .cells.cell import Cell, CellInputs
+from .cells.grid import run_grid, stage
+from .data.user_data import UserData, archive_size, prepare_user_joint, user_pretraining
+from .data.workspace import prepare_joint
 from .presets import FLOOR_METHODS, PRETRAINED_METHODS, BenchPreset
-from .pretraining_report import pretraining_section
-from .protocol import counts_from_dict, label_counts, low_label_shortfalls, protocol_lines, short_test_set
-from .results import Pooler, ResultsFile, clearly_above, fmt, fmt_diff, fmt_pooled, select
-from .segmentation_report import segmentation_section
-from .training_report import convergence_lines, timing_line
-from .user_data import UserData, archive_size, prepare_user_joint, user_pretraining
-from .workspace import prepare_joint
+from .report import plots
+from .report.learnability import learnability_lines
+from .report.pretraining_report import pretraining_section
+from .report.protocol import counts_from_dict, label_counts, low_label_shortfalls, protocol_lines, short_test_set
+from .report.results import Pooler, ResultsFile, clearly_above, fmt, fmt_diff, fmt_pooled, select
+from .report.segmentation_report import segmentation_section
+from .report.training_report import convergence_lines, timing_line
 
 BENCH = "label-fraction"
 SCRATCH = ("scratch-unet", "resnet3d", "mrnet2d")
@@ -47,7 +47,7 @@ def label_fraction_cells(preset: BenchPreset) -> list[Cell]:
 
 def run_label_fraction(preset: BenchPreset, out: Path, header: dict, user: UserData | None = None):
     """The bench on the synthetic archives, or on the user's (``user``: labeled archive, pool, denoisers)."""
-    from .pretraining import pool_pretraining
+    from .data.pretraining import pool_pretraining
     from .run_result import BenchResult
 
     user = user or UserData()

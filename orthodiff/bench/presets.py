@@ -19,7 +19,7 @@ from ..errors import OrthodiffError
 CLASSIFY_METHODS = ("orthodiff-probe", "orthodiff-finetune", "orthodiff-probe-random-init", "raw-voxels",
                     "scratch-unet", "resnet3d", "mrnet2d")
 FLOOR_METHODS = ("orthodiff-probe-random-init", "raw-voxels")
-# supervised networks trained by bench/baselines_train.py rather than the fine-tuning loop
+# supervised networks trained by bench/cells/baselines_train.py rather than the fine-tuning loop
 BASELINE_METHODS = ("raw-voxels", "resnet3d", "mrnet2d")
 # Segmentation methods: the pretrained denoiser with a decoder (partly fine-tuned), the frozen pretrained
 # denoiser read per voxel (DDPM-segmentation: multi-block, multi-timestep features and a light head), the

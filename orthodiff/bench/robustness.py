@@ -20,17 +20,17 @@ import numpy as np
 
 from ..errors import OrthodiffError
 from ..fileio import read_json, write_json
-from . import plots
-from .cells import Cell, CellInputs
-from .domains import HeldOut, values_present
-from .grid import run_grid, stage
-from .learnability import learnability_lines
+from .cells.cell import Cell, CellInputs
+from .cells.grid import run_grid, stage
+from .data.domains import HeldOut, values_present
+from .data.user_data import UserData, archive_size, prepare_user_joint, pretraining_provenance, user_pretraining
+from .data.workspace import prepare_joint, write_domain_splits
 from .presets import PRETRAINED_METHODS, BenchPreset
-from .protocol import counts_from_dict, label_counts, protocol_lines
-from .results import Pooler, ResultsFile, fmt_pooled, select
-from .training_report import write_grouped_report
-from .user_data import UserData, archive_size, prepare_user_joint, pretraining_provenance, user_pretraining
-from .workspace import prepare_joint, write_domain_splits
+from .report import plots
+from .report.learnability import learnability_lines
+from .report.protocol import counts_from_dict, label_counts, protocol_lines
+from .report.results import Pooler, ResultsFile, fmt_pooled, select
+from .report.training_report import write_grouped_report
 
 BENCH = "robustness"
 JOINT = "knee"
@@ -46,7 +46,7 @@ def run_robustness(preset: BenchPreset, out: Path, header: dict, user: UserData 
     """The bench on the synthetic archive's scenarios, or on the user's labeled archive with the
     domain ``user.held_out`` (COLUMN=VALUE) held out."""
     from ..data.manifest import read_manifest
-    from .pretraining import pool_pretraining
+    from .data.pretraining import pool_pretraining
     from .run_result import BenchResult
 
     user = user or UserData()

@@ -136,7 +136,7 @@ def resolved(study: Study, point: ScalingPoint | None = None):
 
 
 def _config_of(preset, study: Study):
-    from .workspace import joint_config
+    from .data.workspace import joint_config
 
     return joint_config(preset, Path(study.work) / JOINT, JOINT)
 
@@ -196,9 +196,9 @@ def _require(path: Path, stage: str, what: str) -> None:
 # ------------------------------------------------------------------------------------- stages
 def stage_pool(study: Study) -> bool:
     """Labeled data, unlabeled pool and the label counts of every subset seed. Returns whether it did work."""
-    from .pretraining import check_pool, heldout_patients, pool_patients, prepare_pool
-    from .protocol import label_counts
-    from .workspace import prepare_joint
+    from .data.pretraining import check_pool, heldout_patients, pool_patients, prepare_pool
+    from .data.workspace import prepare_joint
+    from .report.protocol import label_counts
 
     out = Path(study.results) / "data.json"
     preset = resolved(study)
@@ -227,7 +227,7 @@ def stage_pool(study: Study) -> bool:
 
 def _data(study: Study, preset):
     """The joint's prepared data, refused in one line when the pool stage has not run here."""
-    from .workspace import JointData
+    from .data.workspace import JointData
 
     _require(Path(study.results) / "data.json", "pool", "the study's data record")
     root = Path(study.work) / JOINT
@@ -238,8 +238,8 @@ def _data(study: Study, preset):
 
 def stage_pretrain(study: Study, name: str) -> bool:
     """The point's denoisers (shared cache), their held-out curve, compute and measured CPU time."""
-    from .pretraining import pool_pretraining
-    from .pretraining_report import heldout_curves
+    from .data.pretraining import pool_pretraining
+    from .report.pretraining_report import heldout_curves
 
     point = study.point(name)
     out = point_dir(study, name)
@@ -307,7 +307,7 @@ def denoisers_of(study: Study, name: str) -> Path:
 
 def _inputs(study: Study, name: str):
     """(preset, data, cell inputs) of a point or of the floors."""
-    from .cells import CellInputs
+    from .cells.cell import CellInputs
 
     point = study.floor_point if name == FLOORS else study.point(name)
     preset = resolved(study, point)
@@ -321,7 +321,7 @@ def _inputs(study: Study, name: str):
 
 def _probe_config(study: Study, name: str, method: str, fraction: float, seed: int):
     """The cell's fine-tuning config: subset seed ``seed``, features and initialisation seed FEATURE_SEED."""
-    from .cells import Cell, cell_config
+    from .cells.cell import Cell, cell_config
 
     preset, data, inputs = _inputs(study, name)
     inputs = replace(inputs, splits=data.splits_for_seed(seed))
@@ -392,8 +392,8 @@ def stage_probe(study: Study, name: str) -> bool:
 def _run_probe_cell(study: Study, name: str, method: str, fraction: float, seed: int, folder: Path) -> None:
     from ..evaluation.report import run_evaluation
     from ..finetune.run import run_finetune
-    from .baselines_train import train_baseline
-    from .cells import cell_epochs, results_row, training_record
+    from .cells.baselines_train import train_baseline
+    from .cells.cell import cell_epochs, results_row, training_record
 
     preset, cell, config = _probe_config(study, name, method, fraction, seed)
     run_dir = Path(config.finetune.output_dir)
@@ -463,8 +463,8 @@ THROUGHPUT = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 
 def write_report(study: Study, baselines: Path | None = None) -> Path:
     """report.md and scaling.png in the results folder, from the results folder alone."""
-    from .protocol import counts_from_dict, low_label_shortfalls, short_test_set
-    from .results import Pooler, fmt_diff, fmt_pooled
+    from .report.protocol import counts_from_dict, low_label_shortfalls, short_test_set
+    from .report.results import Pooler, fmt_diff, fmt_pooled
 
     results = Path(study.results)
     _require(results / "data.json", "pool", "the study's data record")
@@ -565,7 +565,7 @@ def final_heldout_loss(record: dict) -> float | None:
 
 def supervised_bands(path: Path, low: float, n_bootstrap: int) -> dict:
     """{method: {fraction: Pooled}} of the supervised baselines in a finished label-fraction results.json."""
-    from .results import Pooler
+    from .report.results import Pooler
 
     path = Path(path)
     if not path.is_file():
@@ -639,8 +639,8 @@ def gpu_lines(study: Study, series: list) -> list[str]:
 def reference_compute() -> float:
     """Parameters x voxels per step x steps of the `paper` preset's pretraining, summed over planes."""
     from ..models.denoiser import Denoiser, num_parameters
+    from .data.workspace import joint_config
     from .presets import resolve_preset
-    from .workspace import joint_config
 
     preset, _ = resolve_preset("paper")
     config = joint_config(preset, Path("paper"), JOINT)

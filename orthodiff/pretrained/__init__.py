@@ -49,7 +49,7 @@ def provenance(name: str = KNEE_SMALL) -> dict:
 
 def ship(pretraining: Path, name: str = KNEE_SMALL) -> Path:
     """Copy the three denoisers of a cached bench pretraining into the package, with provenance."""
-    from ..bench.pretraining_report import heldout_curves
+    from ..bench.report.pretraining_report import heldout_curves
     from ..config import load_config
 
     pretraining = Path(pretraining)

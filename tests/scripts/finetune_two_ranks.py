@@ -107,11 +107,11 @@ def main(project_json: str, output_dir: str) -> None:
         last_rank = state.process_index == state.num_processes - 1 and state.num_processes > 1
         with stripped_segmentations(last_rank and case in NO_SEGMENTATION_ON_LAST_RANK):
             if case == "dynunet":
-                from orthodiff.bench import baselines_train
+                from orthodiff.bench.cells import baselines_train
 
                 baselines_train.train_segmentation_baseline(cfg, "dynunet", out / case / "run", {"base_filters": 4})
             elif case == "resnet3d":
-                from orthodiff.bench import baselines_train
+                from orthodiff.bench.cells import baselines_train
 
                 baselines_train.train_baseline(cfg, "resnet3d", out / case / "run", {"widen_factor": 0.125},
                                                epochs=1, learning_rate=1e-3, batch_size=4)

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import save_config
-from ..errors import OrthodiffError
-from ..fileio import write_json, write_table
-from ..planes import PLANES
+from ...config import save_config
+from ...errors import OrthodiffError
+from ...fileio import write_json, write_table
+from ...planes import PLANES
 
 PREDICTION_COLUMNS = ("study_id", "patient_id", "split", "site", "field_strength")
 
@@ -40,9 +40,9 @@ def _open_run(cfg, run_dir) -> tuple:
     """
     import torch
 
-    from ..data.cache import PlaneCache
-    from ..data.splits import load_splits
-    from ..finetune.studies import run_patients
+    from ...data.cache import PlaneCache
+    from ...data.splits import load_splits
+    from ...finetune.studies import run_patients
 
     seed = int(cfg.seed)
     torch.manual_seed(seed)
@@ -57,8 +57,8 @@ def _open_run(cfg, run_dir) -> tuple:
 
 def _start_run_directory(cfg, run_dir: Path, main: bool):
     """The main process saves the config and opens the metrics log; the others log nowhere."""
-    from ..finetune.scoring import MetricsLog
-    from ..finetune.steps import SilentLog
+    from ...finetune.scoring import MetricsLog
+    from ...finetune.steps import SilentLog
 
     if not main:
         return SilentLog()
@@ -87,12 +87,12 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
     """
     import torch
 
-    from ..baselines import build_baseline
-    from ..finetune.endtoend import distributed_loss, make_accelerator, validate_on_main
-    from ..finetune.scoring import auroc_scores, patient_level
-    from ..finetune.steps import StepBudget, run_summary, train_best
-    from ..finetune.studies import resolve_labels
-    from ..heads import masked_bce_loss
+    from ...baselines import build_baseline
+    from ...finetune.endtoend import distributed_loss, make_accelerator, validate_on_main
+    from ...finetune.scoring import auroc_scores, patient_level
+    from ...finetune.steps import StepBudget, run_summary, train_best
+    from ...finetune.studies import resolve_labels
+    from ...heads import masked_bce_loss
 
     if int(epochs) < 1:
         raise OrthodiffError(f"baseline_epochs={epochs}: must be at least 1")
@@ -168,8 +168,8 @@ def train_baseline(cfg, name: str, run_dir: Path, options: dict, epochs: int, le
 
 
 def _datasets(cache, patients: dict, labels: list, planes: list, cfg) -> dict:
-    from ..data.datasets import StudyDataset
-    from ..finetune.augment import make_study_augment
+    from ...data.datasets import StudyDataset
+    from ...finetune.augment import make_study_augment
 
     augment = make_study_augment() if cfg.finetune.augment else None
     common = {"labels": labels, "planes": planes, "ehr_columns": cfg.data.ehr_columns}
@@ -186,7 +186,7 @@ def _loader(dataset, batch_size: int, shuffle: bool, seed: int, drop_last: bool 
     import torch
     from torch.utils.data import DataLoader
 
-    from ..data.datasets import collate_studies
+    from ...data.datasets import collate_studies
 
     return DataLoader(dataset, batch_size=max(1, int(batch_size)), shuffle=shuffle, collate_fn=collate_studies,
                       drop_last=drop_last, generator=torch.Generator().manual_seed(int(seed)))
@@ -239,17 +239,17 @@ def train_segmentation_baseline(cfg, name: str, run_dir: Path, options: dict | N
     import torch
     from accelerate import PartialState
 
-    from ..baselines.dynunet import DynUNetSegmenter, deep_supervision_weights, poly_factor
-    from ..finetune.endtoend import (
+    from ...baselines.dynunet import DynUNetSegmenter, deep_supervision_weights, poly_factor
+    from ...finetune.endtoend import (
         fit_best,
         mean_dice,
         predict_segmenter,
         segmentation_loss,
         training_class_counts,
     )
-    from ..finetune.run import _study_datasets, resolve_classes, write_segmentations
-    from ..finetune.steps import run_summary
-    from ..heads.segmentation import class_weights, make_dice_ce_loss
+    from ...finetune.run import _study_datasets, resolve_classes, write_segmentations
+    from ...finetune.steps import run_summary
+    from ...heads.segmentation import class_weights, make_dice_ce_loss
 
     if name not in SEGMENTATION_BASELINES:
         raise OrthodiffError(f"segmentation baseline {name!r} is unknown; use one of {', '.join(SEGMENTATION_BASELINES)}")

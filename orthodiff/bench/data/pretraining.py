@@ -22,10 +22,10 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from ..config import ExperimentConfig
-from ..errors import OrthodiffError
-from ..fileio import write_json, write_table
-from .presets import BenchPreset
+from ...config import ExperimentConfig
+from ...errors import OrthodiffError
+from ...fileio import write_json, write_table
+from ..presets import BenchPreset
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ def pool_key(joint: str, studies: int, matrix: int, data) -> str:
 def prepare_pool(preset: BenchPreset, out: Path, joint: str, labeled_config: ExperimentConfig) -> Pool:
     """Synthesize, scan (ids prefixed, labels dropped) and prepare ``joint``'s unlabeled archive;
     each stage resumes. Shared by every bench under the same cache root."""
-    from ..data.scan import scan_archive
-    from ..synth import synthesize_archive
+    from ...data.scan import scan_archive
+    from ...synth import synthesize_archive
     from .workspace import prepare_planes
 
     studies = int(preset.unlabeled_studies.get(joint, 0))
@@ -100,7 +100,7 @@ def _unlabeled(manifest: Path):
     """The scanned manifest with prefixed patient and study ids and no label values."""
     import numpy as np
 
-    from ..data.manifest import label_columns, read_manifest
+    from ...data.manifest import label_columns, read_manifest
 
     frame = read_manifest(manifest)
     for column in ("patient_id", "study_id"):
@@ -114,7 +114,7 @@ def pool_patients(pool: Pool, exclude: tuple[str, object] | None = None) -> list
     """The pool's patients; ``exclude`` = (site | field_strength, value) leaves that domain out."""
     import pandas as pd
 
-    from ..data.manifest import read_manifest
+    from ...data.manifest import read_manifest
 
     frame = read_manifest(pool.manifest).drop_duplicates("study_id")
     if exclude is not None:
@@ -133,7 +133,7 @@ def check_pool(pool_ids: list[str], labeled_manifest: Path, train_patients: list
     """Assert that no pool patient is a labeled patient and that the patients pretraining learns from
     (the pool less the ``held_out`` ones that only score its denoising loss) are at least
     ``MIN_POOL_RATIO`` x the labeled training patients; returns the counts for the report."""
-    from ..data.manifest import read_manifest
+    from ...data.manifest import read_manifest
 
     labeled = set(read_manifest(labeled_manifest)["patient_id"].astype(str))
     shared = sorted(set(pool_ids) & labeled)
@@ -173,7 +173,7 @@ def _cache_fingerprint(cache: Path) -> str:
 def cached_pretraining(pool: Pool, preset: BenchPreset, out: Path, patients: list[str], name: str = "all") -> Path:
     """Denoisers pretrained on ``patients`` of the pool, from the shared cache or pretrained now
     (resumable) into it. Returns the folder holding ``denoisers/<plane>``."""
-    from ..planes import PLANES
+    from ...planes import PLANES
     from .workspace import pretrain
 
     key = pretrain_key(pool.config, patients, _cache_fingerprint(Path(pool.config.data.cache)))
@@ -197,9 +197,9 @@ def write_pool_splits(pool: Pool, patients: list[str], out: Path) -> Path:
     held-out domain) sit in test. With a held-out pretraining loss (``pretrain.eval_every`` > 0),
     ``pretrain.eval_volumes`` of ``patients``, drawn with the pool's seed, sit in val instead: scored,
     never trained on. Made from the whole manifest, so its data fingerprint matches the pool's cache."""
-    from ..data.manifest import read_manifest
-    from ..data.splits import load_splits, make_splits
-    from ..fileio import read_json
+    from ...data.manifest import read_manifest
+    from ...data.splits import load_splits, make_splits
+    from ...fileio import read_json
 
     draft = out.with_name(out.name + ".draft.json")
     draft.unlink(missing_ok=True)
@@ -237,7 +237,7 @@ def pool_pretraining(preset: BenchPreset, out: Path, joint: str, config: Experim
     ``config`` is the labeled joint's bench config (network, pretraining, plane size). Returns the
     denoisers' folder and the pool's counts (for results.json and the report).
     """
-    from ..data.splits import load_splits
+    from ...data.splits import load_splits
 
     pool = prepare_pool(preset, out, joint, config)
     patients = pool_patients(pool, exclude)

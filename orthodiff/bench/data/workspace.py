@@ -12,10 +12,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ExperimentConfig, load_config
-from ..errors import OrthodiffError
-from ..fileio import read_json, write_json
-from .presets import BenchPreset
+from ...config import ExperimentConfig, load_config
+from ...errors import OrthodiffError
+from ...fileio import read_json, write_json
+from ..presets import BenchPreset
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class JointData:
     def cell_inputs(self, seed: int, pretrained: Path | None, splits: Path | None = None, tag: str = ""):
         """What a cell of this joint trains on: seed ``seed``'s splits (or ``splits``), the denoisers
         under ``pretrained``, and a feature store and run folder kept apart per ``tag``."""
-        from .cells import CellInputs
+        from ..cells.cell import CellInputs
 
         suffix = f"-{tag}" if tag else ""
         return CellInputs(config=self.config, splits=splits or self.splits_for_seed(seed), pretrained=pretrained,
@@ -70,9 +70,9 @@ def joint_config(preset: BenchPreset, root: Path, joint: str, extra=()) -> Exper
 
 def prepare_joint(preset: BenchPreset, out: Path, joint: str) -> JointData:
     """Synthesize, scan, prepare and split one joint's archive (each stage resumes)."""
-    from ..data.scan import scan_archive
-    from ..data.splits import make_splits
-    from ..synth import synthesize_archive
+    from ...data.scan import scan_archive
+    from ...data.splits import make_splits
+    from ...synth import synthesize_archive
 
     root = Path(out) / joint
     if joint not in preset.studies:
@@ -97,11 +97,11 @@ def prepare_planes(config: ExperimentConfig) -> None:
     config's slab handling and slice spacing where prepare takes them."""
     import inspect
 
-    from ..data.prepare import prepare_cache
+    from ...data.prepare import prepare_cache
 
     data = config.data
     if (Path(data.cache) / "cache.json").exists() and (Path(data.cache) / "index.parquet").exists():
-        from ..data.cache import PlaneCache
+        from ...data.cache import PlaneCache
 
         PlaneCache(data.cache).check_field_of_view(data.field_of_view_mm)  # a crop asked for is never skipped
         return
@@ -115,8 +115,8 @@ def write_reseeded_splits(base: Path, manifest: Path, seed: int, out: Path) -> P
 
     Train, val and test patients stay exactly as in ``base``.
     """
-    from ..data.manifest import read_manifest
-    from ..data.splits import (  # subset drawing of the splits module
+    from ...data.manifest import read_manifest
+    from ...data.splits import (  # subset drawing of the splits module
         load_splits,
         nested_subsets,
         patient_labels,
@@ -146,8 +146,8 @@ def write_domain_splits(data: JointData, column: str, held_out, out: Path) -> Pa
     """
     import pandas as pd
 
-    from ..data.manifest import read_manifest
-    from ..data.splits import load_splits
+    from ...data.manifest import read_manifest
+    from ...data.splits import load_splits
 
     if out.exists():
         return out
@@ -189,8 +189,8 @@ def pretraining_config(config: ExperimentConfig, splits: Path, output_dir: Path)
 
 def pretrain(config: ExperimentConfig, splits: Path, output_dir: Path) -> Path:
     """Denoisers for every plane under ``output_dir/denoisers`` (resumes; skipped when all exist)."""
-    from ..planes import PLANES
-    from ..training.pretrain import run_pretraining
+    from ...planes import PLANES
+    from ...training.pretrain import run_pretraining
 
     done = all((output_dir / "denoisers" / plane / "config.json").exists() for plane in PLANES)
     if not done:

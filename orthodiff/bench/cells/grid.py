@@ -6,9 +6,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 
-from .cells import Cell, CellInputs, run_cell
-from .presets import BenchPreset
-from .results import ResultsFile
+from ..presets import BenchPreset
+from ..report.results import ResultsFile
+from .cell import Cell, CellInputs, run_cell
 
 
 def run_grid(cells: Iterable[Cell], inputs_for: Callable[[Cell], CellInputs], preset: BenchPreset,
@@ -43,7 +43,7 @@ def _run_parallel(missing: list, inputs_for, preset: BenchPreset, results: Resul
     import os
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from ..data.workers import one_thread_worker
+    from ...data.workers import one_thread_worker
 
     groups = cell_groups(missing)
     done = 0

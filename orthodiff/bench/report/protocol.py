@@ -40,8 +40,8 @@ class LabelCounts:
 
 def label_counts(splits_path: Path, manifest: Path, min_test_positives: int = MIN_TEST_POSITIVES) -> LabelCounts:
     """Counts for the splits file ``splits_path`` of the manifest ``manifest``."""
-    from ..data.manifest import read_manifest
-    from ..data.splits import load_splits, patient_labels
+    from ...data.manifest import read_manifest
+    from ...data.splits import load_splits, patient_labels
 
     splits = load_splits(splits_path)
     per_patient = patient_labels(read_manifest(manifest), splits.labels)

@@ -20,10 +20,10 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import ExperimentConfig
-from ..errors import OrthodiffError
-from ..fileio import read_json, sha256_file, write_json, write_table
-from .presets import BenchPreset
+from ...config import ExperimentConfig
+from ...errors import OrthodiffError
+from ...fileio import read_json, sha256_file, write_json, write_table
+from ..presets import BenchPreset
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class UserData:
 def archive_joint(manifest: Path, fallback: str) -> str:
     """The joint a manifest's series say they show (BodyPartExamined, or metadata.csv's joint), several
     joined by "/"; ``fallback`` when no series says."""
-    from ..data.manifest import read_manifest
+    from ...data.manifest import read_manifest
 
     frame = read_manifest(manifest)
     if "joint" not in frame.columns:
@@ -122,8 +122,8 @@ def archive_joint(manifest: Path, fallback: str) -> str:
 def read_user_archive(path: Path, scratch: Path, labels_csv: Path | None = None):
     """The manifest of a user's archive: ``path`` scanned when it is a folder, read when it is a
     manifest; its labels replaced by ``labels_csv`` when given. Returns (frame, notes)."""
-    from ..data.manifest import read_manifest
-    from ..data.scan import scan_archive
+    from ...data.manifest import read_manifest
+    from ...data.scan import scan_archive
 
     path, notes = Path(path), []
     if path.is_dir():
@@ -150,7 +150,7 @@ def attach_labels(frame, labels_csv: Path):
     patient_id for labels of every study of a patient). Returns (frame, notes)."""
     import pandas as pd
 
-    from ..data.manifest import LABEL_PREFIX, label_columns
+    from ...data.manifest import LABEL_PREFIX, label_columns
 
     table = pd.read_csv(labels_csv, dtype=str, keep_default_na=False, skipinitialspace=True)
     key = next((k for k in ("study_id", "patient_id") if k in table.columns), None)
@@ -198,7 +198,7 @@ def usable_labels(frame, source: str):
     Returns (frame, notes)."""
     import numpy as np
 
-    from ..data.manifest import LABEL_PREFIX, label_columns
+    from ...data.manifest import LABEL_PREFIX, label_columns
 
     columns = label_columns(frame)
     if not columns:
@@ -232,7 +232,7 @@ def usable_labels(frame, source: str):
 
 def archive_size(manifest: Path) -> dict:
     """Studies and patients of a manifest, for the report."""
-    from ..data.manifest import read_manifest
+    from ...data.manifest import read_manifest
 
     frame = read_manifest(manifest)
     return {"studies": int(frame["study_id"].nunique()), "patients": int(frame["patient_id"].nunique())}
@@ -242,7 +242,7 @@ def studies_without_series(manifest: Path, cache: Path) -> list[str]:
     """One line per study of ``manifest`` none of whose series was prepared into ``cache``."""
     import pandas as pd
 
-    from ..data.manifest import read_manifest
+    from ...data.manifest import read_manifest
 
     frame = read_manifest(manifest)
     prepared = set(pd.read_parquet(Path(cache) / "index.parquet")["series_id"].astype(str))
@@ -258,8 +258,8 @@ def prepare_user_joint(preset: BenchPreset, out: Path, user: UserData, joint: st
     """Scan (or read), label, prepare and split the user's labeled archive under ``out/user``; each
     stage resumes. ``joint`` None: the joint its scans name (BodyPartExamined, metadata.csv), else
     its folder's name. Returns (JointData, notes for the report)."""
-    from ..data.manifest import read_manifest
-    from ..data.splits import make_splits
+    from ...data.manifest import read_manifest
+    from ...data.splits import make_splits
     from .workspace import JointData, joint_config, prepare_planes
 
     root = Path(out) / LABELED_FOLDER
@@ -314,7 +314,7 @@ def source_stamp(path: Path, frame=None) -> dict:
 def mrnet_label_tables(frame) -> list[Path]:
     """Where the scan reads the labels of a manifest's MRNet exams: ``{train,valid}-{label}.csv``
     beside the train/valid folders (``<root>/<split>/<plane>/NNNN.npy``)."""
-    from ..io.mrnet import LABELS, SPLITS
+    from ...io.mrnet import LABELS, SPLITS
 
     if "format" not in frame.columns:
         return []
@@ -332,7 +332,7 @@ def _relative_name(table: Path, folder: Path) -> str:
 def mrnet_valid_patients(manifest: Path) -> list[str]:
     """The patients of MRNet's valid exams when the archive is MRNet's train and valid folders (scan
     names their studies mrnet-train-NNNN and mrnet-valid-NNNN); empty for any other archive."""
-    from ..data.manifest import read_manifest
+    from ...data.manifest import read_manifest
 
     studies = read_manifest(manifest).drop_duplicates("study_id")
     ids = studies["study_id"].astype(str)
@@ -346,8 +346,8 @@ def test_on_mrnet_valid(splits_path: Path, manifest: Path, seed: int) -> Path:
     """Rewrite a train/val splits file of an MRNet archive so that its test set is exactly MRNet's
     valid exams: those leave train and val, and the nested label subsets are drawn again from what is
     left. Done once (the file records it)."""
-    from ..data.manifest import read_manifest
-    from ..data.splits import load_splits, nested_subsets, patient_labels
+    from ...data.manifest import read_manifest
+    from ...data.splits import load_splits, nested_subsets, patient_labels
 
     stored = read_json(splits_path)
     if stored.get("test_set") == "mrnet-valid":
@@ -382,7 +382,7 @@ def prepare_user_pool(out: Path, user: UserData, labeled_config: ExperimentConfi
     dropped (pretraining never reads them). Returns the pool (see ``pretraining.Pool``) and notes."""
     import numpy as np
 
-    from ..data.manifest import label_columns, read_manifest
+    from ...data.manifest import label_columns, read_manifest
     from .pretraining import Pool
     from .workspace import prepare_planes
 
@@ -455,7 +455,7 @@ def user_pretraining(preset: BenchPreset, out: Path, user: UserData, data, split
     splits whose training patients count (default: the archive's); ``domain`` (a ``domains.HeldOut``)
     is left out of the pool. The record names the pool's joint as its scans say (the labeled joint's
     when they do not). Returns (folder, the pool's record for the report, warnings)."""
-    from ..data.splits import load_splits
+    from ...data.splits import load_splits
     from .pretraining import Pool, cached_pretraining, heldout_patients, pool_patients
 
     train = load_splits(splits or data.splits).train
@@ -493,7 +493,7 @@ def user_pretraining(preset: BenchPreset, out: Path, user: UserData, data, split
 def _without_domain(pool, patients: list[str], domain) -> tuple[list[str], dict, list[str]]:
     """The pool's patients less those of the held-out ``domain``, the record of what was left out,
     and a warning when the pool cannot tell its domain (no such column, or no value in it)."""
-    from ..data.manifest import read_manifest
+    from ...data.manifest import read_manifest
 
     frame = read_manifest(pool.manifest)
     dropped = domain.patients(frame) & set(patients)
@@ -536,7 +536,7 @@ def existing_denoisers(folder: Path, config: ExperimentConfig) -> dict:
     plane sizes; its record for the report: path, sha256 per plane, steps and pool size when known."""
     import json
 
-    from ..planes import PLANES
+    from ...planes import PLANES
 
     record = {"source": "existing denoisers", "pretraining": str(folder.resolve()), "sha256": {}}
     for plane in PLANES:

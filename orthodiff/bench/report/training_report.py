@@ -64,7 +64,7 @@ def write_grouped_report(lines: list[str], files: list[Path], groups: dict, pool
     """Close a grouped bench's report (cross-joint, robustness): the training sections of ``groups``
     and ``pools``, every picture and the training time. Writes ``out/report.md``; returns its path
     and all the pictures."""
-    from ..fileio import write_text
+    from ...fileio import write_text
 
     sections, pictures = training_sections(groups, pools, out)
     files = list(files) + pictures

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..plotting import pyplot, save_png
+from ...plotting import pyplot, save_png
 
 
 def metric_vs_fraction(series: dict, ylabel: str, title: str, path: Path, chance=None) -> Path:

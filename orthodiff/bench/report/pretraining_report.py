@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..fileio import safe_filename
-from ..planes import PLANES
-from ..plotting import pyplot, save_png
+from ...fileio import safe_filename
+from ...planes import PLANES
+from ...plotting import pyplot, save_png
 from .curves import last_quarter
 
 # The curve counts as flat when its last quarter lowered the held-out loss by less than this share.
@@ -17,7 +17,7 @@ FLAT_CHANGE = 0.05
 
 def heldout_curves(folder: Path) -> dict[str, list[tuple[int, float]]]:
     """{plane: [(step, held-out loss), ...]} for the planes that logged one."""
-    from ..training.tracking import read_metrics
+    from ...training.tracking import read_metrics
 
     curves = {}
     for plane in PLANES:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import read_json
+from ...fileio import read_json
+from ..presets import PRETRAINED_METHODS
 from .curves import FLAT_VALIDATION_GAIN, last_quarter_gain
-from .presets import PRETRAINED_METHODS
 from .results import Pooler, clearly_above, fmt, fmt_diff, fmt_pooled, select
 
 

@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..config import ExperimentConfig
-from .presets import BASELINE_METHODS, BenchPreset
+from ...config import ExperimentConfig
+from ..presets import BASELINE_METHODS, BenchPreset
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def cell_epochs(preset: BenchPreset, splits: Path, fraction: float, epochs: int,
     """``epochs``, raised so that the fraction's subset gets at least ``preset.min_steps`` optimizer steps."""
     import math
 
-    from ..data.splits import load_splits
+    from ...data.splits import load_splits
 
     if not preset.min_steps:
         return int(epochs)
@@ -105,7 +105,7 @@ def cell_epochs(preset: BenchPreset, splits: Path, fraction: float, epochs: int,
 
 def run_cell(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> dict:
     """Train (unless its run directory is complete), evaluate, and return the cell's results row."""
-    from ..evaluation.report import run_evaluation
+    from ...evaluation.report import run_evaluation
 
     config = cell_config(cell, inputs, preset)
     run_dir = Path(config.finetune.output_dir)
@@ -124,7 +124,7 @@ def run_cell(cell: Cell, inputs: CellInputs, preset: BenchPreset) -> dict:
             train_baseline(config, cell.method, run_dir, preset.baseline_options(cell.method), epochs=epochs,
                            learning_rate=preset.baseline_learning_rate, batch_size=preset.baseline_batch_size)
         else:
-            from ..finetune.run import run_finetune
+            from ...finetune.run import run_finetune
 
             run_finetune(config)
     trained = time.perf_counter() - start
@@ -139,7 +139,7 @@ def training_record(run_dir: Path) -> dict:
     metrics.jsonl ([step or epoch, training loss] per logged point), for the report's convergence."""
     import json
 
-    from ..fileio import read_json
+    from ...fileio import read_json
 
     info = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
     curve, validation, steps = [], [], info.get("steps")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OrthodiffError
-from ..fileio import read_json, write_json
+from ...errors import OrthodiffError
+from ...fileio import read_json, write_json
 
 FORMAT = "orthodiff-bench-results"
 VERSION = 1
@@ -74,7 +74,7 @@ def _test_patient_scores(run_dir: Path, labels: list[str]):
     """{label: {patient: (prob, target)}} on the test split, as evaluation aggregates them."""
     import pandas as pd
 
-    from ..evaluation.classification import patient_scores
+    from ...evaluation.classification import patient_scores
 
     frame = pd.read_csv(Path(run_dir) / "predictions.csv", dtype={"patient_id": str, "study_id": str})
     frame = frame[frame["split"] == "test"]
@@ -87,8 +87,8 @@ def _test_patient_scores(run_dir: Path, labels: list[str]):
 
 def _test_patient_dice(run_dir: Path) -> dict:
     """{structure: {patient: Dice}} on the test split: evaluation's per-series scores, averaged per patient."""
-    from ..evaluation.rundir import read_run
-    from ..evaluation.segmentation import series_scores, structure_names
+    from ...evaluation.rundir import read_run
+    from ...evaluation.segmentation import series_scores, structure_names
 
     inputs = read_run(run_dir)
     structures = structure_names(inputs.classes, inputs.segmentations)
@@ -139,7 +139,7 @@ class Pooler:
         """(n_bootstrap, len(seeds)) draw counts; one set per seed list, so pools over the same seeds
         draw the same seeds in a replicate and differences stay paired."""
         if seeds not in self._seed_counts:
-            from ..evaluation.bootstrap import resample_counts
+            from ...evaluation.bootstrap import resample_counts
 
             if self.resample_seeds:
                 self._seed_counts[seeds] = resample_counts(len(seeds), self.n_bootstrap, self.seed + 1)
@@ -149,7 +149,7 @@ class Pooler:
 
     def _resamples(self, group: tuple, patients: np.ndarray) -> np.ndarray:
         if group not in self._counts:
-            from ..evaluation.bootstrap import resample_counts
+            from ...evaluation.bootstrap import resample_counts
 
             self._counts[group] = (patients, resample_counts(patients.size, self.n_bootstrap, self.seed))
         known, counts = self._counts[group]
@@ -180,7 +180,7 @@ class Pooler:
         except (OSError, OrthodiffError, KeyError, ValueError):
             replicates = None
         if replicates is not None and np.isfinite(replicates).any():
-            from ..evaluation.bootstrap import percentile_interval
+            from ...evaluation.bootstrap import percentile_interval
 
             low, high, _ = percentile_interval(replicates)
             result = Pooled(point, low, high, sd, len(values), replicates,
@@ -197,7 +197,7 @@ class Pooler:
     def _replicates(self, rows: list, label: str | None = None) -> np.ndarray | None:
         """(n_bootstrap,) seed-mean metric (macro, or ``label``'s AUROC) per resample of the seeds and
         the test patients."""
-        from ..evaluation.bootstrap import seed_and_patient_replicates, weighted_auroc, weighted_mean
+        from ...evaluation.bootstrap import seed_and_patient_replicates, weighted_auroc, weighted_mean
 
         # one label's pool may see fewer patients (unknown labels) than the macro: its own resamples
         group = (rows[0]["joint"], rows[0]["scenario"], rows[0]["task"], label)
@@ -242,7 +242,7 @@ class Pooler:
 
     def difference(self, a: list, b: list) -> dict | None:
         """Paired seed-mean difference a - b with its 95% interval (None without replicates)."""
-        from ..evaluation.bootstrap import percentile_interval
+        from ...evaluation.bootstrap import percentile_interval
 
         first, second = self.pooled(a), self.pooled(b)
         if first.value is None or second.value is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import OrthodiffError
+from ...errors import OrthodiffError
 
 # manifest columns that identify or locate a series, or describe its grid: nothing to hold out
 _NOT_DOMAINS = {"patient_id", "study_id", "series_id", "path", "format", "series_uid", "study_key", "seg_path",

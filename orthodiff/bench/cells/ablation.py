@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import OrthodiffError
-from ..fileio import read_json, write_text
+from ...errors import OrthodiffError
+from ...fileio import read_json, write_text
 
 PROBES = ("orthodiff-probe", "orthodiff-probe-random-init")
 
@@ -68,7 +68,7 @@ def ablation_lines(rows: list, root: Path) -> list[str]:
 def finetune_overrides(items: list[str]) -> list[str]:
     """``key=value`` finetune settings as ``finetune.key=value`` overrides, checked against the finetune
     fields and their types (values are YAML: ``1e-3``, ``[1, 2, 2]``, ``probe``); one line naming a bad one."""
-    from ..config import FinetuneConfig, load_config
+    from ...config import FinetuneConfig, load_config
 
     known = {f.name for f in fields(FinetuneConfig)}
     overrides = []
@@ -87,10 +87,10 @@ def retrain_probe(bench: Path, row: dict, folder: str, variant: str, overrides: 
     """Train (unless its run.json exists) and evaluate the bench row's probe with ``overrides``
     (``finetune.key=value``) of its settings, in ``<bench>/<joint>/<folder>/<variant>/<cell>``. Returns its results row, keyed
     apart from the bench cell's (the pooler caches by key)."""
-    from ..config import load_config
-    from ..evaluation.report import run_evaluation
-    from ..finetune.run import run_finetune
-    from .cells import Cell, results_row, training_record
+    from ...config import load_config
+    from ...evaluation.report import run_evaluation
+    from ...finetune.run import run_finetune
+    from .cell import Cell, results_row, training_record
 
     source = bench / row["run_dir"]
     run_dir = bench / row["joint"] / folder / variant / source.name
@@ -145,7 +145,7 @@ def write_variant_table(bench: Path, out: Path, title: str, command: str, descri
     """Write the ablation's markdown to ``out`` (and return it): one row per (probe, fraction, variant) with
     test macro AUROC over ``headline`` and its interval, the paired difference from the ``reference``
     variant's rows (the bench's own probes) and the validation macro AUROC each probe was chosen by."""
-    from .results import Pooler, fmt_diff, fmt_pooled, grid_validation
+    from ..report.results import Pooler, fmt_diff, fmt_pooled, grid_validation
 
     pooler = Pooler(list(rows.values()), n_bootstrap, root=bench, headline_labels=headline)
     several_seeds = len({key[3] for key in rows}) > 1
