@@ -4,6 +4,7 @@ that keep benches fair: per-seed subsets with a fixed test set, domain-shift spl
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -491,3 +492,16 @@ def _pretrained_of(run: Path) -> Path:
     import yaml
 
     return Path(yaml.safe_load((run / "config.yaml").read_text())["finetune"]["pretrained"])
+
+
+def test_a_report_at_one_fraction_has_one_per_label_row_per_method(bench, tmp_path):
+    out, _ = bench
+    copy = tmp_path / "label-fraction"
+    shutil.copytree(out, copy)
+    one_fraction = [item if not item.startswith("fractions=") else "fractions=[1.0]" for item in GRID]
+    run_bench("label-fraction", "test", copy, [*one_fraction, f"pretrain_cache={out.parent.parent / 'bench-pretrain-cache'}",
+                                               "run_cells=false"])
+    section = (copy / "report.md").read_text().split("## Per-label AUROC")[1].split("\n## ")[0]
+    rows = [line.split(" | ")[:2] for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    methods = [row[0].lstrip("| ") for row in rows[1:]]
+    assert len(methods) == len(set(methods)) and {row[1] for row in rows[1:]} == {"100%"}

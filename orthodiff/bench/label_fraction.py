@@ -165,7 +165,7 @@ def write_label_fraction_report(results: ResultsFile, preset: BenchPreset, out: 
             lines.append(verdict)
             headline.append(verdict[2:])
 
-    lines += _per_label_table(rows, pooler, methods, [f for f in (high, low) if f in fractions])
+    lines += _per_label_table(rows, pooler, methods, [f for f in dict.fromkeys((high, low)) if f in fractions])
     ceiling = learnability_lines(rows, headline_labels)
     lines += ["", *ceiling] if ceiling else []
     seg_lines, seg_series = segmentation_section(rows, pooler, preset.segment_methods, results.path.parent)
