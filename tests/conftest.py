@@ -5,6 +5,9 @@ import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
+# One torch thread per test process: the suite runs as two processes (pytest-xdist) on 2 cores, and
+# tiny models gain nothing from more threads; subprocesses the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
