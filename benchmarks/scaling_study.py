@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", help="bench preset (default: the recorded one, else small)")
     parser.add_argument("--baselines", type=Path, help="a finished label-fraction results.json (report)")
     parser.add_argument("--list", action="store_true", help="print the points and their compute")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come between the stage and its overrides
     words = [w for w in args.words if "=" not in w]
     args.overrides = [w for w in args.words if "=" in w]
     args.stage = words[0] if words else None

@@ -4,6 +4,9 @@ resume without rewriting, refusals naming the stage to run first, compute from t
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +100,14 @@ def test_a_stage_before_its_inputs_is_refused_naming_the_stage_to_run_first(fini
                          subset_seeds=[0, 1, 2])
     with pytest.raises(OrthodiffError, match="subset_seeds"):
         run_stage(changed, "pretrain", "t1-whole")
+
+
+def test_the_command_takes_options_between_the_stage_and_its_overrides(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling_study.py"
+    sizes = [f"data.plane_size.{plane}=[16,64,64]" for plane in ("sagittal", "coronal", "axial")]
+    command = [sys.executable, str(script), "pool", "--work", str(tmp_path / "work"), "--results",
+               str(tmp_path / "results"), "--list", *sizes]
+    listed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert "8 x 16x32x32" in listed.stdout  # half-size crops of the overridden 16 x 64 x 64 planes
+    assert not (tmp_path / "work").exists()  # --list only prints
