@@ -87,6 +87,12 @@ def test_label_fraction_runs_end_to_end_on_the_users_archives(bench, archives):
     assert "label never_seen: 0 in all 24 labeled studies" in report
     # 16 pool studies for ~9 training patients: short of 5x, named, not refused
     assert "protocol: at least 5x" in report and pool["ratio"] < 5
+    # every section the synthetic bench's report has: counts, the headline against the floors, per label,
+    # the ceiling, how each cell trained, how pretraining went, plots
+    for section in ("## Protocol: patients and positives per label", "## Macro AUROC over the headline labels",
+                    "## Headline: orthodiff at", "## Per-label AUROC", "## Learnability: the ceiling per label",
+                    "## Convergence (training loss", "## Pretraining", "## Plots"):
+        assert section in report, section
 
 
 def test_a_pool_sharing_a_patient_with_the_labeled_archive_is_refused_in_one_line(bench, archives):
