@@ -20,7 +20,9 @@ set -euo pipefail
 
 CONFIG=${CONFIG:-reference}
 GPUS_PER_NODE=${SLURM_GPUS_PER_NODE:-8}
-MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# sed reads the whole list: `head` would close the pipe early, and under pipefail the SIGPIPE that
+# scontrol then gets would end the job
+MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
 MAIN_PORT=${MAIN_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 # SLURM 22.05 and later no longer hand --cpus-per-task from sbatch to srun

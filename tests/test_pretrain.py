@@ -409,7 +409,8 @@ def test_slurm_script_passes_overrides_whole_and_cpus_to_srun(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     stand_ins = {
-        "scontrol": 'echo node-a; echo node-b',
+        # a node list longer than a pipe buffer: a reader that stops early would SIGPIPE scontrol
+        "scontrol": 'echo node-a; for i in $(seq 20000); do echo node-b$i; done',
         "srun": 'echo "$SRUN_CPUS_PER_TASK" > "$RECORD.cpus"; shift; exec "$@"',
         "accelerate": 'for arg in "$@"; do printf "%s\\n" "$arg"; done > "$RECORD"',
     }
