@@ -102,6 +102,32 @@ def test_a_stage_before_its_inputs_is_refused_naming_the_stage_to_run_first(fini
         run_stage(changed, "pretrain", "t1-whole")
 
 
+
+def test_a_point_may_be_added_to_a_recorded_study_but_not_changed_or_dropped(tmp_path):
+    """A recorded point's results were made with it: the study may grow by a point (the record then
+    lists it), never change or lose one."""
+    import json
+
+    from orthodiff.bench.scaling import check_settings
+
+    study = Study(results=tmp_path, work=tmp_path / "work", preset="test", points=TINY_POINTS)
+    (tmp_path / "study.json").write_text(json.dumps({**study.settings(), "work": "elsewhere"}))
+    grown = Study(results=tmp_path, work=tmp_path / "work", preset="test",
+                  points=(ScalingPoint("t0-crops", width=8, steps=1, crop_divisor=2), *TINY_POINTS))
+    check_settings(grown)
+    record = json.loads((tmp_path / "study.json").read_text())
+    assert [p["name"] for p in record["points"]] == ["t0-crops", "t1-whole", "t2-crops"]
+    assert record["work"] == "elsewhere"  # the rest of the record stays
+    changed = Study(results=tmp_path, work=tmp_path / "work", preset="test",
+                    points=(grown.points[0], ScalingPoint("t1-whole", width=16, steps=1), TINY_POINTS[1]))
+    with pytest.raises(OrthodiffError, match="'t1-whole' was recorded"):
+        check_settings(changed)
+    dropped = Study(results=tmp_path, work=tmp_path / "work", preset="test", points=grown.points[1:])
+    with pytest.raises(OrthodiffError, match="'t0-crops' was recorded") as error:
+        check_settings(dropped)
+    assert "\n" not in str(error.value)
+    assert json.loads((tmp_path / "study.json").read_text()) == record  # a refusal writes nothing
+
 def test_the_command_takes_options_between_the_stage_and_its_overrides(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "scaling_study.py"
     sizes = [f"data.plane_size.{plane}=[16,64,64]" for plane in ("sagittal", "coronal", "axial")]

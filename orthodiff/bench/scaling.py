@@ -79,9 +79,10 @@ class ScalingPoint:
 
 # The study's points, in order of compute, all on half-size crops (measured at 16x64x64 planes, 2 shared
 # cores: a width-8 step of 8 crops about 0.35 s, a width-16 step 1.1 s, a width-8 step of 8 whole planes
-# 3.4 s): steps, then width, then steps again. The first three span 13x the first's compute in about
-# 2.6 CPU-hours of pretraining; the fourth (40x, about 5.5 CPU-hours) resumes over several sessions.
+# 3.4 s): steps, then width, then steps again. The first three span 10x in steps alone (about 1.8
+# CPU-hours of pretraining); width 16 carries the span to about 40x and 120x over several sessions.
 POINTS = (
+    ScalingPoint("w8-200-crops", width=8, steps=200, crop_divisor=2),
     ScalingPoint("w8-600-crops", width=8, steps=600, crop_divisor=2),
     ScalingPoint("w8-2000-crops", width=8, steps=2000, crop_divisor=2),
     ScalingPoint("w16-2000-crops", width=16, steps=2000, crop_divisor=2),
@@ -168,16 +169,25 @@ def point_dir(study: Study, name: str) -> Path:
 
 
 def check_settings(study: Study) -> None:
-    """The results folder belongs to one study: a stage with other settings is refused."""
+    """The results folder belongs to one study: a stage with other settings is refused. Points may be
+    added (the record then lists them); a recorded point changed or dropped is refused, since its
+    results were made with it."""
     path = Path(study.results) / "study.json"
     if not path.exists():
         return
     stored = read_json(path)
     mine = study.settings()
-    for key in ("preset", "overrides", "low_fraction", "subset_seeds", "points"):
+    for key in ("preset", "overrides", "low_fraction", "subset_seeds"):
         if stored.get(key) != mine[key]:
             raise OrthodiffError(f"{path}: made with {key}={stored.get(key)!r}, this run gives {mine[key]!r}; "
                                  "run with the stored settings or give another --results folder")
+    recorded = stored.get("points", [])
+    lost = [point for point in recorded if point not in mine["points"]]
+    if lost:
+        raise OrthodiffError(f"{path}: point {lost[0]['name']!r} was recorded as {lost[0]!r} and this run has no such "
+                             "point; keep the recorded points (new ones may be added) or give another --results folder")
+    if len(mine["points"]) > len(recorded):
+        write_json(path, {**stored, "points": mine["points"]})
 
 
 def record_command(study: Study, stage: str, seconds: float, name: str | None = None) -> None:
