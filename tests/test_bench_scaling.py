@@ -103,6 +103,24 @@ def test_a_stage_before_its_inputs_is_refused_naming_the_stage_to_run_first(fini
 
 
 
+
+def test_a_point_or_floor_with_probe_cells_missing_stays_out_of_the_report(finished, tmp_path):
+    """Pooling a point over fewer subsets than the study draws would report another protocol: until
+    every cell has run, the point (or the floors) is named with its count and left out."""
+    import shutil
+
+    from orthodiff.bench.scaling import write_report
+
+    results = tmp_path / "results"
+    shutil.copytree(finished.results, results)
+    shutil.rmtree(results / "points" / "t2-crops" / "rows" / "orthodiff-probe-0.5-seed1")
+    shutil.rmtree(results / "points" / FLOORS / "rows" / "raw-voxels-0.5-seed0")
+    partial = Study(**{**finished.__dict__, "results": results})
+    report = write_report(partial).read_text()
+    assert "| t1-whole | 8 | 1 |" in report and "| t2-crops |" not in report
+    assert "t2-crops (2 of 3 probe cells)" in report and "floors (5 of 6 probe cells)" in report
+    assert "| raw-voxels | a logistic probe on the raw plane tensors | - | - |" in report
+
 def test_a_point_may_be_added_to_a_recorded_study_but_not_changed_or_dropped(tmp_path):
     """A recorded point's results were made with it: the study may grow by a point (the record then
     lists it), never change or lose one."""

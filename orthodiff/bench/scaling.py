@@ -433,6 +433,17 @@ def point_rows(study: Study, name: str) -> list[dict]:
     return [read_json(p) for p in sorted(root.glob("*/row.json"))] if root.exists() else []
 
 
+def probed_cells(study: Study, name: str) -> tuple[int, int]:
+    """(finished, all) probe cells of a point or the floors."""
+    cells = probe_cells(study, name)
+    return sum((row_path(study, name, *cell) / "row.json").exists() for cell in cells), len(cells)
+
+
+def fully_probed(study: Study, name: str) -> bool:
+    finished, cells = probed_cells(study, name)
+    return finished == cells
+
+
 # ------------------------------------------------------------------------------------- stage runner
 def run_stage(study: Study, stage: str, name: str | None = None, baselines: Path | None = None) -> bool:
     """Run one stage (refused in one line when its inputs are missing); returns whether it did work
@@ -479,15 +490,16 @@ def write_report(study: Study, baselines: Path | None = None) -> Path:
     results = Path(study.results)
     _require(results / "data.json", "pool", "the study's data record")
     data = read_json(results / "data.json")
-    done = [p for p in study.points if point_rows(study, p.name)]
+    # a point enters the report once every probe cell has run: fewer subsets would pool another protocol
+    done = [p for p in study.points if fully_probed(study, p.name)]
     if not done:
-        raise OrthodiffError(f"{results}: no point has probe rows yet; run the `probe {study.points[0].name}` stage "
-                             "first")
+        raise OrthodiffError(f"{results}: no point has all its probe cells yet; run the `probe {study.points[0].name}` "
+                             "stage first")
     preset = resolved(study)
     low = float(study.low_fraction)
     counts = {seed: counts_from_dict(c) for seed, c in data["label_counts"].items()}
     headline = counts[str(study.subset_seeds[0])].headline
-    floors = point_rows(study, FLOORS)
+    floors = point_rows(study, FLOORS) if fully_probed(study, FLOORS) else []
     rows = [r for p in done for r in point_rows(study, p.name)] + floors
     pooler = Pooler(rows, int(preset.n_bootstrap), root=results, headline_labels=headline)
     pretrainings = {p.name: read_json(point_dir(study, p.name) / "pretraining.json") for p in done}
@@ -560,8 +572,13 @@ def write_report(study: Study, baselines: Path | None = None) -> Path:
               f"{data['min_low_label_positives']}.", ""]
     lines += (["**Where the study falls short:**", "", *[f"- {s}" for s in shortfalls]] if shortfalls
               else ["Every check holds."])
-    if missing:
-        lines += ["", f"Not run yet: {', '.join(missing)}."]
+    unfinished = [*missing, *([] if floors else [FLOORS])]
+    if unfinished:
+        states = []
+        for name in unfinished:
+            finished, cells = probed_cells(study, name)
+            states.append(f"{name} ({finished} of {cells} probe cells)" if finished else name)
+        lines += ["", f"Not in this report yet: {', '.join(states)}."]
     plot = plot_scaling(series, floors_for_plot(pooled, low), bands, low, results / "scaling.png")
     lines += ["", f"![scaling]({plot.name})", ""]
     write_text(results / "report.md", "\n".join(lines))
