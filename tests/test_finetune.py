@@ -309,3 +309,40 @@ def test_two_cpu_processes_finetune_in_step_and_agree(project, tmp_path):
     assert grids[0]["best"] == grids[1]["best"] and grids[0]["chosen"] == grids[1]["chosen"]
     assert grids[0]["planes"] == grids[1]["planes"]
     assert (two / "predictions.csv").read_text() == (one / "predictions.csv").read_text()
+
+
+def test_cached_features_read_a_few_studies_at_a_time_into_the_same_float16_maps(monkeypatch):
+    """The probe holds each map as float16 for the run's studies; it reads the feature file in chunks
+    so the whole map never sits in memory as float32 too, and the result is the same as one read."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from orthodiff.finetune import probe
+
+    rng = np.random.default_rng(0)
+    array = rng.normal(size=(7, 2, 1, 2, 2)).astype(np.float32)
+    reads = []
+
+    class Store:
+        planes = ("sagittal",)
+
+        def rows(self, plane):
+            return pd.DataFrame({"study_id": [f"s{i}" for i in range(7)], "row": list(range(7))[::-1]})
+
+        def array(self, plane, block, spec):
+            class Recorded:
+                shape = array.shape
+
+                def __getitem__(self, rows):
+                    reads.append(len(rows))
+                    return array[rows]
+            return Recorded()
+
+    studies = SimpleNamespace(frame=pd.DataFrame({"study_id": ["s3", "missing", "s0", "s6", "s1"]}))
+    monkeypatch.setattr(probe, "LOAD_CHUNK", 2)
+    maps = probe.CachedFeatures(Store(), studies).map("sagittal", "mid@25")
+    assert reads == [2, 2]  # four present studies, two at a time
+    expected = torch.from_numpy(array[[3, 6, 0, 5]].astype(np.float16))  # rows are stored in reverse
+    assert maps.dtype == torch.float16
+    assert torch.equal(maps[[0, 2, 3, 4]], expected) and not maps[1].any()

@@ -37,6 +37,9 @@ SELECTION_RULE = (
 )
 
 
+LOAD_CHUNK = 32  # studies read from a feature file at once
+
+
 class CachedFeatures:
     """The store's maps of the run's studies, held in memory as float16 and loaded on first use.
 
@@ -64,8 +67,10 @@ class CachedFeatures:
             array = self.store.array(plane, *parse_key(key))
             maps = torch.zeros((self.count, *array.shape[1:]), dtype=torch.float16)
             have = [i for i, row in enumerate(wanted) if row >= 0]
-            if have:
-                maps[have] = torch.from_numpy(np.asarray(array[[wanted[i] for i in have]], dtype=np.float16))
+            # a few studies at a time: reading every row at once would hold the whole map as float32 too
+            for start in range(0, len(have), LOAD_CHUNK):
+                part = have[start:start + LOAD_CHUNK]
+                maps[part] = torch.from_numpy(np.asarray(array[[wanted[i] for i in part]], dtype=np.float16))
             self.maps[(plane, key)] = maps
         return self.maps[(plane, key)]
 
