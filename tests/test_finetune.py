@@ -79,6 +79,17 @@ def test_same_seed_gives_the_same_predictions(probe_run, project, tmp_path):
     pd.testing.assert_frame_equal(first, second)
 
 
+def test_features_read_per_batch_give_the_same_predictions(probe_run, project, tmp_path, monkeypatch):
+    """A store too large for memory is read batch by batch: the run's predictions are the same."""
+    from orthodiff.finetune import probe
+
+    out, result = probe_run
+    monkeypatch.setattr(probe, "MEMORY_SHARE", 0.0)
+    streamed = run_finetune(tiny_config(project, out, *PROBE, f"finetune.output_dir={tmp_path / 'streamed'}"))
+    pd.testing.assert_frame_equal(pd.read_csv(result.run_dir / "predictions.csv"),
+                                  pd.read_csv(streamed.run_dir / "predictions.csv"))
+
+
 def test_grid_picks_the_best_validation_cell_and_records_it(project, tmp_path):
     cfg = tiny_config(project, tmp_path, *PROBE, "finetune.mode=grid", "finetune.epochs=3",
                       "finetune.grid_learning_rates=[3e-3,1e-7]", "features.blocks=[mid,down1]")
@@ -311,6 +322,39 @@ def test_two_cpu_processes_finetune_in_step_and_agree(project, tmp_path):
     assert (two / "predictions.csv").read_text() == (one / "predictions.csv").read_text()
 
 
+class _RecordedStore:
+    """A feature store of 7 studies (rows stored in reverse) that records how many rows each read asks for."""
+
+    planes = ("sagittal",)
+
+    def __init__(self):
+        self.values = np.random.default_rng(0).normal(size=(7, 2, 1, 2, 2)).astype(np.float32)
+        self.reads = []
+
+    def rows(self, plane):
+        return pd.DataFrame({"study_id": [f"s{i}" for i in range(7)], "row": list(range(7))[::-1]})
+
+    def keys(self):
+        return [("mid", "25")]
+
+    def shape(self, plane, block, spec):
+        return self.values.shape[1:]  # one study's (C, d, h, w), as FeatureStore.shape
+
+    def array(self, plane, block, spec):
+        store = self
+
+        class Recorded:
+            shape = store.values.shape
+
+            def __getitem__(self, rows):
+                store.reads.append(len(rows))
+                return store.values[rows]
+        return Recorded()
+
+
+RUN_STUDIES = ["s3", "missing", "s0", "s6", "s1"]
+
+
 def test_cached_features_read_a_few_studies_at_a_time_into_the_same_float16_maps(monkeypatch):
     """The probe holds each map as float16 for the run's studies; it reads the feature file in chunks
     so the whole map never sits in memory as float32 too, and the result is the same as one read."""
@@ -320,29 +364,34 @@ def test_cached_features_read_a_few_studies_at_a_time_into_the_same_float16_maps
 
     from orthodiff.finetune import probe
 
-    rng = np.random.default_rng(0)
-    array = rng.normal(size=(7, 2, 1, 2, 2)).astype(np.float32)
-    reads = []
-
-    class Store:
-        planes = ("sagittal",)
-
-        def rows(self, plane):
-            return pd.DataFrame({"study_id": [f"s{i}" for i in range(7)], "row": list(range(7))[::-1]})
-
-        def array(self, plane, block, spec):
-            class Recorded:
-                shape = array.shape
-
-                def __getitem__(self, rows):
-                    reads.append(len(rows))
-                    return array[rows]
-            return Recorded()
-
-    studies = SimpleNamespace(frame=pd.DataFrame({"study_id": ["s3", "missing", "s0", "s6", "s1"]}))
+    store = _RecordedStore()
     monkeypatch.setattr(probe, "LOAD_CHUNK", 2)
-    maps = probe.CachedFeatures(Store(), studies).map("sagittal", "mid@25")
-    assert reads == [2, 2]  # four present studies, two at a time
-    expected = torch.from_numpy(array[[3, 6, 0, 5]].astype(np.float16))  # rows are stored in reverse
+    features = probe.CachedFeatures(store, SimpleNamespace(frame=pd.DataFrame({"study_id": RUN_STUDIES})))
+    assert features.in_memory  # 7 tiny maps fit
+    maps = features.map("sagittal", "mid@25")
+    assert store.reads == [2, 2]  # four present studies, two at a time
+    expected = torch.from_numpy(store.values[[3, 6, 0, 5]].astype(np.float16))  # rows are stored in reverse
     assert maps.dtype == torch.float16
     assert torch.equal(maps[[0, 2, 3, 4]], expected) and not maps[1].any()
+
+
+def test_features_larger_than_the_memory_budget_are_read_per_batch_with_the_same_values():
+    """A store that does not fit in memory is read batch by batch from its memory-mapped files; the
+    batches equal those of the maps held in memory, a missing plane included."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from orthodiff.finetune import probe
+
+    studies = SimpleNamespace(frame=pd.DataFrame({"study_id": RUN_STUDIES}))
+    held = probe.CachedFeatures(_RecordedStore(), studies)
+    store = _RecordedStore()
+    streamed = probe.CachedFeatures(store, studies, memory_budget=0)
+    assert held.in_memory and not streamed.in_memory
+    assert streamed.channels({"sagittal": ["mid@25"]}) == {"sagittal": 2}
+    for indices in ([4, 1, 0], [2], [1]):
+        mine, present = streamed.batch({"sagittal": ["mid@25"]}, indices, torch.device("cpu"))
+        theirs, present_held = held.batch({"sagittal": ["mid@25"]}, indices, torch.device("cpu"))
+        assert torch.equal(mine["sagittal"], theirs["sagittal"]) and torch.equal(present, present_held)
+    assert store.reads == [2, 1]  # only the batch's present studies, never the whole map (none for "missing")

@@ -319,6 +319,7 @@ class FeatureStore:
             ) from None
 
     def shape(self, plane: str, block: str, spec: str) -> tuple[int, ...]:
+        """One study's map shape (C, d, h, w)."""
         return tuple(self.entries[plane][f"{block}@{spec}"]["shape"])
 
     def rows(self, plane: str):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,27 +39,41 @@ SELECTION_RULE = (
 
 
 LOAD_CHUNK = 32  # studies read from a feature file at once
+MEMORY_SHARE = 0.5  # the maps are held in memory when they need at most this share of the available memory
 
 
 class CachedFeatures:
-    """The store's maps of the run's studies, held in memory as float16 and loaded on first use.
+    """The store's maps of the run's studies, as float16.
+
+    When every map the run reads (``keys``) fits in ``MEMORY_SHARE`` of the memory available (or in
+    ``memory_budget`` bytes), the maps are held in memory, each loaded on first use. Otherwise each
+    batch is read from the memory-mapped feature files, and the operating system's page cache keeps
+    what fits: a store larger than the machine's memory trains too. Both give the same values.
 
     ``batch(selection, ...)`` gives each plane's composed map; a plane the study lacks (or the
     store lacks) is zeros with ``present`` False.
     """
 
-    def __init__(self, store, studies: RunStudies):
+    def __init__(self, store, studies: RunStudies, keys=None, memory_budget: float | None = None):
         self.store = store
         self.planes = store.planes
         self.count = len(studies.frame)
         self.present = np.zeros((self.count, len(PLANES)), dtype=bool)
-        self.wanted: dict[str, list[int]] = {}
+        self.wanted: dict[str, np.ndarray] = {}
         for plane in self.planes:
             rows = store.rows(plane)
             row_of = dict(zip(rows["study_id"], rows["row"]))
-            self.wanted[plane] = [row_of.get(study_id, -1) for study_id in studies.frame["study_id"]]
-            self.present[[i for i, row in enumerate(self.wanted[plane]) if row >= 0], PLANES.index(plane)] = True
+            self.wanted[plane] = np.array([row_of.get(study_id, -1) for study_id in studies.frame["study_id"]],
+                                          dtype=np.int64)
+            self.present[self.wanted[plane] >= 0, PLANES.index(plane)] = True
         self.maps: dict[tuple[str, str], torch.Tensor] = {}
+        keys = store.keys() if keys is None else keys
+        needed = sum(self.count * math.prod(store.shape(plane, *key)) * 2 for plane in self.planes for key in keys)
+        if memory_budget is None:
+            import psutil
+
+            memory_budget = MEMORY_SHARE * psutil.virtual_memory().available
+        self.in_memory = needed <= memory_budget
 
     def map(self, plane: str, key: str) -> torch.Tensor:
         """(N, C, d, h, w) float16 of one plane's 'block@spec' for every study of the run."""
@@ -66,21 +81,36 @@ class CachedFeatures:
             wanted = self.wanted[plane]
             array = self.store.array(plane, *parse_key(key))
             maps = torch.zeros((self.count, *array.shape[1:]), dtype=torch.float16)
-            have = [i for i, row in enumerate(wanted) if row >= 0]
+            have = np.flatnonzero(wanted >= 0)
             # a few studies at a time: reading every row at once would hold the whole map as float32 too
             for start in range(0, len(have), LOAD_CHUNK):
                 part = have[start:start + LOAD_CHUNK]
-                maps[part] = torch.from_numpy(np.asarray(array[[wanted[i] for i in part]], dtype=np.float16))
+                maps[part] = torch.from_numpy(np.asarray(array[wanted[part]], dtype=np.float16))
             self.maps[(plane, key)] = maps
         return self.maps[(plane, key)]
 
+    def rows(self, plane: str, key: str, indices) -> torch.Tensor:
+        """(len(indices), C, d, h, w) float16 of the run's studies at ``indices``."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.in_memory:
+            return self.map(plane, key)[torch.from_numpy(indices)]
+        array = self.store.array(plane, *parse_key(key))
+        out = np.zeros((len(indices), *array.shape[1:]), dtype=np.float16)
+        wanted = self.wanted[plane][indices]
+        have = wanted >= 0
+        if have.any():
+            order = np.argsort(wanted[have], kind="stable")  # ascending rows read the file forwards
+            read = np.asarray(array[wanted[have][order]], dtype=np.float16)
+            out[np.flatnonzero(have)[order]] = read
+        return torch.from_numpy(out)
+
     def channels(self, selection: dict[str, list[str]]) -> dict[str, int]:
-        return {plane: sum(int(self.map(plane, key).shape[1]) for key in keys) for plane, keys in selection.items()}
+        return {plane: sum(int(self.store.shape(plane, *parse_key(key))[0]) for key in keys)
+                for plane, keys in selection.items()}
 
     def batch(self, selection: dict[str, list[str]], indices, device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        index = torch.as_tensor(indices, dtype=torch.long)
         maps = {
-            plane: compose([self.map(plane, key)[index].to(device, torch.float32) for key in keys])
+            plane: compose([self.rows(plane, key, indices).to(device, torch.float32) for key in keys])
             for plane, keys in selection.items()
         }
         return maps, torch.from_numpy(self.present[np.asarray(indices)]).to(device)
@@ -156,7 +186,7 @@ def train_probes(cfg, store, studies: RunStudies, log: MetricsLog, grid: bool):
     rates = [float(r) for r in (ft.grid_learning_rates if grid else [ft.learning_rate])]
     if not rates:
         raise OrthodiffError("finetune.grid_learning_rates is empty; give at least one learning rate")
-    trainer = _Trainer(cfg, studies, CachedFeatures(store, studies), log)
+    trainer = _Trainer(cfg, studies, CachedFeatures(store, studies, keys), log)
     names = [key_name(*key) for key in keys]
     if not grid:
         cells = trainer.fit([trainer.cell(dict.fromkeys(store.planes, names), rates[0], "probe")])
