@@ -118,8 +118,10 @@ def test_a_point_or_floor_with_probe_cells_missing_stays_out_of_the_report(finis
     partial = Study(**{**finished.__dict__, "results": results})
     report = write_report(partial).read_text()
     assert "| t1-whole | 8 | 1 |" in report and "| t2-crops |" not in report
-    assert "t2-crops (2 of 3 probe cells)" in report and "floors (5 of 6 probe cells)" in report
+    assert "t2-crops (2 of 3 probe cells)" in report and "floors: raw-voxels (2 of 3 probe cells)" in report
     assert "| raw-voxels | a logistic probe on the raw plane tensors | - | - |" in report
+    # the other floor has all its cells: it is in
+    assert "| orthodiff-probe-random-init | the probe on untrained denoisers of t1-whole's architecture | 0." in report
 
 def test_a_point_may_be_added_to_a_recorded_study_but_not_changed_or_dropped(tmp_path):
     """A recorded point's results were made with it: the study may grow by a point (the record then

@@ -368,9 +368,9 @@ def stage_extract(study: Study, name: str) -> bool:
 
 
 def probe_cells(study: Study, name: str) -> list[tuple[str, float, int]]:
-    """(method, fraction, seed) of a point's cells (the floors': random-init and raw voxels): 100% once,
-    the low fraction with every subset seed."""
-    methods = [RANDOM_INIT, RAW] if name == FLOORS else [PROBE]
+    """(method, fraction, seed) of a point's cells (the floors': raw voxels, then random-init, the cheap
+    one first): 100% once, the low fraction with every subset seed."""
+    methods = [RAW, RANDOM_INIT] if name == FLOORS else [PROBE]
     return [(m, 1.0, FEATURE_SEED) for m in methods] + [
         (m, float(study.low_fraction), int(s)) for m in methods for s in study.subset_seeds]
 
@@ -433,14 +433,14 @@ def point_rows(study: Study, name: str) -> list[dict]:
     return [read_json(p) for p in sorted(root.glob("*/row.json"))] if root.exists() else []
 
 
-def probed_cells(study: Study, name: str) -> tuple[int, int]:
-    """(finished, all) probe cells of a point or the floors."""
-    cells = probe_cells(study, name)
+def probed_cells(study: Study, name: str, method: str | None = None) -> tuple[int, int]:
+    """(finished, all) probe cells of a point or the floors (of one method, when given)."""
+    cells = [cell for cell in probe_cells(study, name) if method in (None, cell[0])]
     return sum((row_path(study, name, *cell) / "row.json").exists() for cell in cells), len(cells)
 
 
-def fully_probed(study: Study, name: str) -> bool:
-    finished, cells = probed_cells(study, name)
+def fully_probed(study: Study, name: str, method: str | None = None) -> bool:
+    finished, cells = probed_cells(study, name, method)
     return finished == cells
 
 
@@ -499,7 +499,9 @@ def write_report(study: Study, baselines: Path | None = None) -> Path:
     low = float(study.low_fraction)
     counts = {seed: counts_from_dict(c) for seed, c in data["label_counts"].items()}
     headline = counts[str(study.subset_seeds[0])].headline
-    floors = point_rows(study, FLOORS) if fully_probed(study, FLOORS) else []
+    # each floor enters once all its cells have run
+    complete_floors = [method for method in (RANDOM_INIT, RAW) if fully_probed(study, FLOORS, method)]
+    floors = [row for row in point_rows(study, FLOORS) if row["method"] in complete_floors]
     rows = [r for p in done for r in point_rows(study, p.name)] + floors
     pooler = Pooler(rows, int(preset.n_bootstrap), root=results, headline_labels=headline)
     pretrainings = {p.name: read_json(point_dir(study, p.name) / "pretraining.json") for p in done}
@@ -572,12 +574,14 @@ def write_report(study: Study, baselines: Path | None = None) -> Path:
               f"{data['min_low_label_positives']}.", ""]
     lines += (["**Where the study falls short:**", "", *[f"- {s}" for s in shortfalls]] if shortfalls
               else ["Every check holds."])
-    unfinished = [*missing, *([] if floors else [FLOORS])]
+    unfinished = [(name, None) for name in missing] + [
+        (FLOORS, method) for method in (RANDOM_INIT, RAW) if method not in complete_floors]
     if unfinished:
         states = []
-        for name in unfinished:
-            finished, cells = probed_cells(study, name)
-            states.append(f"{name} ({finished} of {cells} probe cells)" if finished else name)
+        for name, method in unfinished:
+            finished, cells = probed_cells(study, name, method)
+            what = name if method is None else f"{name}: {method}"
+            states.append(f"{what} ({finished} of {cells} probe cells)" if finished else what)
         lines += ["", f"Not in this report yet: {', '.join(states)}."]
     plot = plot_scaling(series, floors_for_plot(pooled, low), bands, low, results / "scaling.png")
     lines += ["", f"![scaling]({plot.name})", ""]
