@@ -368,11 +368,11 @@ def stage_extract(study: Study, name: str) -> bool:
 
 
 def probe_cells(study: Study, name: str) -> list[tuple[str, float, int]]:
-    """(method, fraction, seed) of a point's cells (the floors': raw voxels, then random-init, the cheap
-    one first): 100% once, the low fraction with every subset seed."""
+    """(method, fraction, seed) of a point's cells: 100% once, the low fraction with every subset seed.
+    The floors' raw-voxel cells all come before their random-init cells: the cheap floor is whole first."""
     methods = [RAW, RANDOM_INIT] if name == FLOORS else [PROBE]
-    return [(m, 1.0, FEATURE_SEED) for m in methods] + [
-        (m, float(study.low_fraction), int(s)) for m in methods for s in study.subset_seeds]
+    return [(m, fraction, seed) for m in methods for fraction, seed in
+            [(1.0, FEATURE_SEED), *((float(study.low_fraction), int(s)) for s in study.subset_seeds)]]
 
 
 def row_path(study: Study, name: str, method: str, fraction: float, seed: int) -> Path:
