@@ -123,6 +123,24 @@ def test_a_point_or_floor_with_probe_cells_missing_stays_out_of_the_report(finis
     # the other floor has all its cells: it is in
     assert "| orthodiff-probe-random-init | the probe on untrained denoisers of t1-whole's architecture | 0." in report
 
+
+def test_supervised_baselines_run_at_one_fraction_only_are_reported_as_such(finished, tmp_path):
+    """A baseline bench that ran the supervised method at 100% only (a ceiling run) gives its band at
+    100% and says the low fraction was not run."""
+    import json
+    import shutil
+
+    from orthodiff.bench.scaling import write_report
+
+    results = tmp_path / "results"
+    shutil.copytree(finished.results, results)
+    row = json.loads((results / "points" / "t1-whole" / "rows" / "orthodiff-probe-1-seed0" / "row.json").read_text())
+    baseline = {**row, "method": "resnet3d", "key": "knee/label-fraction/classify/resnet3d/1/seed0"}
+    (results / "ceiling.json").write_text(json.dumps({"rows": [baseline]}))
+    report = write_report(Study(**{**finished.__dict__, "results": results}), results / "ceiling.json").read_text()
+    assert "## Supervised baselines" in report
+    assert f"| resnet3d | {row['macro_auroc']['value']:.3f}" in report and "| not run |" in report
+
 def test_a_point_may_be_added_to_a_recorded_study_but_not_changed_or_dropped(tmp_path):
     """A recorded point's results were made with it: the study may grow by a point (the record then
     lists it), never change or lose one."""

@@ -561,7 +561,8 @@ def write_report(study: Study, baselines: Path | None = None) -> Path:
     if bands:
         lines += ["## Supervised baselines (label-fraction bench)", "", f"From `{baselines}`.", "",
                   "| method | at 100% | at " + f"{low:.0%} |", "|---|---|---|"]
-        lines += [f"| {m} | {fmt_pooled(b.get(1.0))} | {fmt_pooled(b.get(low))} |" for m, b in bands.items()]
+        lines += [f"| {m} | " + " | ".join(fmt_pooled(b[f]) if f in b else "not run" for f in (1.0, low)) + " |"
+                  for m, b in bands.items()]
         lines.append("")
     lines += ["## Trend", "", *trend_lines(series, low), "", *gpu_lines(study, series), ""]
     shortfalls = short_test_set(counts[str(study.subset_seeds[0])], int(data["min_test_patients"]))
